@@ -1,0 +1,213 @@
+"""One settings object for every number of the runbook, from defaults, a TOML file and the environment.
+
+Precedence, highest first: keyword arguments, environment variables (``CRYPTO_AGENT_<FIELD>``),
+the config file (``CRYPTO_AGENT_CONFIG``, else ``crypto-agent.toml`` in the working directory when
+it exists), then the defaults below, which are the runbook's.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from crypto_agent.errors import ConfigError
+from crypto_agent.universe import SYMBOL_RE, TIMEFRAMES, UNIVERSE
+
+CONFIG_ENV = "CRYPTO_AGENT_CONFIG"
+DEFAULT_CONFIG_FILE = "crypto-agent.toml"
+
+
+class Settings(BaseSettings):
+    """Everything the runbook fixes, with its values as defaults."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CRYPTO_AGENT_",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    # --- paths (relative ones are resolved against `home`) ---
+    home: Path = Field(Path("."), description="Folder that holds db/, run/, logs/ and backups/.")
+    db_path: Path = Field(Path("db/crypto_agent.db"), description="The SQLite store.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; derived from db_path when unset.")
+    run_dir: Path = Field(Path("run"), description="Pidfiles and heartbeats.")
+    logs_dir: Path = Field(Path("logs"), description="Service logs and stack dumps.")
+    backup_dir: Path = Field(Path("backups"), description="db_backup_YYYYMMDD.db and manifests.")
+    quarantine_dir: Path = Field(Path("quarantine"), description="Corrupt databases, never overwritten.")
+
+    # --- market data ---
+    exchange_url: str = Field("http://127.0.0.1:8765", description="Binance-compatible REST base URL.")
+    symbols: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(UNIVERSE), description="The universe.")
+    timeframes: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["1h", "4h"])
+    initial_history_days: int = Field(30, ge=1, le=3650, description="History fetched for a symbol new to the store.")
+    weight_limit_per_minute: int = Field(6000, gt=0, description="Binance's request-weight limit per minute.")
+    weight_safety_margin: float = Field(0.9, gt=0, le=1, description="Slow down above this share of the limit.")
+    request_timeout_s: float = Field(10.0, gt=0)
+    request_retries: int = Field(4, ge=0, le=20, description="Retries of a 5xx or a timeout.")
+    retry_backoff_s: float = Field(0.5, ge=0, description="First backoff; doubles each retry.")
+    max_retry_after_s: float = Field(120.0, gt=0, description="Longest Retry-After the client will wait.")
+
+    # --- data quality (runbook: staleness, coverage, continuity) ---
+    stale_h1_hours: float = Field(6.0, gt=0)
+    stale_h4_hours: float = Field(24.0, gt=0)
+    coverage_min: float = Field(0.95, gt=0, le=1)
+    max_gap_candles: int = Field(2, ge=0, description="Longest tolerated run of missing candles.")
+    continuity_window_hours: float = Field(72.0, gt=0, description="Window the continuity check looks at.")
+
+    # --- service health ---
+    heartbeat_max_age_s: float = Field(120.0, gt=0)
+    cpu_max_pct: float = Field(90.0, gt=0)
+    rss_max_mb: float = Field(500.0, gt=0)
+    log_errors_per_min_max: int = Field(5, ge=0)
+    cpu_spike_minutes: float = Field(10.0, gt=0)
+    stop_grace_s: float = Field(10.0, gt=0, description="SIGTERM grace before SIGKILL.")
+
+    # --- backtest window 23:30-01:30 UTC ---
+    window_start: str = Field("23:30")
+    window_end: str = Field("01:30")
+    window_cpu_main_pct: float = Field(60.0, gt=0)
+    window_cpu_backtest_pct: float = Field(30.0, gt=0)
+    window_cpu_total_pct: float = Field(90.0, gt=0)
+    window_memory_max_gb: float = Field(1.5, gt=0)
+
+    # --- persistent failures, storage ---
+    persistent_failures: int = Field(3, ge=1, description="Crashes within the window that trigger rollback.")
+    persistent_window_hours: float = Field(24.0, gt=0)
+    rollback_hours: float = Field(48.0, gt=0)
+    storage_max_gb: float = Field(1.2, gt=0)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = config_file()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    @field_validator("symbols", mode="before")
+    @classmethod
+    def _split_symbols(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [p for p in v.split(",") if p.strip()]
+        return v
+
+    @field_validator("symbols")
+    @classmethod
+    def _check_symbols(cls, v: list[str]) -> list[str]:
+        out = []
+        for s in v:
+            s = s.strip().upper()
+            if not SYMBOL_RE.match(s):
+                raise ValueError(f"malformed symbol {s!r}")
+            if s not in out:
+                out.append(s)
+        if not out:
+            raise ValueError("the universe is empty")
+        return out
+
+    @field_validator("timeframes", mode="before")
+    @classmethod
+    def _split_timeframes(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
+    @field_validator("timeframes")
+    @classmethod
+    def _check_timeframes(cls, v: list[str]) -> list[str]:
+        for tf in v:
+            if tf not in TIMEFRAMES:
+                raise ValueError(f"unknown timeframe {tf!r}; use {sorted(TIMEFRAMES)}")
+        return v
+
+    @field_validator("window_start", "window_end")
+    @classmethod
+    def _check_hhmm(cls, v: str) -> str:
+        try:
+            h, m = v.split(":")
+            if not (0 <= int(h) < 24 and 0 <= int(m) < 60):
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"{v!r} is not a time of day HH:MM") from None
+        return v
+
+    @field_validator("exchange_url")
+    @classmethod
+    def _check_url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"{v!r} is not an http(s) URL")
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _resolve_paths(self) -> "Settings":
+        home = self.home.expanduser()
+        for name in ("db_path", "run_dir", "logs_dir", "backup_dir", "quarantine_dir"):
+            p: Path = getattr(self, name).expanduser()
+            if not p.is_absolute():
+                object.__setattr__(self, name, home / p)
+        if self.database_url is None:
+            object.__setattr__(self, "database_url", f"sqlite:///{self.db_path}")
+        return self
+
+    def stale_limit_hours(self, timeframe: str) -> float:
+        """The staleness limit of a timeframe ('1h' or '4h')."""
+        return self.stale_h1_hours if timeframe == "1h" else self.stale_h4_hours
+
+
+def config_file() -> Path | None:
+    """The config file in use: $CRYPTO_AGENT_CONFIG (must exist), else ./crypto-agent.toml if present."""
+    explicit = os.environ.get(CONFIG_ENV)
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise ConfigError(
+                f"config file {path} (from ${CONFIG_ENV}) does not exist",
+                hint=f"create it, or unset {CONFIG_ENV} to use the defaults",
+            )
+        return path
+    default = Path(DEFAULT_CONFIG_FILE)
+    return default if default.is_file() else None
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from defaults, config file and environment; ConfigError naming each bad value."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"]) or "(config)"
+            problems.append(f"{field}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError(
+            "malformed configuration: " + "; ".join(problems),
+            hint=f"fix the value in the environment (CRYPTO_AGENT_<FIELD>) or in the config file",
+        ) from None
+    except ValueError as exc:  # a TOML syntax error, or a value a source could not parse
+        raise ConfigError(
+            f"malformed configuration: {exc}",
+            hint="fix the TOML syntax of the config file, or the environment variable it names",
+        ) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, loaded once."""
+    return load_settings()
