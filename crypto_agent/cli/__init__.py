@@ -8,7 +8,7 @@ from crypto_agent.cli.app import app
 from crypto_agent.errors import CryptoAgentError
 
 # Importing a module registers its commands.
-from crypto_agent.cli import config, data, services, simulator  # noqa: E402,F401
+from crypto_agent.cli import backtest, config, data, quality, services, simulator  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> None:
