@@ -31,3 +31,7 @@ class InputError(CryptoAgentError):
 
 class StoreError(CryptoAgentError):
     """The database cannot be opened or written."""
+
+
+class StoreLocked(CryptoAgentError):
+    """The store is locked (`<db folder>/LOCKED`) by a recovery; nothing was written."""

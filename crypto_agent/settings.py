@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     initial_history_days: int = Field(30, ge=1, le=3650, description="History fetched for a symbol new to the store.")
     weight_limit_per_minute: int = Field(6000, gt=0, description="Binance's request-weight limit per minute.")
     weight_safety_margin: float = Field(0.9, gt=0, le=1, description="Slow down above this share of the limit.")
+    weight_window_s: float = Field(
+        60.0, gt=0, description="Length of the exchange's request-weight window (Binance: one minute)."
+    )
     request_timeout_s: float = Field(10.0, gt=0)
     request_retries: int = Field(4, ge=0, le=20, description="Retries of a 5xx or a timeout.")
     retry_backoff_s: float = Field(0.5, ge=0, description="First backoff; doubles each retry.")
@@ -86,6 +89,71 @@ class Settings(BaseSettings):
     persistent_window_hours: float = Field(24.0, gt=0)
     rollback_hours: float = Field(48.0, gt=0)
     storage_max_gb: float = Field(1.2, gt=0)
+
+    # --- backups, sentiment and macro (issue 4) ---
+    backup_keep_daily: int = Field(
+        3, ge=2, description="Newest daily backups kept (3 always holds yesterday's and the 48 h one)."
+    )
+    backup_keep_weekly: int = Field(4, ge=0, description="Weeks for which the newest backup is kept.")
+    backup_keep_monthly: int = Field(3, ge=0, description="Months for which the newest backup is kept.")
+    backup_test_min_rows: int = Field(
+        1000, ge=0, description="Rows of ohlcv_h4 yesterday's backup must hold to pass the restore test."
+    )
+    fear_greed_url: str = Field(
+        "http://127.0.0.1:8765/fng/", description="Crypto Fear & Greed API (alternative.me: https://api.alternative.me/fng/)."
+    )
+    fear_greed_limit: int = Field(30, ge=0, description="Days of the index fetched per update (0: all history).")
+    fred_url: str = Field(
+        "http://127.0.0.1:8765/fred", description="FRED API base URL (production: https://api.stlouisfed.org/fred)."
+    )
+    fred_series: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["DGS10", "DFF", "CPIAUCSL", "M2SL", "DTWEXBGS", "VIXCLS"],
+        description="FRED series loaded into macro_series (comma-separated in the environment).",
+    )
+    fred_api_key: SecretStr | None = Field(
+        None, description="FRED API key; without one the macro update is skipped with a warning."
+    )
+
+    # --- services: backtest daemon, paper trader, process control, probe (issue 3) ---
+    heartbeat_interval_s: float = Field(
+        5.0, gt=0, description="How often a service's main loop writes its heartbeat while it waits."
+    )
+    daemon_unit_pause_s: float = Field(
+        0.2, ge=0, description="Pause of the backtest daemon between two units of work (one symbol, timeframe, strategy)."
+    )
+    daemon_cycle_pause_s: float = Field(
+        60.0, ge=0, description="Pause of the backtest daemon after a full pass over the universe and strategies."
+    )
+    daemon_lookback_days: int | None = Field(
+        730, ge=1, description="History each daemon backtest uses (days); unset: everything stored."
+    )
+    daemon_niceness: int = Field(
+        10, ge=0, le=19, description="Niceness the daemon gives itself, so live trading keeps priority."
+    )
+    trader_cycle_s: float = Field(60.0, gt=0, description="Seconds between two evaluations of the paper trader.")
+    trader_strategy: str = Field("sma_cross", description="Strategy the paper trader evaluates (backtest.STRATEGIES).")
+    trader_timeframe: str = Field("1h", description="Timeframe whose newest closed candles the paper trader reads.")
+    trader_candles: int = Field(
+        300, ge=2, le=100_000, description="Newest closed candles the paper trader reads per symbol and cycle."
+    )
+    trader_notional_usdt: float = Field(1000.0, gt=0, description="Size of one paper position in USDT.")
+    probe_cpu_sample_s: float = Field(
+        0.5, gt=0, le=60, description="How long the health probe samples a service's CPU use."
+    )
+    start_timeout_s: float = Field(
+        30.0, gt=0, description="How long process control waits for a started service's pidfile and first heartbeat."
+    )
+    log_max_bytes: int = Field(10_000_000, ge=10_000, description="Size at which a service log is rotated.")
+    log_backups: int = Field(5, ge=1, le=100, description="Rotated service logs kept (name.log.1 ... .N).")
+
+    # --- notifications (issue 4) ---
+    receiver_url: str = Field(
+        "http://127.0.0.1:8766",
+        description="The local webhook receiver that stands in for Slack in the embedded default.",
+    )
+    receiver_log: Path = Field(
+        Path("receiver.jsonl"), description="JSON-lines log of what the receiver got; relative to logs_dir."
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -123,6 +191,29 @@ class Settings(BaseSettings):
             raise ValueError("the universe is empty")
         return out
 
+    @field_validator("fred_series", mode="before")
+    @classmethod
+    def _split_fred_series(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
+    @field_validator("fred_series")
+    @classmethod
+    def _check_fred_series(cls, v: list[str]) -> list[str]:
+        for s in v:
+            # FRED series ids are upper-case letters, digits and underscores (DGS10, CPIAUCSL)
+            if not s or len(s) > 40 or not all(c.isascii() and (c.isalnum() or c == "_") for c in s):
+                raise ValueError(f"malformed FRED series id {s!r}")
+        return [s.upper() for s in v]
+
+    @field_validator("fear_greed_url", "fred_url")
+    @classmethod
+    def _check_api_url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"{v!r} is not an http(s) URL")
+        return v
+
     @field_validator("timeframes", mode="before")
     @classmethod
     def _split_timeframes(cls, v: Any) -> Any:
@@ -149,7 +240,7 @@ class Settings(BaseSettings):
             raise ValueError(f"{v!r} is not a time of day HH:MM") from None
         return v
 
-    @field_validator("exchange_url")
+    @field_validator("exchange_url", "receiver_url")
     @classmethod
     def _check_url(cls, v: str) -> str:
         if not v.startswith(("http://", "https://")):
@@ -163,6 +254,9 @@ class Settings(BaseSettings):
             p: Path = getattr(self, name).expanduser()
             if not p.is_absolute():
                 object.__setattr__(self, name, home / p)
+        receiver_log = self.receiver_log.expanduser()
+        if not receiver_log.is_absolute():
+            object.__setattr__(self, "receiver_log", self.logs_dir / receiver_log)
         if self.database_url is None:
             object.__setattr__(self, "database_url", f"sqlite:///{self.db_path}")
         return self

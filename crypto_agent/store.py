@@ -16,9 +16,8 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
 from crypto_agent.errors import StoreError
 from crypto_agent.schema import CANDLE_COLUMNS, OHLCV_TABLES, metadata
@@ -47,6 +46,21 @@ class IntegrityResult:
 
     def __bool__(self) -> bool:
         return self.ok
+
+
+def _upsert_sql(table_name: str) -> str:
+    """INSERT ... ON CONFLICT DO UPDATE of one candle table, with qmark parameters in CANDLE_COLUMNS order."""
+    value_columns = CANDLE_COLUMNS[1:]
+    columns = ", ".join(("symbol", "timestamp", *value_columns))
+    updates = ", ".join(f"{c} = excluded.{c}" for c in value_columns)
+    marks = ", ".join("?" * (2 + len(value_columns)))
+    return (
+        f"INSERT INTO {table_name} ({columns}) VALUES ({marks}) "
+        f"ON CONFLICT (symbol, timestamp) DO UPDATE SET {updates}"
+    )
+
+
+_UPSERT_SQL: dict[str, str] = {tf: _upsert_sql(table.name) for tf, table in OHLCV_TABLES.items()}
 
 
 def _on_connect(dbapi_conn, _record) -> None:
@@ -85,9 +99,9 @@ class Store:
         if create:
             try:
                 metadata.create_all(self.engine)
-            except OperationalError as exc:
+            except SQLAlchemyError as exc:  # OperationalError, or DatabaseError for a non-SQLite file
                 raise StoreError(
-                    f"cannot open the database {url}: {exc.orig}",
+                    f"cannot open the database {url}: {getattr(exc, 'orig', exc)}",
                     hint="check that the path is writable and the file is a SQLite database "
                     "(`crypto-agent check-integrity` tells whether it is corrupt)",
                 ) from None
@@ -111,26 +125,14 @@ class Store:
 
     def upsert_candles(self, symbol: str, timeframe: str, candles: Iterable[Candle]) -> int:
         """Insert or replace candles of one symbol and timeframe, in one transaction; the count written."""
-        table = OHLCV_TABLES[timeframe]
-        rows = [
-            {
-                "symbol": symbol, "timestamp": c[0], "open": c[1], "high": c[2], "low": c[3],
-                "close": c[4], "volume": c[5], "close_time": c[6], "quote_volume": c[7],
-                "trades": c[8],
-            }
-            for c in candles
-        ]
+        # Positional tuples straight to the driver's executemany: building a dict per row and
+        # SQLAlchemy's per-row parameter processing cost two thirds of the time (bench/bench_store.py).
+        rows = [(symbol, c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8]) for c in candles]
         if not rows:
             return 0
-        stmt = sqlite_insert(table)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["symbol", "timestamp"],
-            set_={c: stmt.excluded[c] for c in (
-                "open", "high", "low", "close", "volume", "close_time", "quote_volume", "trades")},
-        )
         try:
             with self.engine.begin() as conn:
-                conn.execute(stmt, rows)
+                conn.exec_driver_sql(_UPSERT_SQL[timeframe], rows)
         except SQLAlchemyError as exc:
             raise StoreError(
                 f"writing {len(rows)} {timeframe} candles of {symbol} failed: {getattr(exc, 'orig', exc)}",
@@ -147,9 +149,18 @@ class Store:
     def newest_by_symbol(self, timeframe: str) -> dict[str, int]:
         """Open time (ms) of the newest stored candle of every symbol present."""
         t = OHLCV_TABLES[timeframe]
+        # A skip scan: hop from one symbol to the next along the primary key and seek each one's
+        # newest row, instead of MAX ... GROUP BY reading every row (160 ms -> 1 ms on 1 M rows).
+        sql = text(
+            f"WITH RECURSIVE present(symbol) AS ("
+            f" SELECT MIN(symbol) FROM {t.name}"
+            f" UNION ALL SELECT (SELECT MIN(symbol) FROM {t.name} WHERE symbol > present.symbol)"
+            f" FROM present WHERE present.symbol IS NOT NULL)"
+            f" SELECT symbol, (SELECT MAX(timestamp) FROM {t.name} WHERE {t.name}.symbol = present.symbol)"
+            f" FROM present WHERE symbol IS NOT NULL"
+        )
         with self.engine.connect() as conn:
-            rows = conn.execute(select(t.c.symbol, func.max(t.c.timestamp)).group_by(t.c.symbol))
-            return {s: ts for s, ts in rows}
+            return {s: ts for s, ts in conn.execute(sql)}
 
     def open_times(self, symbol: str, timeframe: str, start_ms: int, end_ms: int) -> list[int]:
         """Sorted open times (ms) stored for a symbol in [start_ms, end_ms)."""
@@ -170,7 +181,8 @@ class Store:
             q = q.where(t.c.timestamp >= start_ms)
         q = q.order_by(t.c.symbol, t.c.timestamp)
         with self.engine.connect() as conn:
-            return pd.DataFrame(conn.execute(q).all(), columns=["symbol", "timestamp"])
+            # Plain tuples: pandas builds a frame from Row objects ten times slower.
+            return pd.DataFrame([tuple(r) for r in conn.execute(q)], columns=["symbol", "timestamp"])
 
     def candles(
         self, symbol: str, timeframe: str, start_ms: int | None = None, end_ms: int | None = None
@@ -184,7 +196,7 @@ class Store:
             q = q.where(t.c.timestamp < end_ms)
         q = q.order_by(t.c.timestamp)
         with self.engine.connect() as conn:
-            df = pd.DataFrame(conn.execute(q).all(), columns=[c.name for c in t.columns])
+            df = pd.DataFrame([tuple(r) for r in conn.execute(q)], columns=[c.name for c in t.columns])
         df.index = pd.to_datetime(df["timestamp"], unit="ms", utc=True)
         df.index.name = "open_time"
         return df
@@ -213,16 +225,31 @@ def check_integrity(path: Path | str | None, full: bool = False, max_errors: int
     p = Path(path)
     if not p.is_file():
         return IntegrityResult(False, mode, [f"database file {p} does not exist"])
+    rows: list[str] = []
     try:
-        conn = sqlite3.connect(f"file:{p}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+        # as_uri() percent-encodes the path, so a '?' or '#' in a folder name cannot end it early.
+        uri = f"{p.resolve().as_uri()}?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
         try:
-            rows = [r[0] for r in conn.execute(f"PRAGMA {mode}({int(max_errors)})")]
+            for (report,) in conn.execute(f"PRAGMA {mode}({int(max_errors)})"):
+                # SQLite may pack several problems into one row under a "*** in database main ***"
+                # header; one problem per item reads better in a report.
+                rows.extend(
+                    line for line in str(report).splitlines()
+                    if line.strip() and not line.startswith("*** in database")
+                )
         finally:
             conn.close()
     except sqlite3.DatabaseError as exc:
-        return IntegrityResult(False, mode, [f"{type(exc).__name__}: {exc}"])
+        return IntegrityResult(False, mode, [*rows, f"{type(exc).__name__}: {exc}"])
     ok = rows == ["ok"]
     return IntegrityResult(ok, mode, [] if ok else rows)
+
+
+def store_locked(store: Store) -> bool:
+    """Whether a recovery holds the store's lock: the file `<db folder>/LOCKED` exists."""
+    path = store.path
+    return path is not None and (path.parent / "LOCKED").exists()
 
 
 def open_store(settings=None) -> Store:

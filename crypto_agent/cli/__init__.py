@@ -3,16 +3,43 @@
 from __future__ import annotations
 
 import sys
+from importlib.metadata import entry_points
 
 from crypto_agent.cli.app import app
 from crypto_agent.errors import CryptoAgentError
 
 # Importing a module registers its commands.
-from crypto_agent.cli import backtest, config, data, quality, services, simulator  # noqa: E402,F401
+from crypto_agent.cli import backtest, config, data, maintenance, quality, receiver, services, simulator  # noqa: E402,F401
+
+
+PLUGIN_GROUP = "crypto_agent.cli"
+_plugins_loaded: list[str] = []
+_plugins_tried = False
+
+
+def load_plugins() -> list[str]:
+    """Call every entry point of group "crypto_agent.cli" with the app; the names loaded (once per process).
+
+    This is how commands that need prefect (deployments/cli.py) join the CLI without crypto_agent
+    importing prefect: a plugin that fails to load is reported on stderr and the rest of the CLI works.
+    """
+    global _plugins_tried
+    if _plugins_tried:
+        return list(_plugins_loaded)
+    _plugins_tried = True
+    for ep in entry_points(group=PLUGIN_GROUP):
+        try:
+            ep.load()(app)
+        except Exception as exc:  # a broken plugin must not take the whole CLI down
+            print(f"warning: CLI plugin {ep.name} ({ep.value}) did not load: {exc}", file=sys.stderr)
+            continue
+        _plugins_loaded.append(ep.name)
+    return list(_plugins_loaded)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run a command; an operator error becomes a message on stderr and a non-zero exit."""
+    load_plugins()
     try:
         app(args=argv, standalone_mode=True)
     except CryptoAgentError as exc:

@@ -1,5 +1,159 @@
-"""Commands: services."""
+"""Commands: daemon, trader (run a service in the foreground), status (the runbook's status_check.sh),
+and `service start|stop|restart|dump-stacks|clean <name>` (process control for operators)."""
 
 from __future__ import annotations
 
-from crypto_agent.cli.app import app  # noqa: F401
+import json
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+import typer
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from crypto_agent import health, process
+from crypto_agent.cli.app import app
+from crypto_agent.errors import CryptoAgentError
+from crypto_agent.settings import Settings, load_settings
+from crypto_agent.store import Store
+
+service_app = typer.Typer(
+    help="Process control of a service (backtest, trader): start, stop, restart, dump-stacks, clean.",
+    no_args_is_help=True,
+)
+app.add_typer(service_app, name="service")
+
+NAME_HELP = "The service: backtest (the 24/7 daemon) or trader (paper live trading)."
+
+
+@contextmanager
+def _existing_store(settings: Settings) -> Iterator[Store | None]:
+    """The store when its database already exists (a probe or a stop never creates one), else None."""
+    url = make_url(settings.database_url)
+    if url.get_backend_name() == "sqlite" and (url.database in (None, "", ":memory:") or not settings.db_path.exists()):
+        yield None
+        return
+    try:
+        store = Store(settings.database_url)
+    except CryptoAgentError as exc:
+        print(f"warning: history not recorded: {exc.message}", file=sys.stderr)
+        yield None
+        return
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@app.command("daemon")
+def daemon_command() -> None:
+    """Run the 24/7 backtest daemon in the foreground until SIGTERM (`service start backtest` detaches it)."""
+    from crypto_agent.daemon import run_daemon
+
+    raise typer.Exit(run_daemon(load_settings()))
+
+
+@app.command("trader")
+def trader_command() -> None:
+    """Run the paper live-trading service in the foreground until SIGTERM; it never sends an order."""
+    from crypto_agent.trader import run_trader
+
+    raise typer.Exit(run_trader(load_settings()))
+
+
+@app.command("status")
+def status_command(
+    service: str = typer.Option("backtest", "--service", help=NAME_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole probe report as JSON."),
+    record: bool = typer.Option(True, "--record/--no-record", help="Keep the report in the store's history."),
+) -> None:
+    """Probe a service and print HEALTHY / DEGRADED / DEAD; exit 0 only when healthy (fit for cron)."""
+    settings = load_settings()
+    spec = process.service_spec(service, settings)
+    report = health.probe(spec, settings)
+    recorded = False
+    if record:
+        with _existing_store(settings) as store:
+            if store is not None:
+                try:
+                    recorded = health.record(store, report)
+                except SQLAlchemyError as exc:
+                    print(f"warning: history not recorded: {exc}", file=sys.stderr)
+    if as_json:
+        print(json.dumps({**report.to_dict(), "recorded": recorded}, indent=2))
+    else:
+        print(report.summary)
+        for reason in report.reasons[1:]:
+            print(f"  also: {reason}")
+    raise typer.Exit(0 if report.healthy else 1)
+
+
+@service_app.command("start")
+def start_command(
+    name: str = typer.Argument(..., help=NAME_HELP),
+    timeout: float | None = typer.Option(None, "--timeout", help="Seconds to wait for the first heartbeat."),
+) -> None:
+    """Start the service detached; returns once it wrote its pidfile and first heartbeat."""
+    settings = load_settings()
+    spec = process.service_spec(name, settings)
+    with _existing_store(settings) as store:
+        result = process.start(spec, settings, timeout_s=timeout, store=store)
+    cleaned = f"; cleaned stale {', '.join(p.name for p in result.cleaned)}" if result.cleaned else ""
+    print(f"started {name}: PID {result.pid} in {result.elapsed_s:.1f} s (log {result.log}){cleaned}")
+
+
+@service_app.command("stop")
+def stop_command(
+    name: str = typer.Argument(..., help=NAME_HELP),
+    grace: float | None = typer.Option(None, "--grace", help="Seconds between SIGTERM and SIGKILL (default stop_grace_s)."),
+) -> None:
+    """SIGTERM the service, SIGKILL it after the grace period; refuses a PID that is not ours."""
+    settings = load_settings()
+    spec = process.service_spec(name, settings)
+    with _existing_store(settings) as store:
+        result = process.stop(spec, grace_s=grace, store=store)
+    print(_stop_line(result))
+
+
+@service_app.command("restart")
+def restart_command(
+    name: str = typer.Argument(..., help=NAME_HELP),
+    grace: float | None = typer.Option(None, "--grace", help="Seconds between SIGTERM and SIGKILL (default stop_grace_s)."),
+    timeout: float | None = typer.Option(None, "--timeout", help="Seconds to wait for the first heartbeat."),
+) -> None:
+    """Stop (if running) and start the service."""
+    settings = load_settings()
+    spec = process.service_spec(name, settings)
+    with _existing_store(settings) as store:
+        stopped, started = process.restart(spec, settings, grace_s=grace, timeout_s=timeout, store=store)
+    print(_stop_line(stopped))
+    print(f"started {name}: PID {started.pid} in {started.elapsed_s:.1f} s (log {started.log})")
+
+
+@service_app.command("dump-stacks")
+def dump_stacks_command(
+    name: str = typer.Argument(..., help=NAME_HELP),
+    timeout: float = typer.Option(10.0, "--timeout", help="Seconds to wait for the dump."),
+) -> None:
+    """Have the service write every thread's stack (SIGUSR1) to logs/<name>_stacks_<epoch>.txt; print the path."""
+    spec = process.service_spec(name, load_settings())
+    print(process.dump_stacks(spec, timeout_s=timeout))
+
+
+@service_app.command("clean")
+def clean_command(name: str = typer.Argument(..., help=NAME_HELP)) -> None:
+    """Remove the pidfile and heartbeat of a service that is gone (refused while it runs); signals nothing."""
+    settings = load_settings()
+    spec = process.service_spec(name, settings)
+    with _existing_store(settings) as store:
+        removed = process.clean_state(spec, store=store)
+    print(f"removed {', '.join(str(p) for p in removed)}" if removed else f"{name}: no state files to remove")
+
+
+def _stop_line(result: process.StopResult) -> str:
+    if not result.was_running:
+        extra = f"; cleaned stale {', '.join(p.name for p in result.cleaned)}" if result.cleaned else ""
+        return f"{result.name} was not running{extra}"
+    code = f", exit code {result.exit_code}" if result.exit_code is not None else ""
+    return f"stopped {result.name} (PID {result.pid}) with {result.signal} in {result.elapsed_s:.1f} s{code}"

@@ -1,0 +1,120 @@
+"""Commands: backup, backups, restore-test, compact, restore, sentiment-update."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from crypto_agent import backup as backups_mod
+from crypto_agent.cli.app import app
+from crypto_agent.errors import InputError
+from crypto_agent.settings import load_settings
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1_000_000:.1f} MB"
+
+
+def _rows(tables: dict[str, int]) -> str:
+    return ", ".join(f"{t}={n}" for t, n in tables.items() if n) or "no rows"
+
+
+@app.command("backup")
+def backup_cmd(
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Dry-restore the new backup and mark it good/bad."),
+    prune: bool = typer.Option(False, "--prune", help="Then apply the retention policy (backup_keep_*)."),
+) -> None:
+    """Online backup of the store to backup_dir/db_backup_YYYYMMDD.db with a manifest; exit 1 if it is bad."""
+    s = load_settings()
+    info = backups_mod.create(s.db_path, s.backup_dir, verify=verify)
+    print(f"backup {info.path}: {info.status}, {_mb(info.size)}, {_rows(info.tables)}")
+    if prune:
+        removed = backups_mod.retention(s.backup_dir, backups_mod.RetentionPolicy.from_settings(s))
+        print(f"retention removed {len(removed)} backup(s)" + (": " + ", ".join(p.name for p in removed) if removed else ""))
+
+
+@app.command("backups")
+def list_backups_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """List the backups, newest first, with their status (good, bad, unverified)."""
+    s = load_settings()
+    found = backups_mod.list_backups(s.backup_dir)
+    if as_json:
+        print(json.dumps([b.to_dict() for b in found], indent=2))
+        return
+    if not found:
+        print(f"no backups in {s.backup_dir}; take one with `crypto-agent backup`")
+        return
+    print(f"# {s.backup_dir}")
+    for b in found:
+        h4 = b.tables.get("ohlcv_h4")
+        line = f"{b.name}  {b.status:<10}  {_mb(b.size):>10}  ohlcv_h4={h4 if h4 is not None else '?'}"
+        if b.problems and b.status != backups_mod.GOOD:
+            line += f"  ({'; '.join(b.problems[:2])})"
+        print(line)
+
+
+@app.command("restore-test")
+def restore_test_cmd() -> None:
+    """The runbook's backup_test.sh: yesterday's backup exists, is sound, has >= 1000 H4 rows; exit 0/1."""
+    s = load_settings()
+    ok, message = backups_mod.restore_test(s.backup_dir, min_rows=s.backup_test_min_rows)
+    print(message)
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command("compact")
+def compact_cmd() -> None:
+    """VACUUM the store under the recovery lock, then check storage; exit 1 when over storage_max_gb."""
+    s = load_settings()
+    result = backups_mod.compact(s.db_path, max_gb=s.storage_max_gb, owner="crypto-agent compact (cli)")
+    print(f"compacted {result.db_path}: {_mb(result.size_before)} -> {_mb(result.size_after)} "
+          f"in {result.duration_s:.1f} s")
+    print(result.storage.message)
+    if result.over_limit:
+        raise typer.Exit(1)
+
+
+@app.command("restore")
+def restore_cmd(
+    backup_file: Path | None = typer.Option(None, "--backup", help="A backup file (path, or a name in backup_dir)."),
+    latest_good: bool = typer.Option(False, "--latest-good", help="The newest good backup."),
+    hours_ago: float | None = typer.Option(None, "--hours-ago", help="The good backup of that many hours ago (48)."),
+    force: bool = typer.Option(False, "--force", help="Restore even though processes still have the database open."),
+    reason: str = typer.Option("manual restore", "--reason", help="Written in the quarantine note."),
+) -> None:
+    """Put a backup in place of the store; the current database goes to quarantine (never overwritten)."""
+    chosen = [backup_file is not None, latest_good, hours_ago is not None]
+    if sum(chosen) != 1:
+        raise InputError("say which backup: exactly one of --backup FILE, --latest-good, --hours-ago N",
+                         hint="see the backups with `crypto-agent backups`")
+    s = load_settings()
+    if backup_file is not None:
+        path = backup_file if backup_file.exists() else s.backup_dir / backup_file
+        info = backups_mod.backup_info(path)
+    elif latest_good:
+        info = backups_mod.choose_backup(s.backup_dir)
+    else:
+        info = backups_mod.backup_for_hours_ago(s.backup_dir, hours_ago)  # type: ignore[arg-type]
+    result = backups_mod.restore(info.path, s.db_path, s.quarantine_dir, owner="crypto-agent restore (cli)",
+                                 reason=reason, allow_open=force)
+    print(f"restored {result.db_path} from {info.name} ({_rows(result.tables)}) in {result.duration_s:.1f} s")
+    if result.quarantined:
+        print(f"the previous database is in {result.quarantined}")
+    print("next: resync the data newer than the backup, then check integrity and staleness")
+
+
+@app.command("sentiment-update")
+def sentiment_update_cmd(
+    fred_key: str | None = typer.Option(
+        None, "--fred-key", help="FRED API key (else CRYPTO_AGENT_FRED_API_KEY; without one FRED is skipped)."),
+) -> None:
+    """Fear & Greed index into sentimento_mercado and FRED series into macro_series; exit 1 if a part failed."""
+    from crypto_agent.sentiment import update_sentiment_macro
+    from crypto_agent.store import open_store
+
+    s = load_settings()
+    with open_store(s) as store:
+        summary = update_sentiment_macro(store, s, fred_api_key=fred_key)
+    print(summary.message)

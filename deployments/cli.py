@@ -1,0 +1,111 @@
+"""Commands of the Prefect side, joined to `crypto-agent` through the entry point group "crypto_agent.cli".
+
+`crypto-agent blocks-register` registers the Block types and writes the default Block documents;
+`crypto-agent deploy` creates the process work pool if missing and runs `prefect deploy --all` on
+prefect.yaml. Prefect is imported inside the commands, so `crypto-agent --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import typer
+
+from crypto_agent.errors import ConfigError, CryptoAgentError
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+WORK_POOL = "crypto-agent-pool"
+PROJECT_DIR_ENV = "CRYPTO_AGENT_PROJECT_DIR"
+
+
+class DeployFailed(CryptoAgentError):
+    """`prefect deploy` did not deploy every deployment of prefect.yaml."""
+
+
+def prefect_env(project_dir: Path) -> dict[str, str]:
+    """The environment of a `prefect` subprocess: ours, the Prefect API this process uses, the project folder."""
+    from prefect.settings import get_current_settings
+
+    env = dict(os.environ)
+    api_url = get_current_settings().api.url
+    if api_url:
+        env["PREFECT_API_URL"] = str(api_url)
+    env[PROJECT_DIR_ENV] = str(project_dir)
+    # `flows`, `blocks` and `crypto_agent` must import in the subprocess even when not installed
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(project_dir), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def ensure_work_pool(name: str = WORK_POOL) -> bool:
+    """Create the process work pool `name` unless it exists; True when it was created."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(name)
+            return False
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+            return True
+
+
+def deploy_all(project_dir: Path = PROJECT_DIR, pool: str = WORK_POOL, timeout_s: float = 600) -> str:
+    """Create the work pool if needed and deploy every deployment of prefect.yaml; the command's output."""
+    if not (project_dir / "prefect.yaml").is_file():
+        raise ConfigError(
+            f"no prefect.yaml in {project_dir}",
+            hint="run from a checkout of the project, or pass --project-dir",
+        )
+    ensure_work_pool(pool)
+    cmd = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"]
+    if pool != WORK_POOL:
+        cmd += ["--pool", pool]
+    try:
+        done = subprocess.run(
+            cmd, cwd=project_dir, env=prefect_env(project_dir), capture_output=True, text=True, timeout=timeout_s
+        )
+    except subprocess.TimeoutExpired:
+        raise DeployFailed(
+            f"`prefect deploy --all` did not finish within {timeout_s:.0f} s",
+            hint="check that the Prefect API (PREFECT_API_URL) answers: `prefect config view`",
+        ) from None
+    output = done.stdout + done.stderr
+    if done.returncode != 0:
+        tail = "\n".join(output.strip().splitlines()[-15:])
+        raise DeployFailed(
+            f"`prefect deploy --all` failed (exit {done.returncode}):\n{tail}",
+            hint="fix prefect.yaml or the flow it names; `prefect deploy --all` in the project folder shows all",
+        )
+    return output
+
+
+def register(app: typer.Typer) -> None:
+    """Add blocks-register and deploy to the crypto-agent CLI."""
+
+    @app.command("blocks-register")
+    def blocks_register() -> None:
+        """Register the Block types and create the default Block documents (escalation on the local receiver)."""
+        from blocks.register import register_defaults
+
+        done = register_defaults()
+        print(f"block types: {', '.join(done.block_types)}")
+        for name in done.documents:
+            print(f"saved {name}")
+        for name in done.skipped:
+            print(f"skipped {name}")
+
+    @app.command("deploy")
+    def deploy(
+        pool: str = typer.Option(WORK_POOL, "--pool", help="Process work pool; created when missing."),
+        project_dir: Path = typer.Option(PROJECT_DIR, "--project-dir", help="Folder that holds prefect.yaml."),
+    ) -> None:
+        """Deploy every flow of prefect.yaml with its schedules (creates the process work pool if missing)."""
+        output = deploy_all(project_dir.resolve(), pool)
+        deployed = [line for line in output.splitlines() if "Deployment '" in line]
+        print("\n".join(deployed) if deployed else output)
+        print(f"start a worker: prefect worker start --pool {pool}")

@@ -1,0 +1,76 @@
+"""The one place that names the Prefect resources and events of the runbook (DESIGN.md's contract).
+
+Flows that emit and automations that listen both import these names; change them here only.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from prefect.events import emit_event
+from prefect.events.schemas.events import Event
+
+# --- services (issue 3's daemon and trader; the monitoring issue emits these) ---
+SERVICE_RESOURCE_PREFIX = "crypto-agent.service."
+BACKTEST_DAEMON_RESOURCE = "crypto-agent.service.backtest-daemon"
+TRADER_RESOURCE = "crypto-agent.service.trader"
+SERVICE_HEARTBEAT = "crypto-agent.service.heartbeat"
+SERVICE_HEALTHY = "crypto-agent.service.healthy"
+SERVICE_DEAD = "crypto-agent.service.dead"
+SERVICE_HUNG = "crypto-agent.service.hung"
+SERVICE_CPU_HIGH = "crypto-agent.service.cpu-high"
+SERVICE_MEMORY_HIGH = "crypto-agent.service.memory-high"
+SERVICE_CRASHED = "crypto-agent.service.crashed"
+
+# --- the store ---
+STORE_RESOURCE = "crypto-agent.store.main"
+STORE_STALE = "crypto-agent.store.stale"
+STORE_CORRUPT = "crypto-agent.store.corrupt"
+STORE_OK = "crypto-agent.store.ok"
+# Added by issue 4 (not in DESIGN.md's table yet): the daily update missed its deadline, and the
+# database outgrew its storage limit.
+STORE_UPDATE_LATE = "crypto-agent.store.update-late"
+STORE_STORAGE_HIGH = "crypto-agent.store.storage-high"
+
+# --- the monitor's dead man's switch ---
+MONITOR_RESOURCE = "crypto-agent.monitor"
+MONITOR_TICK = "crypto-agent.monitor.tick"
+
+# --- incidents ---
+INCIDENT_RESOURCE_PREFIX = "crypto-agent.incident."
+INCIDENT_OPENED = "crypto-agent.incident.opened"
+INCIDENT_ESCALATED = "crypto-agent.incident.escalated"
+INCIDENT_RESOLVED = "crypto-agent.incident.resolved"
+
+
+def service_resource(name: str) -> str:
+    """The resource id of a service, e.g. 'backtest-daemon' -> crypto-agent.service.backtest-daemon."""
+    return SERVICE_RESOURCE_PREFIX + name
+
+
+def incident_resource(incident_id: int | str) -> str:
+    """The resource id of an incident."""
+    return f"{INCIDENT_RESOURCE_PREFIX}{incident_id}"
+
+
+def utc_now_iso() -> str:
+    """Now, UTC, ISO 8601: the `detected_at` of an event."""
+    return datetime.now(timezone.utc).isoformat()
+
+
+def emit(
+    event: str,
+    resource_id: str,
+    payload: dict[str, Any] | None = None,
+    related: list[dict[str, str]] | None = None,
+) -> Event | None:
+    """Emit a runbook event on a resource, its payload stamped with `detected_at` (kept if given).
+
+    Inside a flow or task run Prefect adds the run, flow and deployment as related resources.
+    None when events are switched off in this process (no Prefect API configured).
+    """
+    body = dict(payload or {})
+    body.setdefault("detected_at", utc_now_iso())
+    resource = {"prefect.resource.id": resource_id, "prefect.resource.name": resource_id.rsplit(".", 1)[-1]}
+    return emit_event(event=event, resource=resource, payload=body, related=related)

@@ -1,0 +1,78 @@
+"""Telling people: the state hooks every runbook flow carries, and a task to tell one escalation level."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.client.schemas.objects import FlowRun, State
+from prefect.exceptions import ObjectNotFound
+from prefect.utilities.urls import url_for
+
+from blocks.escalation import DEFAULT_ESCALATION, Escalation, NotificationUndelivered
+
+
+def load_escalation(name: str = DEFAULT_ESCALATION) -> Escalation:
+    """The escalation block document `name`; NotificationUndelivered when it was never registered."""
+    try:
+        return Escalation.load(name, _sync=True)
+    except (ValueError, ObjectNotFound) as exc:
+        raise NotificationUndelivered(
+            f"no escalation block {name!r} to notify through: {exc}",
+            hint="run `crypto-agent blocks-register` to create the default one (local receiver), "
+            "or save an Escalation block with Slack webhooks under that name",
+        ) from None
+    except Exception as exc:  # the Prefect API is down or refuses us: nobody can be told either
+        raise NotificationUndelivered(
+            f"cannot load the escalation block {name!r} from the Prefect API: {exc}",
+            hint="check that the Prefect server is up (PREFECT_API_URL), then rerun",
+        ) from exc
+
+
+def flow_run_link(flow_run: FlowRun) -> str:
+    """The flow run's page in the Prefect UI, or its id when no UI URL is configured."""
+    return url_for(flow_run) or f"flow run id {flow_run.id} (no PREFECT_UI_URL configured)"
+
+
+def state_message(flow: Any, flow_run: FlowRun, state: State, what: str) -> tuple[str, str]:
+    """Subject and body telling that a flow run ended badly: which flow, which run, why, and where to look."""
+    subject = f"[crypto-agent] {flow.name} {what}"
+    body = "\n".join(
+        [
+            f"flow {flow.name}, run {flow_run.name} ({flow_run.id})",
+            f"state: {state.name}: {state.message or 'no message'}",
+            f"deployment: {flow_run.deployment_id or 'none (run directly)'}",
+            f"details: {flow_run_link(flow_run)}",
+        ]
+    )
+    return subject, body
+
+
+def _tell_l1(flow: Any, flow_run: FlowRun, state: State, what: str) -> None:
+    subject, body = state_message(flow, flow_run, state, what)
+    load_escalation().notify("l1", subject, body)
+
+
+def notify_failure(flow: Any, flow_run: FlowRun, state: State) -> None:
+    """on_failure hook: tell L1 (on-call) that the flow run failed, with the reason and its UI link.
+
+    An undeliverable message raises; Prefect then logs it as an error of the flow run.
+    """
+    _tell_l1(flow, flow_run, state, "failed")
+
+
+def notify_crashed(flow: Any, flow_run: FlowRun, state: State) -> None:
+    """on_crashed hook: tell L1 (on-call) that the flow run crashed (its process died or was killed)."""
+    _tell_l1(flow, flow_run, state, "crashed")
+
+
+# Every runbook flow carries these.
+FAILURE_HOOKS = [notify_failure]
+CRASH_HOOKS = [notify_crashed]
+
+
+@task(name="notify-level", retries=1, retry_delay_seconds=2)
+def notify_level(level: str, subject: str, body: str, escalation: str = DEFAULT_ESCALATION) -> None:
+    """Tell one escalation level (l1, l2, l3); the task fails when the message cannot be delivered."""
+    load_escalation(escalation).notify(level, subject, body)
+    get_run_logger().info("told %s: %s", level.upper(), subject)
