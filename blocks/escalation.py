@@ -7,18 +7,10 @@ from typing import Literal, Union
 
 from prefect.blocks.abstract import NotificationBlock
 from prefect.blocks.core import Block
+from prefect.blocks.notifications import CustomWebhookNotificationBlock, SlackWebhook
 from prefect.client.schemas.objects import BlockDocument
-from prefect.blocks.notifications import (
-    CustomWebhookNotificationBlock,
-    DiscordWebhook,
-    MattermostWebhook,
-    MicrosoftTeamsWebhook,
-    OpsgenieWebhook,
-    PagerDutyWebHook,
-    SlackWebhook,
-)
 from prefect.utilities.asyncutils import run_coro_as_sync
-from pydantic import Field
+from pydantic import Field, HttpUrl
 
 from crypto_agent.errors import CryptoAgentError
 
@@ -28,16 +20,9 @@ LEVEL_ROLES: dict[Level, str] = {"l1": "on-call", "l2": "DevOps", "l3": "lead"}
 DEFAULT_ESCALATION = "crypto-agent"
 
 # Prefect registers a block field's type, so it must name concrete block types, not the
-# NotificationBlock interface; these are Prefect's own webhook-style notification blocks.
-NotificationChannel = Union[
-    SlackWebhook,
-    CustomWebhookNotificationBlock,
-    MicrosoftTeamsWebhook,
-    PagerDutyWebHook,
-    OpsgenieWebhook,
-    DiscordWebhook,
-    MattermostWebhook,
-]
+# NotificationBlock interface: Slack in production, a custom webhook (the local receiver, or any
+# other service) otherwise. Each member adds seconds to every save (pydantic schema generation).
+NotificationChannel = Union[SlackWebhook, CustomWebhookNotificationBlock]
 
 
 class NotificationUndelivered(CryptoAgentError):
@@ -71,11 +56,11 @@ class Escalation(Block):
     staying silent.
 
     Examples:
-        Load the default escalation and tell the on-call engineer:
+        Load an escalation (the default one is named "crypto-agent") and tell the on-call engineer:
         ```python
         from blocks.escalation import Escalation
 
-        escalation = Escalation.load("crypto-agent")
+        escalation = Escalation.load("BLOCK_NAME")
         escalation.notify("l1", "data-update failed", "flow run ...: 418 from the exchange")
         ```
 
@@ -94,6 +79,10 @@ class Escalation(Block):
     _block_type_name = "Crypto Agent Escalation"
     _block_type_slug = "crypto-agent-escalation"
     _description = "The runbook's escalation path: a notification block for L1 (on-call), L2 (DevOps), L3 (lead)."
+    # Prefect's page on notification blocks: each level is one of them.
+    _documentation_url = HttpUrl(
+        "https://www.prefect.io/docs/latest/automate/events/automations-triggers#sending-notifications-with-automations"
+    )
 
     l1: NotificationChannel = Field(description="L1, the on-call engineer: told first, about every failure.")
     l2: NotificationChannel = Field(description="L2, DevOps: told when L1's recovery did not work.")

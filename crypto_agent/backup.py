@@ -30,6 +30,7 @@ from typing import Iterator
 import psutil
 
 from crypto_agent.errors import CryptoAgentError, StoreLocked
+from crypto_agent.universe import UNIVERSE
 
 BACKUP_NAME_RE = re.compile(r"^db_backup_(\d{8})\.db$")
 LOCK_FILE_NAME = "LOCKED"
@@ -997,40 +998,37 @@ def _salvage_table(src: sqlite3.Connection, dst: sqlite3.Connection, table: str,
     if not cols or time_column not in cols:
         return 0, [f"no column {time_column} in both databases"]
     col_sql = ", ".join(f'"{c}"' for c in cols)
-    insert = f'INSERT OR REPLACE INTO "{table}" ({col_sql}) VALUES ({", ".join("?" * len(cols))})'
-    base = f'SELECT {col_sql} FROM "{table}" WHERE "{time_column}" >= ?'
     rows: dict[tuple, tuple] = {}
-    key_idx = list(range(len(cols)))  # rows are deduplicated whole; the target's keys decide the upsert
     unreadable: list[str] = []
 
-    def fetch(sql: str, params: tuple) -> bool:
-        try:
-            for r in src.execute(sql, params):
-                rows[tuple(r[i] for i in key_idx)] = r
-            return True
-        except sqlite3.DatabaseError:
-            return False
+    def keep(row: tuple) -> None:
+        rows[row[: len(cols)]] = row[: len(cols)]
 
-    if not fetch(base, (since_ms,)):
+    try:
+        for r in src.execute(f'SELECT {col_sql} FROM "{table}" WHERE "{time_column}" >= ?', (since_ms,)):
+            keep(r)
+        damaged = False
+    except sqlite3.DatabaseError:
+        damaged = True
+    if damaged:
+        # Walk the table's own key in order, so a damaged page costs only its rows.
         if has_rowid:
-            hi_row = _max_or(src, f'SELECT MAX(rowid) FROM "{table}"', 2**62)
-            _bisect(fetch, base + " AND rowid >= ? AND rowid < ?", (since_ms,), 0, hi_row + 1, 1,
-                    f"rowid", unreadable)
+            sql = (f'SELECT {col_sql}, rowid FROM "{table}" WHERE "{time_column}" >= ? '
+                   "AND rowid >= ? AND rowid < ? ORDER BY rowid")
+            _walk_key(src, sql, (since_ms,), len(cols), -(2**63), 2**63 - 1, keep, "rowid", unreadable)
         elif "symbol" in cols:
-            symbols = _readable_symbols(src, dst, table)
-            hi_t = _max_or(src, f'SELECT MAX("{time_column}") FROM "{table}"', _utc_ms() + 86_400_000)
-            for sym in symbols:
-                _bisect(fetch, base + f' AND symbol = ? AND "{time_column}" >= ? AND "{time_column}" < ?',
-                        (since_ms, sym), since_ms, hi_t + 1, 1, f"{sym} {time_column}", unreadable)
+            t = cols.index(time_column)
+            sql = (f'SELECT {col_sql} FROM "{table}" WHERE symbol = ? AND "{time_column}" >= ? '
+                   f'AND "{time_column}" < ? ORDER BY "{time_column}"')
+            for sym in _readable_symbols(src, dst, table):
+                _walk_key(src, sql, (sym,), t, since_ms, 2**63 - 1, keep, f"{sym} {time_column}", unreadable)
         else:
-            hi_t = _max_or(src, f'SELECT MAX("{time_column}") FROM "{table}"', _utc_ms() + 86_400_000)
-            _bisect(fetch, base + f' AND "{time_column}" >= ? AND "{time_column}" < ?', (since_ms,),
-                    since_ms, hi_t + 1, 1, time_column, unreadable)
+            unreadable.append("damaged, and its key cannot be walked: only the rows read before the damage")
+    insert = f'INSERT OR REPLACE INTO "{table}" ({col_sql}) VALUES ({", ".join("?" * len(cols))})'
     copied = 0
-    batch = list(rows.values())
     try:
         dst.execute("BEGIN IMMEDIATE")
-        for r in batch:
+        for r in rows.values():
             try:
                 dst.execute(insert, r)
                 copied += 1
@@ -1044,52 +1042,78 @@ def _salvage_table(src: sqlite3.Connection, dst: sqlite3.Connection, table: str,
     return copied, unreadable
 
 
-def _utc_ms() -> int:
-    return int(time.time() * 1000)
+def _walk_key(src: sqlite3.Connection, sql: str, params: tuple, key_pos: int, lo: int, hi: int,
+              keep, what: str, unreadable: list[str]) -> None:
+    """Read rows of key range [lo, hi) in key order, stepping over unreadable pages.
 
+    `sql` takes (*params, start, hi) and orders by the key. When a read fails after key k, an
+    exponential then binary search finds the smallest start past k whose first row reads again:
+    a seek only touches the pages on its path, so that start lies just past the damaged page.
+    """
+    first_sql = sql + " LIMIT 1"
 
-def _max_or(conn: sqlite3.Connection, sql: str, default: int) -> int:
-    try:
-        v = conn.execute(sql).fetchone()[0]
-        return int(v) if v is not None else default
-    except (sqlite3.DatabaseError, TypeError, ValueError):
-        return default
+    def first_row(start: int) -> tuple | None:
+        """The first row from start (None at the end); DatabaseError when its page is damaged."""
+        rows = src.execute(first_sql, (*params, start, hi)).fetchall()
+        return rows[0] if rows else None
+
+    def readable_from(start: int) -> bool:
+        try:
+            first_row(start)
+            return True
+        except sqlite3.DatabaseError:
+            return False
+
+    pos = lo
+    while pos < hi:
+        last = None
+        try:
+            for r in src.execute(sql, (*params, pos, hi)):
+                keep(r)
+                last = r[key_pos]
+            return
+        except sqlite3.DatabaseError:
+            pass
+        bad_from = pos if last is None else int(last) + 1
+        # The cursor reads one row ahead: the row just before the damage was read but not handed
+        # out. Take the rows before the damage one by one.
+        try:
+            row = first_row(bad_from)
+        except sqlite3.DatabaseError:
+            row = None
+        else:
+            if row is None:
+                return
+            keep(row)
+            pos = int(row[key_pos]) + 1
+            continue
+        step = 1
+        while bad_from + step < hi and not readable_from(bad_from + step):
+            step *= 2
+        if bad_from + step >= hi:
+            unreadable.append(f"{what} from {bad_from}")
+            return
+        failing, good = (bad_from + step // 2 if step > 1 else bad_from), bad_from + step
+        while good - failing > 1:
+            mid = (failing + good) // 2
+            if readable_from(mid):
+                good = mid
+            else:
+                failing = mid
+        unreadable.append(f"{what} in [{bad_from}, {good})")
+        pos = good
 
 
 def _readable_symbols(src: sqlite3.Connection, dst: sqlite3.Connection, table: str) -> list[str]:
     """Symbols to try: those of the universe, the target, and whatever of the corrupt table is readable."""
-    from crypto_agent.universe import UNIVERSE
-
     symbols = set(UNIVERSE)
     symbols.update(r[0] for r in dst.execute(f'SELECT DISTINCT symbol FROM "{table}"'))
     try:
-        symbols.update(r[0] for r in src.execute(f'SELECT DISTINCT symbol FROM "{table}"'))
+        for r in src.execute(f'SELECT DISTINCT symbol FROM "{table}"'):
+            symbols.add(r[0])
     except sqlite3.DatabaseError:
         pass
     return sorted(s for s in symbols if isinstance(s, str))
-
-
-def _bisect(fetch, sql: str, params: tuple, lo: int, hi: int, min_width: int, what: str,
-            unreadable: list[str]) -> None:
-    """Fetch [lo, hi) of a key, halving failing ranges down to min_width, noting the ones skipped."""
-    stack = [(lo, hi)]
-    while stack:
-        a, b = stack.pop()
-        if a >= b:
-            continue
-        if fetch(sql, (*params, a, b)):
-            continue
-        if b - a <= min_width:
-            if unreadable and unreadable[-1].endswith(f"< {a})") and unreadable[-1].startswith(what):
-                # merge with the neighbouring unreadable range to keep the report short
-                start = unreadable[-1].split("[", 1)[1].split(",", 1)[0]
-                unreadable[-1] = f"{what} in [{start}, < {b})"
-            else:
-                unreadable.append(f"{what} in [{a}, < {b})")
-            continue
-        mid = (a + b) // 2
-        stack.append((mid, b))
-        stack.append((a, mid))
 
 
 # --- compaction and the storage check ---

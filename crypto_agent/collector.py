@@ -273,16 +273,24 @@ def _run(
     failed_lock = threading.Lock()
 
     def fetch(symbol: str, tf: str, ranges: list[tuple[int, int]]) -> None:
-        for start, end in ranges:
-            for page in client.iter_closed_klines(symbol, tf, start, end, now_ms=now_ms):
-                if stop.is_set():
-                    return
-                with failed_lock:
-                    if symbol in failed_symbols:
-                        return
-                if not lock_held and store_locked(store):
-                    raise _locked_error(store)
-                summary.add(symbol, tf, store.upsert_candles(symbol, tf, page))
+        try:
+            for start, end in ranges:
+                pages = client.iter_closed_klines(symbol, tf, start, end, now_ms=now_ms)
+                # stop is checked before every request: the generator sends one per page
+                while not stop.is_set():
+                    page = next(pages, None)
+                    if page is None:
+                        break
+                    with failed_lock:
+                        if symbol in failed_symbols:
+                            return
+                    if not lock_held and store_locked(store):
+                        raise _locked_error(store)
+                    summary.add(symbol, tf, store.upsert_candles(symbol, tf, page))
+        except BaseException as exc:
+            if is_fatal(exc):
+                stop.set()  # at once, so the other workers send nothing more
+            raise
 
     total = len(tasks)
     done = 0

@@ -27,13 +27,18 @@ import os
 import resource
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from crypto_agent import backtest
 from crypto_agent.errors import ConfigError, CryptoAgentError, StoreLocked
-from crypto_agent.service import EXIT_CRASHED, STATE_RUNNING, ServiceRuntime, run_as_program
+from crypto_agent.service import (
+    EXIT_CRASHED,
+    STATE_RUNNING,
+    ServiceRuntime,
+    run_as_program,
+)
 from crypto_agent.settings import Settings, get_settings
-from crypto_agent.store import Store, open_store
+from crypto_agent.store import Store
 
 SERVICE_NAME = "backtest"
 FAULT_ENV = "CRYPTO_AGENT_DAEMON_FAULT"
@@ -161,7 +166,7 @@ class _FaultInjector:
                 self._ballast.append(bytearray(b"\x01") * int(chunk_mb * 1024 * 1024))
                 grown += chunk_mb
             self.rt.beat(f"running: fault grow-memory {grown:.0f} MB")
-            self.rt._stop.wait(0.1)
+            self.rt.wait(0.1)
 
     def _log_errors(self, per_s: int) -> None:
         log.warning("fault injection (%s=log-errors:%d): logging errors until stopped", FAULT_ENV, per_s)
@@ -171,7 +176,7 @@ class _FaultInjector:
                 n += 1
                 log.error("fault injection: synthetic error %d", n)
             self.rt.beat("running: fault log-errors")
-            self.rt._stop.wait(1.0)
+            self.rt.wait(1.0)
 
 
 def run_daemon(settings: Settings | None = None, fault: Fault | None | str = "env") -> int:
@@ -188,8 +193,7 @@ def run_daemon(settings: Settings | None = None, fault: Fault | None | str = "en
     with rt:
         if fault is not None:
             log.warning("fault injection armed: %s=%s:%g", FAULT_ENV, fault.kind, fault.amount)
-        store = open_store(settings)
-        rt.attach_store(store)
+        store = rt.open_store()
         _serve(rt, store, settings, _FaultInjector(fault, rt))
     return rt.exit_code
 
@@ -225,7 +229,7 @@ def _run_cycle(
     rt: ServiceRuntime, store: Store, settings: Settings, faults: _FaultInjector, units: list[Unit], cycle: int
 ) -> None:
     started = time.monotonic()
-    run_id = f"daemon-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-c{cycle}"
+    run_id = f"daemon-{datetime.now(UTC):%Y%m%dT%H%M%SZ}-c{cycle}"
     done = skipped = failed = 0
     log.info("cycle %d (%s): %d units", cycle, run_id, len(units))
     i = 0

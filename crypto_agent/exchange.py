@@ -199,6 +199,21 @@ class WeightBudget:
             self._paused_until = max(self._paused_until, self._clock() + seconds)
 
 
+@dataclass(frozen=True)
+class RateLimitStatus:
+    """Where a client stands against the exchange's request-weight limit (the runbook's "rate limit status")."""
+
+    used_weight: int | None
+    weight_limit: int
+    window_s: float
+    banned_until: datetime | None
+
+    @property
+    def used_share(self) -> float | None:
+        """Used weight as a share of the limit, None before any answer."""
+        return None if self.used_weight is None else self.used_weight / self.weight_limit
+
+
 # --- the client ---
 
 
@@ -301,6 +316,12 @@ class BinanceClient:
     def used_weight(self) -> int | None:
         """The used weight the exchange last reported (X-MBX-USED-WEIGHT-1M), None before any answer."""
         return self.budget.last_header
+
+    def rate_limit_status(self, refresh: bool = True) -> RateLimitStatus:
+        """The used weight against the limit; with refresh, a ping (weight 1) reads the exchange's count now."""
+        if refresh:
+            self.ping()
+        return RateLimitStatus(self.used_weight, self.weight_limit, self.budget.window_s, self.banned_until)
 
     def close(self) -> None:
         """Close the connection pool."""

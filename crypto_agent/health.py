@@ -17,13 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from sqlalchemy import func, insert, select
+from sqlalchemy import Connection, func, insert, select
 
 from crypto_agent.process import Liveness, ServiceSpec, inspect, service_spec
 from crypto_agent.schema import probe_samples, service_events
-from crypto_agent.service import LOG_LINE_RE, LOG_TIME_FORMAT, read_heartbeat, record_event
+from crypto_agent.service import (
+    LOG_LINE_RE,
+    LOG_TIME_FORMAT,
+    event_insert,
+    read_heartbeat,
+)
 from crypto_agent.settings import Settings, get_settings
-from crypto_agent.store import Store, store_locked
+from crypto_agent.store import BUSY_TIMEOUT_MS, Store, store_locked
 
 LOG_ERROR_WINDOW_S = 60.0
 LOG_TAIL_BYTES = 256 * 1024
@@ -47,7 +52,7 @@ class ProbeLimits:
     log_errors_per_min_max: float = 5.0
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "ProbeLimits":
+    def from_settings(cls, settings: Settings) -> ProbeLimits:
         """The limits configured in `settings`."""
         return cls(
             heartbeat_max_age_s=settings.heartbeat_max_age_s,
@@ -113,11 +118,11 @@ def probe(
     sample_s = settings.probe_cpu_sample_s if cpu_sample_s is None else cpu_sample_s
     check = inspect(spec)
     checked_at = time.time() if now is None else now
-    base: dict[str, Any] = dict(
-        service=spec.name, pid=check.pid, checked_at=checked_at, liveness=check.state.value,
-        heartbeat_age_s=None, heartbeat_state=None, cpu_pct=None, rss_mb=None, niceness=None,
-        process_status=None, log_errors_per_min=None,
-    )
+    base: dict[str, Any] = {
+        "service": spec.name, "pid": check.pid, "checked_at": checked_at, "liveness": check.state.value,
+        "heartbeat_age_s": None, "heartbeat_state": None, "cpu_pct": None, "rss_mb": None, "niceness": None,
+        "process_status": None, "log_errors_per_min": None,
+    }
     heartbeat_reason: str | None = None
     try:
         beat = read_heartbeat(spec.heartbeat)
@@ -151,7 +156,8 @@ def probe(
     except psutil.NoSuchProcess:
         return ProbeReport(
             status=HealthStatus.DEAD, alive=False, zombie=False,
-            reasons=[f"Process {check.pid} not running (it ended during the probe)"], **base,
+            reasons=[f"Process {check.pid} not running (it ended during the probe)"],
+            crashed_instance=check.record.instance if check.record else None, **base,
         )
     base.update(cpu_pct=round(cpu, 1), rss_mb=round(rss_mb, 1), process_status=process_status, niceness=niceness)
     if process_status == psutil.STATUS_ZOMBIE:
@@ -233,30 +239,45 @@ def _epoch(stamp: bytes) -> float:
 # --- history in the store ---
 
 
-def record(store: Store, report: ProbeReport) -> bool:
-    """Keep a report in probe_samples, and a crash it reveals in service_events; False when the store is locked."""
+def record(store: Store, report: ProbeReport, busy_timeout_s: float = 2.0) -> bool:
+    """Keep a report in probe_samples, and a crash it reveals in service_events; False when the store is locked.
+
+    A writer that holds the database (a hung service stopped mid-transaction) makes this raise
+    sqlalchemy's OperationalError after `busy_timeout_s`, instead of holding the probe for the
+    store's long default.
+    """
     if store_locked(store):
         return False
-    with store.engine.begin() as conn:
-        conn.execute(insert(probe_samples).values(
-            service=report.service,
-            checked_at=int(report.checked_at * 1000),
-            status=report.status.value,
-            pid=report.pid,
-            alive=report.alive,
-            zombie=report.zombie,
-            heartbeat_age_s=report.heartbeat_age_s,
-            cpu_pct=report.cpu_pct,
-            rss_mb=report.rss_mb,
-            log_errors_per_min=report.log_errors_per_min,
-            reasons="; ".join(report.reasons),
-        ))
-    if report.crashed_instance is not None and report.pid is not None:
-        record_event(
-            store, report.service, "crashed", pid=report.pid, instance=report.crashed_instance,
-            source="probe", detail=report.summary, at=report.checked_at,
-        )
+    with store.engine.connect() as conn:
+        raw = conn.connection.driver_connection  # a PRAGMA on the driver: no SQLAlchemy transaction begun
+        raw.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+        try:
+            with conn.begin():
+                _insert_sample(conn, report)
+                if report.crashed_instance is not None and report.pid is not None:
+                    conn.execute(event_insert(
+                        report.service, "crashed", pid=report.pid, instance=report.crashed_instance,
+                        source="probe", detail=report.summary, at=report.checked_at,
+                    ))
+        finally:
+            raw.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     return True
+
+
+def _insert_sample(conn: Connection, report: ProbeReport) -> None:
+    conn.execute(insert(probe_samples).values(
+        service=report.service,
+        checked_at=int(report.checked_at * 1000),
+        status=report.status.value,
+        pid=report.pid,
+        alive=report.alive,
+        zombie=report.zombie,
+        heartbeat_age_s=report.heartbeat_age_s,
+        cpu_pct=report.cpu_pct,
+        rss_mb=report.rss_mb,
+        log_errors_per_min=report.log_errors_per_min,
+        reasons="; ".join(report.reasons),
+    ))
 
 
 def samples(store: Store, service: str, since_s: float | None = None, now: float | None = None) -> list[dict[str, Any]]:
@@ -322,11 +343,22 @@ def cpu_high_for(
 
 def crashes_within(store: Store, service: str, hours: float | None = None, now: float | None = None) -> int:
     """How many times the service crashed (died without a clean stop) in the last `hours` (default 24)."""
+    return failures_within(store, service, hours, now, kinds=("crashed",))
+
+
+FAILURE_KINDS = ("crashed", "killed", "start-failed")
+
+
+def failures_within(
+    store: Store, service: str, hours: float | None = None, now: float | None = None,
+    kinds: tuple[str, ...] = FAILURE_KINDS,
+) -> int:
+    """Crashes, SIGKILLs after a hang and failed starts of the service in the last `hours` (default 24)."""
     hours = get_settings().persistent_window_hours if hours is None else hours
     now = time.time() if now is None else now
     c = service_events.c
     q = select(func.count()).select_from(service_events).where(
-        c.service == service, c.kind == "crashed", c.at >= int((now - hours * 3600) * 1000)
+        c.service == service, c.kind.in_(kinds), c.at >= int((now - hours * 3600) * 1000)
     )
     with store.engine.connect() as conn:
         return int(conn.execute(q).scalar() or 0)

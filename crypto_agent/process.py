@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -21,11 +22,13 @@ from typing import Any
 
 import psutil
 from pydantic_settings import NoDecode
+from sqlalchemy.exc import SQLAlchemyError
 
 from crypto_agent.errors import CryptoAgentError
 from crypto_agent.service import (
     PidRecord,
     ServiceAlreadyRunning,
+    ensure_state_dirs,
     instance_id,
     read_heartbeat,
     read_pid,
@@ -39,6 +42,8 @@ from crypto_agent.store import Store
 
 # The module each service runs as: `python -m <module>`, with the same interpreter as ours.
 SERVICE_MODULES: dict[str, str] = {"backtest": "crypto_agent.daemon", "trader": "crypto_agent.trader"}
+
+log = logging.getLogger("crypto_agent.process")
 
 KILL_WAIT_S = 5.0  # after SIGKILL, how long to wait for the kernel to take the process away
 
@@ -282,6 +287,7 @@ def start(
     """
     settings = settings or get_settings()
     timeout_s = spec.start_timeout_s if timeout_s is None else timeout_s
+    ensure_state_dirs(service_paths(spec.name, settings))
     check = inspect(spec)
     if check.alive:
         raise ServiceAlreadyRunning(
@@ -289,8 +295,6 @@ def start(
             hint=f"`crypto-agent service restart {spec.name}` to restart it",
         )
     cleaned = _clean_files(spec, check, store) if check.state is not Liveness.NO_PIDFILE else []
-    spec.log.parent.mkdir(parents=True, exist_ok=True)
-    spec.pidfile.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with open(spec.log, "ab") as out:
         popen = subprocess.Popen(
@@ -492,8 +496,8 @@ def _record_start_failure(store: Store | None, spec: ServiceSpec, pid: int, deta
 def _safe_record(store: Store, service: str, kind: str, pid: int, instance: str, detail: str) -> None:
     try:
         record_event(store, service, kind, pid=pid, instance=instance, source="process-control", detail=detail)
-    except Exception:  # bookkeeping must never stop a recovery
-        pass
+    except SQLAlchemyError as exc:  # bookkeeping must never stop a recovery
+        log.warning("the %s event of %s PID %d was not recorded: %s", kind, service, pid, exc)
 
 
 def _status_or_gone(proc: psutil.Process) -> str:

@@ -27,12 +27,14 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn, Self
 
 import psutil
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -41,7 +43,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from crypto_agent.errors import CryptoAgentError, InputError
 from crypto_agent.schema import service_events
 from crypto_agent.settings import Settings
-from crypto_agent.store import Store, store_locked
+from crypto_agent.store import Store, open_store, store_locked
 
 # name -> (file stem in run/, log file name in logs/); the runbook's names, relied on by others
 SERVICE_FILES: dict[str, tuple[str, str]] = {
@@ -67,6 +69,24 @@ LOG_LINE_RE = re.compile(
 
 class ServiceAlreadyRunning(CryptoAgentError):
     """Another live instance of the service owns its pidfile; nothing was started."""
+
+
+class ServiceStateError(CryptoAgentError):
+    """The service's state files (run/, logs/) cannot be written; nothing was started."""
+
+
+def ensure_state_dirs(paths: ServicePaths) -> None:
+    """Create run/ and logs/; ServiceStateError, naming the folder and the setting, when impossible."""
+    for folder, setting in ((paths.pidfile.parent, "RUN_DIR"), (paths.logs_dir, "LOGS_DIR")):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder, prefix=f".{paths.name}-write-test-"):
+                pass
+        except OSError as exc:
+            raise ServiceStateError(
+                f"cannot write the {paths.name} service's files in {folder}: {exc.strerror or exc}",
+                hint=f"set CRYPTO_AGENT_{setting} (or CRYPTO_AGENT_HOME) to a writable folder",
+            ) from None
 
 
 # --- where a service keeps its state ---
@@ -146,7 +166,7 @@ def read_heartbeat(path: Path) -> Heartbeat | None:
     """The heartbeat in `path`, None when there is none; ValueError when its first line is no epoch."""
     try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     lines = text.splitlines()
     if not lines or not lines[0].strip().isdigit():
@@ -184,7 +204,7 @@ def read_pid(path: Path) -> int | None:
     """The PID in a pidfile, None when the file is missing; ValueError when it holds no positive integer."""
     try:
         text = path.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     if not text.isdigit() or int(text) <= 0:
         raise ValueError(f"pidfile {path} holds {text[:20]!r}, not a PID")
@@ -246,7 +266,16 @@ def record_event(
     """Record a service event once per (service, kind, instance); False when the store is locked or it was known."""
     if store_locked(store):
         return False
-    stmt = sqlite_insert(service_events).values(
+    stmt = event_insert(service, kind, pid=pid, instance=instance, source=source, detail=detail, at=at)
+    with store.engine.begin() as conn:
+        return conn.execute(stmt).rowcount > 0
+
+
+def event_insert(
+    service: str, kind: str, *, pid: int | None, instance: str, source: str, detail: str = "", at: float | None = None
+) -> Any:
+    """The INSERT of one service event that does nothing when (service, kind, instance) is already known."""
+    return sqlite_insert(service_events).values(
         service=service,
         kind=kind,
         at=int((time.time() if at is None else at) * 1000),
@@ -255,8 +284,6 @@ def record_event(
         source=source,
         detail=detail[:2000],
     ).on_conflict_do_nothing()
-    with store.engine.begin() as conn:
-        return conn.execute(stmt).rowcount > 0
 
 
 # --- logging ---
@@ -339,9 +366,8 @@ class ServiceRuntime:
 
     # --- life cycle ---
 
-    def __enter__(self) -> "ServiceRuntime":
-        self.paths.pidfile.parent.mkdir(parents=True, exist_ok=True)
-        self.paths.logs_dir.mkdir(parents=True, exist_ok=True)
+    def __enter__(self) -> Self:
+        ensure_state_dirs(self.paths)
         self._claim()
         try:
             self._setup_logging()
@@ -371,16 +397,25 @@ class ServiceRuntime:
             why = f" on {self._stop_signal}" if self._stop_signal else ""
             self.log.info("%s service stopped%s", self.name, why)
             self._record("stopped", f"clean stop{why}")
-        try:
-            self.beat("crashed" if crashed else STATE_STOPPED)
-        except OSError:
-            pass
+        self.beat("crashed" if crashed else STATE_STOPPED)
         if self.store is not None:
             self.store.close()
         self._release(remove_pidfile=not crashed)
         self._restore_signals()
         self._teardown_logging()
         return crashed
+
+    def open_store(self) -> Store:
+        """Open the store and attach it (see attach_store); one retry, for two services creating a new file at once."""
+        try:
+            store = open_store(self.settings)
+        except CryptoAgentError as exc:
+            # create_all of two processes on a fresh file can collide ("table ... already exists")
+            self.log.warning("opening the store failed (%s); retrying once", exc.message)
+            time.sleep(0.5)
+            store = open_store(self.settings)
+        self.attach_store(store)
+        return store
 
     def attach_store(self, store: Store) -> None:
         """Use `store` for service events: record this start (and the crash of a stale predecessor)."""

@@ -97,11 +97,21 @@ class Store:
         self.url = url
         self.engine = make_engine(url)
         if create:
+            self._create_schema()
+
+    def _create_schema(self, attempts: int = 5) -> None:
+        """Create missing tables; a race with another process creating the same fresh file is retried."""
+        for attempt in range(attempts):
             try:
                 metadata.create_all(self.engine)
+                return
             except SQLAlchemyError as exc:  # OperationalError, or DatabaseError for a non-SQLite file
+                # create_all checks each table, then creates it: two processes opening a fresh file at
+                # once may collide ("table ... already exists"); the next pass sees the other's tables.
+                if "already exists" in str(exc) and attempt < attempts - 1:
+                    continue
                 raise StoreError(
-                    f"cannot open the database {url}: {getattr(exc, 'orig', exc)}",
+                    f"cannot open the database {self.url}: {getattr(exc, 'orig', exc)}",
                     hint="check that the path is writable and the file is a SQLite database "
                     "(`crypto-agent check-integrity` tells whether it is corrupt)",
                 ) from None

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from sqlalchemy import insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
@@ -23,7 +24,7 @@ from crypto_agent.errors import ConfigError, StoreError
 from crypto_agent.schema import paper_positions, paper_signals
 from crypto_agent.service import STATE_RUNNING, ServiceRuntime, run_as_program
 from crypto_agent.settings import Settings, get_settings
-from crypto_agent.store import Store, open_store, store_locked
+from crypto_agent.store import Store, store_locked
 from crypto_agent.universe import TIMEFRAMES
 
 SERVICE_NAME = "trader"
@@ -163,8 +164,7 @@ def run_trader(settings: Settings | None = None) -> int:
     check_trader_settings(settings)
     rt = ServiceRuntime(SERVICE_NAME, settings, niceness=0)
     with rt:
-        store = open_store(settings)
-        rt.attach_store(store)
+        store = rt.open_store()
         log.info(
             "paper trading %s on %s candles of %d symbols, every %.0f s; no order is ever sent",
             settings.trader_strategy, settings.trader_timeframe, len(settings.symbols), settings.trader_cycle_s,

@@ -3,13 +3,13 @@ that kills (by the PID it got, never by name) whatever a test started."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 import pytest
@@ -23,23 +23,29 @@ from crypto_agent.universe import TIMEFRAMES
 HOUR_MS = TIMEFRAMES["1h"].ms
 
 # Short limits and pauses so a test sees a service cycle, go stale or stop within seconds.
-FAST: dict[str, Any] = dict(
-    symbols=["BTCUSDT", "ETHUSDT"],
-    timeframes=["1h"],
-    heartbeat_interval_s=0.2,
-    heartbeat_max_age_s=3.0,
-    daemon_unit_pause_s=0.05,
-    daemon_cycle_pause_s=0.5,
-    trader_cycle_s=0.3,
-    probe_cpu_sample_s=0.3,
-    stop_grace_s=10.0,
-    start_timeout_s=60.0,
-)
+FAST: dict[str, Any] = {
+    "symbols": ["BTCUSDT", "ETHUSDT"],
+    "timeframes": ["1h"],
+    "heartbeat_interval_s": 0.2,
+    "heartbeat_max_age_s": 3.0,
+    "daemon_unit_pause_s": 0.05,
+    "daemon_cycle_pause_s": 0.5,
+    "trader_cycle_s": 0.3,
+    "probe_cpu_sample_s": 0.3,
+    "stop_grace_s": 10.0,
+    "start_timeout_s": 60.0,
+}
 
 
-def make_settings(home: Path, **overrides: Any) -> Settings:
-    """Settings rooted at a tmp home, with FAST defaults."""
-    return load_settings(home=home, **{**FAST, **overrides})
+def make_settings(home: Path, create_store: bool = True, **overrides: Any) -> Settings:
+    """Settings rooted at a tmp home, with FAST defaults; the (empty) store created unless told not to.
+
+    Created here, so a test reading the store never races a service creating the same new file.
+    """
+    settings = load_settings(home=home, **{**FAST, **overrides})
+    if create_store:
+        Store(settings.database_url).close()
+    return settings
 
 
 def synthetic_candles(n: int, trend: float, now_ms: int | None = None) -> list[tuple]:
@@ -158,7 +164,7 @@ def run_cli(args: list[str], settings: Settings, timeout: float = 60.0) -> subpr
     exe = Path(sys.executable).with_name("crypto-agent")
     return subprocess.run(
         [str(exe), *args], env=process.child_env(settings), capture_output=True, text=True, timeout=timeout,
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL, check=False,
     )
 
 

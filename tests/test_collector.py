@@ -14,7 +14,12 @@ import pytest
 
 from crypto_agent.collector import backfill, closed_end_ms, collect, missing_ranges
 from crypto_agent.errors import InputError, StoreLocked
-from crypto_agent.exchange import BinanceClient, ExchangeError, ExchangeUnreachable, IPBanned
+from crypto_agent.exchange import (
+    BinanceClient,
+    ExchangeError,
+    ExchangeUnreachable,
+    IPBanned,
+)
 from crypto_agent.simulator import Simulator
 from crypto_agent.store import Store
 
@@ -131,6 +136,17 @@ class TestUpdate:
                           now_ms=now)
         assert summary.written == {("ETHUSDT", "1h"): 10, ("BTCUSDT", "1h"): 0}
         assert stored(store, "ETHUSDT", "1h") == list(range(end - 48 * HOUR_MS, end, HOUR_MS))
+
+    def test_a_collect_of_many_pages_stays_under_a_small_weight_limit(self, store: Store) -> None:
+        # 14 weight per 1 s window on both sides; 3 symbols x (3 pages of 1h + 1 of 4h) = 24 weight
+        with Simulator(host="127.0.0.1", port=0, symbols=SYMBOLS, seed=1, history_days=120,
+                       weight_limit=14, weight_window_s=1.0) as sim, \
+                BinanceClient(sim.url, weight_limit=14, weight_window_s=1.0, timeout_s=5) as client:
+            summary = collect(store, client, SYMBOLS, ["1h", "4h"], initial_history_days=100, workers=4)
+            assert summary.ok and summary.total == 3 * (2400 + 600)
+            assert kline_requests(sim) == 12
+            assert {int(code) for code in sim.stats()["status"]} == {200}
+            assert client.budget.waits > 0
 
     def test_backfill_fetches_exactly_the_windows_given(
         self, sim: Simulator, store: Store, client: BinanceClient

@@ -75,6 +75,14 @@ class TestEndpoints:
             # the used weight is the exchange's own count: ping 1 + time 1 + exchangeInfo 20 + 20
             assert client.used_weight == sim.stats()["used_weight"] == 42
 
+    def test_rate_limit_status_reads_the_exchanges_count(self, sim: Simulator) -> None:
+        with client_for(sim, weight_limit=1000) as client:
+            assert client.rate_limit_status(refresh=False).used_weight is None
+            client.klines("BTCUSDT", "1h", limit=3)
+            status = client.rate_limit_status()
+        assert status.used_weight == sim.stats()["used_weight"] == 3  # klines 2 + ping 1
+        assert status.used_share == 0.003 and status.banned_until is None
+
     def test_an_unknown_symbol_is_reported_by_name_and_not_retried(self, sim: Simulator) -> None:
         with client_for(sim) as client, pytest.raises(InvalidSymbol) as info:
             client.klines("FOOUSDT", "1h")
@@ -106,6 +114,17 @@ class TestKlines:
         open_times = [c[0] for c in candles]
         assert open_times == list(range(start, end, HOUR_MS))  # 2400 candles, each once, in order
         assert kline_requests(sim) == 3
+
+    def test_pages_continue_past_a_hole_the_exchange_has(self, sim: Simulator) -> None:
+        with client_for(sim) as client:
+            now = client.server_time()
+            end = now // HOUR_MS * HOUR_MS
+            start = end - 100 * DAY_MS
+            hole = (start + 990 * HOUR_MS, start + 1010 * HOUR_MS)  # across the first page's end
+            sim.set_faults(gaps=[{"symbol": "BTCUSDT", "interval": "1h", "start_ms": hole[0], "end_ms": hole[1]}])
+            candles = client.closed_klines("BTCUSDT", "1h", start, end, now_ms=now)
+        expected = [t for t in range(start, end, HOUR_MS) if not hole[0] <= t < hole[1]]
+        assert [c[0] for c in candles] == expected
 
     def test_only_closed_candles_are_returned(self, sim: Simulator) -> None:
         with client_for(sim) as client:

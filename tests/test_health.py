@@ -17,7 +17,7 @@ from crypto_agent.service import record_event
 from crypto_agent.store import Store
 
 try:
-    from service_kit import keeper, make_settings, run_cli, seed_store, wait_until  # noqa: F401
+    from service_kit import keeper, make_settings, run_cli, seed_store, wait_until
 except ImportError:  # tests/ became a package
     from tests.service_kit import keeper, make_settings, run_cli, seed_store, wait_until  # noqa: F401
 
@@ -203,7 +203,7 @@ class TestHistory:
 
 class TestStatusCommand:
     def test_dead_prints_the_runbook_line_and_exits_1(self, tmp_path) -> None:
-        settings = make_settings(tmp_path)
+        settings = make_settings(tmp_path, create_store=False)
         out = run_cli(["status"], settings)
         assert (out.returncode, out.stdout) == (1, "DEAD: No PID file\n")
         assert not settings.db_path.exists()  # a probe creates no database
@@ -234,3 +234,20 @@ class TestStatusCommand:
     def test_an_unknown_service_exits_2(self, tmp_path) -> None:
         out = run_cli(["status", "--service", "main.py"], make_settings(tmp_path))
         assert out.returncode == 2 and "unknown service" in out.stderr
+
+
+def test_a_writer_holding_the_store_fails_the_recording_fast_not_the_probe(tmp_path: Path) -> None:
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    with Store(f"sqlite:///{tmp_path / 'db' / 'crypto_agent.db'}") as store:
+        holder = sqlite3.connect(store.path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # like a service stopped in the middle of a write
+        try:
+            with pytest.raises(OperationalError, match="locked"):
+                health.record(store, report_at(TestHistory.NOW, 10), busy_timeout_s=0.2)
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert health.record(store, report_at(TestHistory.NOW, 10))

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -14,14 +15,33 @@ import pytest
 from crypto_agent import health, process
 from crypto_agent.daemon import FAULT_ENV
 from crypto_agent.errors import InputError
-from crypto_agent.process import Liveness, NotOurProcess, ServiceStartError, ServiceStillRunning
-from crypto_agent.service import read_heartbeat
+from crypto_agent.process import (
+    Liveness,
+    NotOurProcess,
+    ServiceStartError,
+    ServiceStillRunning,
+)
+from crypto_agent.service import ServiceStateError, read_heartbeat
 from crypto_agent.store import Store
 
 try:
-    from service_kit import keeper, make_settings, read_lines, run_cli, seed_store, wait_until  # noqa: F401
+    from service_kit import (
+        keeper,
+        make_settings,
+        read_lines,
+        run_cli,
+        seed_store,
+        wait_until,
+    )
 except ImportError:  # tests/ became a package
-    from tests.service_kit import keeper, make_settings, read_lines, run_cli, seed_store, wait_until  # noqa: F401
+    from tests.service_kit import (
+        keeper,  # noqa: F401 (a fixture)
+        make_settings,
+        read_lines,
+        run_cli,
+        seed_store,
+        wait_until,
+    )
 
 
 def kinds(settings, pid: int | None = None) -> list[str]:
@@ -68,6 +88,15 @@ class TestStart:
         ).stdout
         assert json.loads(out) == json.loads(settings.model_dump_json())
 
+    def test_an_unwritable_run_folder_is_refused_before_anything_starts(self, tmp_path, keeper) -> None:
+        (tmp_path / "a-file").write_text("")
+        settings = make_settings(tmp_path, run_dir=tmp_path / "a-file" / "run")
+        spec = process.service_spec("backtest", settings)
+        with pytest.raises(ServiceStateError, match="cannot write the backtest service's files"):
+            keeper.start(spec, settings)
+        out = run_cli(["daemon"], settings)
+        assert out.returncode == 1 and "CRYPTO_AGENT_RUN_DIR" in out.stderr
+
     def test_an_unknown_service_name_is_an_input_error(self, tmp_path) -> None:
         with pytest.raises(InputError):
             process.service_spec("main.py", make_settings(tmp_path))
@@ -97,6 +126,9 @@ class TestStop:
         assert (result.signal, result.exit_code) == ("SIGKILL", -signal.SIGKILL)
         assert not spec.pidfile.exists() and not spec.heartbeat.exists()
         assert kinds(settings, started.pid) == ["started", "killed"]
+        with Store(settings.database_url) as store:
+            assert health.crashes_within(store, "backtest", 24) == 0
+            assert health.failures_within(store, "backtest", 24) == 1
 
     def test_a_sigstopped_daemon_still_stops_cleanly_on_sigterm(self, tmp_path, keeper) -> None:
         settings = make_settings(tmp_path)
@@ -211,3 +243,25 @@ class TestCleanState:
             assert health.crashes_within(store, "backtest", 24) == 1
         assert spec.pidfile.read_text().strip() == str(again.pid)
         assert any("crashing now" in line and "CRITICAL" in line for line in read_lines(spec.log))
+
+
+def test_the_operator_commands_start_dump_stop_and_clean_a_service(tmp_path, keeper) -> None:
+    settings = make_settings(tmp_path)
+    spec = process.service_spec("backtest", settings)
+    out = run_cli(["service", "start", "backtest"], settings)
+    assert out.returncode == 0 and out.stdout.startswith("started backtest: PID "), out.stderr
+    pid = int(spec.pidfile.read_text())
+    keeper.adopt(pid)
+    assert out.stdout.split("PID ")[1].split()[0] == str(pid)
+
+    out = run_cli(["service", "dump-stacks", "backtest"], settings)
+    assert out.returncode == 0 and "backtest_stacks_" in out.stdout
+    assert "Current thread" in Path(out.stdout.strip()).read_text()
+
+    out = run_cli(["service", "clean", "backtest"], settings)
+    assert out.returncode == 1 and "is running" in out.stderr
+
+    out = run_cli(["service", "stop", "backtest"], settings)
+    assert out.returncode == 0 and out.stdout.startswith(f"stopped backtest (PID {pid}) with SIGTERM")
+    out = run_cli(["service", "stop", "backtest"], settings)
+    assert (out.returncode, out.stdout) == (0, "backtest was not running\n")

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
@@ -31,9 +30,25 @@ from crypto_agent.store import Store
 from crypto_agent.trader import open_positions, run_cycle
 
 try:
-    from service_kit import dead_pid, keeper, make_settings, read_lines, seed_store, synthetic_candles, wait_until
+    from service_kit import (
+        dead_pid,
+        keeper,
+        make_settings,
+        read_lines,
+        seed_store,
+        synthetic_candles,
+        wait_until,
+    )
 except ImportError:  # tests/ became a package
-    from tests.service_kit import dead_pid, keeper, make_settings, read_lines, seed_store, synthetic_candles, wait_until
+    from tests.service_kit import (
+        dead_pid,
+        keeper,  # noqa: F401 (a fixture)
+        make_settings,
+        read_lines,
+        seed_store,
+        synthetic_candles,
+        wait_until,
+    )
 
 
 def result_count(settings) -> int:
@@ -102,7 +117,7 @@ class TestPidfileAndHeartbeat:
 
         second = subprocess.run(
             list(spec.command), env=process.child_env(settings), capture_output=True, text=True, timeout=60,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL, check=False,
         )
         assert second.returncode == 1
         assert f"already running (PID {first.pid}" in second.stderr
@@ -222,6 +237,18 @@ class TestLog:
         lines = read_lines(spec.log)
         assert lines and all(LOG_LINE_RE.match(line.encode()) for line in lines)
 
+    def test_the_log_rotates_and_stray_output_follows_the_current_file(self, tmp_path, keeper) -> None:
+        settings = make_settings(tmp_path, log_max_bytes=20_000, log_backups=2)
+        spec = process.service_spec("backtest", settings)
+        started = keeper.start(spec, settings, env={FAULT_ENV: "log-errors:100"})
+        rotated = spec.log.with_name(spec.log.name + ".2")
+        wait_until(rotated.exists, what="two rotations")
+        assert spec.log.stat().st_size <= 20_000 + 1_000
+        # fds 1 and 2 (stray output, faulthandler) point at the current log, not a rotated one
+        wait_until(lambda: all(os.readlink(f"/proc/{started.pid}/fd/{fd}") == str(spec.log) for fd in (1, 2)),
+                   what="stdout and stderr on the current log")
+        assert not spec.log.with_name(spec.log.name + ".3").exists()
+
     def test_a_malformed_fault_is_refused(self) -> None:
         for text in ("nonsense", "crash-after", "crash-after:x", "hang-after:1.5", "grow-memory:-3"):
             with pytest.raises(ConfigError):
@@ -249,6 +276,8 @@ class TestTrader:
         assert (pos.symbol, pos.status) == ("BTCUSDT", "open")
         assert pos.entry_price == signals["BTCUSDT"].close
         assert pos.quantity == pytest.approx(settings.trader_notional_usdt / pos.entry_price)
+        # paper only: the trader holds no network connection at all
+        assert psutil.Process(int(spec.pidfile.read_text())).net_connections(kind="inet") == []
 
     def test_a_position_opens_holds_and_closes_with_its_pnl(self, tmp_path) -> None:
         settings = make_settings(tmp_path, symbols=["BTCUSDT"])
@@ -277,3 +306,37 @@ class TestTrader:
         assert position["status"] == "closed" and position["exit_price"] == pytest.approx(price)
         assert position["pnl_usdt"] == pytest.approx(position["quantity"] * (price - position["entry_price"]))
         assert position["pnl_usdt"] < 0
+
+
+class TestCrash:
+    def test_an_exception_in_the_main_loop_is_logged_critical_exits_70_and_keeps_the_pidfile(
+        self, tmp_path, keeper
+    ) -> None:
+        settings = make_settings(tmp_path, create_store=False, db_path=tmp_path / "not-a-file")
+        (tmp_path / "not-a-file").mkdir()  # the store cannot be opened: the daemon dies of it
+        spec = process.service_spec("backtest", settings)
+        child = keeper.popen(list(spec.command), env=process.child_env(settings),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert child.wait(60) == 70
+        assert spec.pidfile.read_text().strip() == str(child.pid)  # evidence for the probe
+        lines = read_lines(spec.log)
+        assert any("CRITICAL" in line and "backtest service crashed" in line for line in lines)
+        assert any("CRITICAL" in line and "| Traceback" in line for line in lines)
+        assert health.probe(spec, settings, cpu_sample_s=0.05).summary == f"DEAD: Process {child.pid} not running"
+        assert heartbeat_state(spec) == "crashed"
+
+
+class TestTraderLocked:
+    def test_the_trader_writes_nothing_while_db_locked_exists(self, tmp_path, keeper) -> None:
+        settings = make_settings(tmp_path)
+        seed_store(settings)
+        (settings.db_path.parent / "LOCKED").touch()
+        spec = process.service_spec("trader", settings)
+        keeper.start(spec, settings)
+        wait_until(lambda: heartbeat_state(spec) == STATE_PAUSED_LOCKED, what="the paused heartbeat")
+        beat = read_heartbeat(spec.heartbeat)
+        wait_until(lambda: read_heartbeat(spec.heartbeat).epoch >= beat.epoch + 1, what="another heartbeat")
+        with Store(settings.database_url) as store, store.engine.connect() as conn:
+            assert conn.execute(select(func.count()).select_from(paper_signals)).scalar() == 0
+        (settings.db_path.parent / "LOCKED").unlink()
+        wait_until(lambda: heartbeat_state(spec).startswith("running: cycle"), what="the trader to resume")

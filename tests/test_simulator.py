@@ -331,6 +331,8 @@ class TestFaultsOverHttp:
             except ConnectionRefusedError:
                 refused = True
                 break
+            except ConnectionResetError:
+                pass  # caught in the backlog as the port closed; the next try is refused
             time.sleep(0.02)
         assert refused
         for _ in range(100):
@@ -402,7 +404,7 @@ class TestWeightLimit:
         assert statuses.count(418) == 180 - 103
 
     def test_a_client_ignoring_the_limit_on_the_real_clock_gets_429_then_418(self) -> None:
-        with Simulator(port=0, weight_limit=20, weight_window_s=2.0) as s, \
+        with Simulator(port=0, weight_limit=20, weight_window_s=5.0) as s, \
                 httpx.Client(base_url=s.url, timeout=TIMEOUT) as c:
             statuses, used = [], []
             for _ in range(300):

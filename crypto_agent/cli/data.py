@@ -6,6 +6,7 @@ import sys
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Callable
 
 import typer
 from rich.console import Console
@@ -63,7 +64,23 @@ def check_db_writable(settings: Settings) -> None:
                          hint=hint) from None
 
 
-def _print_summary(summary: CollectSummary, console: Console) -> None:
+def progress_bar(stack: ExitStack, console: Console) -> Callable[[int, int, str], None] | None:
+    """A collect progress callback drawing a bar on a terminal (closed with the stack); None elsewhere."""
+    if not console.is_terminal:
+        return None
+    bar = stack.enter_context(Progress(
+        TextColumn("collect {task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=console, transient=True,
+    ))
+    task = bar.add_task("", total=None)
+
+    def update(done: int, total: int, label: str) -> None:
+        bar.update(task, completed=done, total=total, description=label)
+
+    return update
+
+
+def print_summary(summary: CollectSummary, console: Console) -> None:
     by_symbol = summary.by_symbol()
     tfs = sorted({tf for _, tf, _ in summary.to_rows()}, key=lambda t: timeframe(t).ms)
     table = Table(title=f"candles written ({summary.mode})")
@@ -124,17 +141,7 @@ def collect_command(
         client = stack.enter_context(BinanceClient.from_settings(settings))
         client.ping()  # an unreachable exchange stops us here, before the store is created
         store = stack.enter_context(Store(settings.database_url))
-        progress_cb = None
-        if err.is_terminal:
-            bar = stack.enter_context(Progress(
-                TextColumn("collect {task.description}"), BarColumn(), MofNCompleteColumn(),
-                TimeElapsedColumn(), console=err, transient=True,
-            ))
-            task = bar.add_task("", total=None)
-
-            def progress_cb(done: int, total: int, label: str) -> None:
-                bar.update(task, completed=done, total=total, description=label)
-
+        progress_cb = progress_bar(stack, err)
         try:
             summary = collect(
                 store, client, chosen, tfs, mode=mode, lookback_hours=lookback_hours,
@@ -143,11 +150,11 @@ def collect_command(
         except CryptoAgentError as exc:
             partial = getattr(exc, "summary", None)
             if isinstance(partial, CollectSummary):
-                _print_summary(partial, out)
+                print_summary(partial, out)
                 err.print(f"the run stopped after writing {partial.total} candles; every written page is complete",
                           markup=False)
             raise
-    _print_summary(summary, out)
+    print_summary(summary, out)
     if summary.failures:
         for symbol, message in summary.failures.items():
             hint = summary.hints.get(symbol)

@@ -42,7 +42,7 @@ def existing_db_path(settings: Settings) -> Path | None:
     return path
 
 
-def _print_report(report: DataQualityReport, console: Console) -> None:
+def print_report(report: DataQualityReport, console: Console) -> None:
     table = Table(title=f"data quality at {format_utc(report.checked_at_ms)} UTC")
     table.add_column("symbol")
     for tf in report.timeframes:
@@ -95,7 +95,7 @@ def check_data_command(
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
-        _print_report(report, Console())
+        print_report(report, Console())
     raise typer.Exit(0 if report.ok else 1)
 
 

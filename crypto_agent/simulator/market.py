@@ -228,6 +228,7 @@ class _LruCache:
                 self._items.popitem(last=False)
 
 
+_GENERATE_CHUNK_DAYS = 64
 # Resolutions kept per day: 1440 one-minute rows, 24 one-hour rows, one one-day row.
 _LEVEL_ROWS = {MINUTE_MS: MINUTES_PER_DAY, HOUR_MS: 24, DAY_MS: 1}
 
@@ -318,7 +319,8 @@ class Market:
         wick = (0.6 * scale) * weight
         # Rounded outwards to the tick, so a wick never cuts into the body.
         highs = np.ceil(np.maximum(opens, closes) * np.exp(wick * np.abs(wick_noise)) / tick) * tick
-        lows = np.floor(np.minimum(opens, closes) * np.exp(-wick * np.abs(np.roll(wick_noise, 720, axis=1))) / tick) * tick
+        low_noise = np.abs(np.roll(wick_noise, 720, axis=1))  # another minute's draw: independent of the high
+        lows = np.floor(np.minimum(opens, closes) * np.exp(-wick * low_noise) / tick) * tick
         lows = np.clip(lows, tick, None)
         # Busier markets in volatile regimes; volume counted in the base asset.
         activity = np.minimum((day_sigma / profile.daily_vol) ** 2, 6.0)
@@ -344,22 +346,27 @@ class Market:
         cache = self._cache[level_ms]
         found = [cache.get((symbol, day)) for day in days]
         missing = [day for day, rows in zip(days, found) if rows is None]
-        if missing:
-            minutes = self._generate_minutes(symbol, missing)
+        fresh: dict[int, np.ndarray] = {}
+        # In chunks, so a long range never holds more than a few MB of minutes at once.
+        for lo in range(0, len(missing), _GENERATE_CHUNK_DAYS):
+            chunk = missing[lo:lo + _GENERATE_CHUNK_DAYS]
+            minutes = self._generate_minutes(symbol, chunk)
             hours = _fold(minutes, 60)
-            whole_days = _fold(hours, 24)
-            generated = {MINUTE_MS: minutes, HOUR_MS: hours, DAY_MS: whole_days}
-            for k, day in enumerate(missing):
+            generated = {MINUTE_MS: minutes, HOUR_MS: hours, DAY_MS: _fold(hours, 24)}
+            for k, day in enumerate(chunk):
                 for level, rows in generated.items():
                     if level != MINUTE_MS or level_ms == MINUTE_MS:
-                        self._cache[level].put((symbol, day), rows[k])
-            fresh = dict(zip(missing, generated[level_ms]))
+                        self._cache[level].put((symbol, day), rows[k].copy())
+                fresh[day] = generated[level_ms][k]
+        if fresh:
             found = [rows if rows is not None else fresh[day] for day, rows in zip(days, found)]
         return found
 
     # --- candles of any interval ----------------------------------------------------------------
 
-    def _base(self, symbol: str, first_day: int, last_day: int, level_ms: int, now_ms: int) -> tuple[np.ndarray, np.ndarray]:
+    def _base(
+        self, symbol: str, first_day: int, last_day: int, level_ms: int, now_ms: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Candles of level_ms (1m, 1h or 1d) over whole days, the day holding now_ms cut at now_ms."""
         today = now_ms // DAY_MS
         past = list(range(first_day, min(last_day, today - 1) + 1))

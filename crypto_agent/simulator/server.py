@@ -121,7 +121,8 @@ class Gap:
 
 
 def _number(name: str, value: Any, kind: type, minimum: float = 0) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+    not_a_number = isinstance(value, bool) or not isinstance(value, (int, float))
+    if not_a_number or (kind is int and not float(value).is_integer()):
         raise InputError(f"fault {name!r} must be a {'whole ' if kind is int else ''}number, got {value!r}")
     if value < minimum:
         raise InputError(f"fault {name!r} must be >= {minimum}, got {value!r}")
@@ -414,7 +415,7 @@ class Simulator:
         if weight_window_s <= 0:
             raise InputError(f"weight window {weight_window_s} s must be positive", hint="Binance's is 60 s")
         if history_days < 1:
-            raise InputError(f"history of {history_days} days must be at least 1 day")
+            raise InputError(f"history of {history_days} days must be at least 1 day", hint="e.g. --history-days 30")
         self.host = host
         self.seed = seed
         self.history_days = history_days
@@ -814,7 +815,8 @@ class Simulator:
             if as_json:
                 return _json(400, {"error_code": 400, "error_message": message})
             xml = ET.tostring(ET.Element("error", code="400", message=message), encoding="unicode")
-            return Response(400, ('<?xml version="1.0" encoding="utf-8" ?>\n' + xml).encode(), "text/xml; charset=UTF-8")
+            document = '<?xml version="1.0" encoding="utf-8" ?>\n' + xml
+            return Response(400, document.encode(), "text/xml; charset=UTF-8")
 
         if file_type not in ("json", "xml"):
             return error("Bad Request.  Variable file_type is not one of the values: 'xml', 'json'.")

@@ -1,0 +1,3 @@
+from crypto_agent.cli import main
+
+main()
