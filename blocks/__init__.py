@@ -1,0 +1,1 @@
+"""Prefect Block types of the project (escalation) and their registration."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Literal, Union
+from typing import Literal
 
 from prefect.blocks.abstract import NotificationBlock
 from prefect.blocks.core import Block
@@ -22,7 +22,7 @@ DEFAULT_ESCALATION = "crypto-agent"
 # Prefect registers a block field's type, so it must name concrete block types, not the
 # NotificationBlock interface: Slack in production, a custom webhook (the local receiver, or any
 # other service) otherwise. Each member adds seconds to every save (pydantic schema generation).
-NotificationChannel = Union[SlackWebhook, CustomWebhookNotificationBlock]
+NotificationChannel = SlackWebhook | CustomWebhookNotificationBlock
 
 
 class NotificationUndelivered(CryptoAgentError):
@@ -89,7 +89,7 @@ class Escalation(Block):
     l3: NotificationChannel = Field(description="L3, the lead: told for root-cause analysis and incident review.")
 
     @classmethod
-    def _from_block_document(cls, block_document: BlockDocument) -> "Escalation":
+    def _from_block_document(cls, block_document: BlockDocument) -> Escalation:
         """The block from its document, each level as the block type it was saved as."""
         # The API returns a nested block's data without its type, and pydantic would then take the
         # first member of the Union that fits (a CustomWebhook read back as a SlackWebhook). Putting

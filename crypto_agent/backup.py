@@ -20,17 +20,21 @@ import re
 import socket
 import sqlite3
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING
 
 import psutil
 
 from crypto_agent.errors import CryptoAgentError, StoreLocked
 from crypto_agent.universe import UNIVERSE
+
+if TYPE_CHECKING:
+    from crypto_agent.settings import Settings
 
 BACKUP_NAME_RE = re.compile(r"^db_backup_(\d{8})\.db$")
 LOCK_FILE_NAME = "LOCKED"
@@ -56,7 +60,7 @@ class NoGoodBackup(BackupError):
 class BackupVerificationFailed(BackupError):
     """A backup failed its dry restore and is now marked bad."""
 
-    def __init__(self, message: str, hint: str | None = None, info: "BackupInfo | None" = None) -> None:
+    def __init__(self, message: str, hint: str | None = None, info: BackupInfo | None = None) -> None:
         super().__init__(message, hint)
         self.info = info
 
@@ -185,7 +189,7 @@ class RetentionPolicy:
             )
 
     @classmethod
-    def from_settings(cls, settings) -> "RetentionPolicy":
+    def from_settings(cls, settings: Settings) -> RetentionPolicy:
         """The policy configured in Settings (backup_keep_daily/weekly/monthly)."""
         return cls(settings.backup_keep_daily, settings.backup_keep_weekly, settings.backup_keep_monthly)
 
@@ -202,13 +206,13 @@ class SalvageResult(dict):
 
 
 def _utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _as_utc(now: datetime | None) -> datetime:
     if now is None:
         return _utcnow()
-    return now.replace(tzinfo=timezone.utc) if now.tzinfo is None else now.astimezone(timezone.utc)
+    return now.replace(tzinfo=UTC) if now.tzinfo is None else now.astimezone(UTC)
 
 
 def backup_name(day: date) -> str:
@@ -442,7 +446,7 @@ def list_backups(backup_dir: Path | str) -> list[BackupInfo]:
                 out.append(backup_info(p))
             except BackupError:
                 continue  # removed while we listed
-    epoch = datetime.min.replace(tzinfo=timezone.utc)
+    epoch = datetime.min.replace(tzinfo=UTC)
     out.sort(key=lambda b: (b.day, b.created_at or epoch), reverse=True)
     return out
 
@@ -545,7 +549,14 @@ def create(
             "verified_at": None,
             "problems": [],
         }
-        _write_json_atomic(manifest_path(final), manifest)
+        try:
+            _write_json_atomic(manifest_path(final), manifest)
+        except OSError as exc:
+            raise BackupError(
+                f"backup {final} was written but its manifest could not be: {exc.strerror or exc}",
+                hint="free space in the backup folder; the backup stays unverified until "
+                "`crypto-agent backup` runs again",
+            ) from None
     if verify:
         result = dry_restore(final, scratch_dir=scratch_dir)
         if not result.ok:
@@ -654,8 +665,8 @@ def choose_backup(
     when = f" from {limit.isoformat()} or earlier" if limit else ""
     raise NoGoodBackup(
         f"no {wanted} backup{when} in {backup_dir}: newest were {seen}",
-        hint="take one with `crypto-agent backup`; verify unverified ones with `crypto-agent backup` "
-        "or restore one explicitly with `crypto-agent restore --backup FILE`",
+        hint="take one with `crypto-agent backup`, or restore an unverified one explicitly with "
+        "`crypto-agent restore --backup FILE` (it is checked against its manifest first)",
     )
 
 

@@ -179,16 +179,15 @@ class _FaultInjector:
             self.rt.wait(1.0)
 
 
-def run_daemon(settings: Settings | None = None, fault: Fault | None | str = "env") -> int:
+def run_daemon(settings: Settings | None = None, fault: Fault | None = None) -> int:
     """Run the daemon until SIGTERM/SIGINT; the exit code (0 on a clean stop, 70 after a crash).
 
-    ServiceAlreadyRunning when another live instance owns the pidfile; ConfigError for a bad fault.
+    The fault, when not given, comes from CRYPTO_AGENT_DAEMON_FAULT. ServiceAlreadyRunning when
+    another live instance owns the pidfile; ConfigError for a malformed fault.
     """
     settings = settings or get_settings()
-    if fault == "env":
+    if fault is None:
         fault = parse_fault(os.environ.get(FAULT_ENV))
-    elif isinstance(fault, str):
-        fault = parse_fault(fault)
     rt = ServiceRuntime(SERVICE_NAME, settings, niceness=settings.daemon_niceness)
     with rt:
         if fault is not None:
@@ -205,17 +204,18 @@ def _serve(rt: ServiceRuntime, store: Store, settings: Settings, faults: _FaultI
         if not rt.hold_while_locked(store):
             break
         units = plan_units(store, settings)
+        idle_s = min(settings.daemon_cycle_pause_s, settings.heartbeat_interval_s)
         if not units:
             if not warned_empty:
                 log.warning(
                     "the store holds no candles of the %d configured symbols (%s): nothing to backtest; "
-                    "looking again every %.0f s",
-                    len(settings.symbols), ",".join(settings.timeframes), settings.daemon_cycle_pause_s,
+                    "looking again every %g s",
+                    len(settings.symbols), ",".join(settings.timeframes), idle_s,
                 )
                 warned_empty = True
             rt.beat("idle: empty store")
             faults.step()
-            rt.wait(min(settings.daemon_cycle_pause_s, settings.heartbeat_interval_s))
+            rt.wait(idle_s)
             continue
         warned_empty = False
         cycle += 1
@@ -242,7 +242,7 @@ def _run_cycle(
         try:
             result = backtest.run_unit(
                 store, unit.symbol, unit.timeframe, unit.strategy, run_id,
-                lookback_days=settings.daemon_lookback_days,
+                lookback_days=settings.daemon_lookback_days or None,
             )
         except StoreLocked:
             continue  # the lock appeared mid-unit: nothing was written; redo this unit after the pause

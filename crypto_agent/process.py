@@ -185,6 +185,8 @@ def inspect(spec: ServiceSpec) -> ProcessCheck:
             f"no ownership record {spec.pid_record}",
         )
     mismatch = record_mismatch(record, proc)
+    if mismatch is not None and _exiting_instance(proc, record):
+        return ProcessCheck(Liveness.NOT_RUNNING, pid, f"Process {pid} not running (exiting)", record)
     if record.service != spec.name:
         mismatch = mismatch or f"the ownership record is of service {record.service!r}, not {spec.name!r}"
     if mismatch is not None:
@@ -192,6 +194,16 @@ def inspect(spec: ServiceSpec) -> ProcessCheck:
             Liveness.FOREIGN, pid, f"Process {pid} is not the {spec.name} service ({mismatch})", record
         )
     return ProcessCheck(Liveness.OURS, pid, f"PID {pid}", record, proc)
+
+
+def _exiting_instance(proc: psutil.Process, record: PidRecord) -> bool:
+    """Whether proc is the recorded instance caught while the kernel tears it down (its command line gone)."""
+    try:
+        return abs(proc.create_time() - record.create_time) <= 0.05 and not proc.cmdline()
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.AccessDenied:
+        return False
 
 
 def owned_process(spec: ServiceSpec) -> psutil.Process:
@@ -240,7 +252,11 @@ class StopResult:
 
 
 def child_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Our environment plus every setting as CRYPTO_AGENT_<FIELD>, so the child sees exactly `settings`."""
+    """Our environment plus every setting as CRYPTO_AGENT_<FIELD>, so the child sees exactly `settings`.
+
+    A setting that is None is left out (the environment cannot say None), so the child sees the
+    field's default there.
+    """
     env = dict(os.environ)
     for name, info in type(settings).model_fields.items():
         value = getattr(settings, name)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,14 +25,14 @@ MAX_BODY_BYTES = 1_000_000
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
-    receiver: "Receiver"
+    receiver: Receiver
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
+    def log_message(self, format: str, *args: Any) -> None:
         return  # the JSON-lines log is the record; stderr stays quiet
 
     def _reply(self, status: int, payload: Any) -> None:
@@ -43,7 +43,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+    def do_GET(self) -> None:
         url = urlsplit(self.path)
         if url.path == "/messages":
             wanted = parse_qs(url.query).get("path")
@@ -72,7 +72,7 @@ class _Handler(BaseHTTPRequestHandler):
         )
         self._reply(status, {"ok": status < 300})
 
-    do_POST = do_PUT = do_PATCH = _receive  # noqa: N815 - the stdlib's names
+    do_POST = do_PUT = do_PATCH = _receive
 
 
 class Receiver:
@@ -95,7 +95,7 @@ class Receiver:
             raise RuntimeError("the receiver is not running; call start() first")
         return f"http://{self.host}:{self._server.server_address[1]}"
 
-    def start(self) -> "Receiver":
+    def start(self) -> Receiver:
         """Bind and serve in a background thread; ConfigError when the port is taken."""
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,7 +131,7 @@ class Receiver:
         while self._thread is not None and self._thread.is_alive():
             self._thread.join(timeout=0.5)
 
-    def __enter__(self) -> "Receiver":
+    def __enter__(self) -> Receiver:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -144,7 +144,7 @@ class Receiver:
     def record(self, path: str, headers: dict[str, str], body: Any) -> int:
         """Keep one received message in memory and in the log; the HTTP status to answer with."""
         message = {
-            "received_at": datetime.now(timezone.utc).isoformat(),
+            "received_at": datetime.now(UTC).isoformat(),
             "path": path,
             "headers": headers,
             "body": body,

@@ -9,9 +9,10 @@ an error message or a log line.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
-from typing import Any, Sequence
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 import httpx
 from sqlalchemy import func, select
@@ -20,6 +21,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from crypto_agent.errors import CryptoAgentError, InputError, StoreError
 from crypto_agent.schema import macro_series, sentimento_mercado
+from crypto_agent.settings import Settings
+from crypto_agent.store import Store
 
 DEFAULT_TIMEOUT_S = 10.0
 FRED_FIRST_START = date(2010, 1, 1)  # history loaded for a series new to the store
@@ -32,7 +35,7 @@ class SentimentError(CryptoAgentError):
     """A sentiment or macro source failed; `retryable` says whether trying again may help."""
 
     def __init__(self, message: str, hint: str | None = None, *, retryable: bool = False,
-                 summary: "SentimentMacroSummary | None" = None) -> None:
+                 summary: SentimentMacroSummary | None = None) -> None:
         super().__init__(message, hint)
         self.retryable = retryable
         self.summary = summary
@@ -76,7 +79,7 @@ def _now_ms() -> int:
 
 
 def _day_ms(d: date) -> int:
-    return int(datetime(d.year, d.month, d.day, tzinfo=timezone.utc).timestamp() * 1000)
+    return int(datetime(d.year, d.month, d.day, tzinfo=UTC).timestamp() * 1000)
 
 
 def _get_json(client: httpx.Client, url: str, params: dict[str, Any], what: str) -> Any:
@@ -157,7 +160,7 @@ def fetch_fear_greed(base_url: str, limit: int = 30, *, timeout_s: float = DEFAU
     for item in data:
         try:
             value = int(item["value"])
-            day = datetime.fromtimestamp(int(item["timestamp"]), tz=timezone.utc).date()
+            day = datetime.fromtimestamp(int(item["timestamp"]), tz=UTC).date()
             classification = str(item["value_classification"])
         except (KeyError, TypeError, ValueError, OverflowError, OSError):
             raise SentimentError(f"{what} at {base_url} sent a malformed entry: {str(item)[:200]}",
@@ -171,7 +174,7 @@ def fetch_fear_greed(base_url: str, limit: int = 30, *, timeout_s: float = DEFAU
     return [rows[k] for k in sorted(rows)]
 
 
-def update_fear_greed(store, base_url: str, limit: int = 30, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+def update_fear_greed(store: Store, base_url: str, limit: int = 30, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                       client: httpx.Client | None = None) -> int:
     """Fetch the Fear & Greed index and upsert it into sentimento_mercado; the number of days written."""
     rows = fetch_fear_greed(base_url, limit, timeout_s=timeout_s, client=client)
@@ -243,14 +246,14 @@ def fetch_fred_series(base_url: str, api_key: str, series_id: str, start: date |
     return rows
 
 
-def newest_fred_date(store, series_id: str) -> date | None:
+def newest_fred_date(store: Store, series_id: str) -> date | None:
     """Date of the newest stored observation of a series, or None."""
     with store.engine.connect() as conn:
         v = conn.execute(select(func.max(macro_series.c.date)).where(macro_series.c.series_id == series_id)).scalar()
     return date.fromisoformat(v) if v else None
 
 
-def update_fred(store, base_url: str, api_key: str, series: Sequence[str] = ("DGS10",), start: date | None = None,
+def update_fred(store: Store, base_url: str, api_key: str, series: Sequence[str] = ("DGS10",), start: date | None = None,
                 *, timeout_s: float = DEFAULT_TIMEOUT_S, client: httpx.Client | None = None) -> dict[str, int]:
     """Fetch FRED series and upsert them into macro_series; observations written per series.
 
@@ -300,7 +303,7 @@ def update_fred(store, base_url: str, api_key: str, series: Sequence[str] = ("DG
     return written
 
 
-def _write(store, stmt, rows: list[dict[str, Any]], table: str) -> None:
+def _write(store: Store, stmt: Any, rows: list[dict[str, Any]], table: str) -> None:
     try:
         with store.engine.begin() as conn:
             conn.execute(stmt, rows)
@@ -314,7 +317,7 @@ def _write(store, stmt, rows: list[dict[str, Any]], table: str) -> None:
 # --- both, as the runbook's 02:00 job ---
 
 
-def update_sentiment_macro(store, settings, fred_api_key: str | None = None) -> SentimentMacroSummary:
+def update_sentiment_macro(store: Store, settings: Settings, fred_api_key: str | None = None) -> SentimentMacroSummary:
     """The Fear & Greed index, then the FRED series (skipped with a warning without a key); what was done.
 
     Both parts always run; if one failed, SentimentError carries the summary of what the other did.

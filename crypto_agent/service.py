@@ -406,14 +406,8 @@ class ServiceRuntime:
         return crashed
 
     def open_store(self) -> Store:
-        """Open the store and attach it (see attach_store); one retry, for two services creating a new file at once."""
-        try:
-            store = open_store(self.settings)
-        except CryptoAgentError as exc:
-            # create_all of two processes on a fresh file can collide ("table ... already exists")
-            self.log.warning("opening the store failed (%s); retrying once", exc.message)
-            time.sleep(0.5)
-            store = open_store(self.settings)
+        """Open the store the settings point at and attach it (see attach_store)."""
+        store = open_store(self.settings)
         self.attach_store(store)
         return store
 

@@ -124,8 +124,8 @@ class Settings(BaseSettings):
     daemon_cycle_pause_s: float = Field(
         60.0, ge=0, description="Pause of the backtest daemon after a full pass over the universe and strategies."
     )
-    daemon_lookback_days: int | None = Field(
-        730, ge=1, description="History each daemon backtest uses (days); unset: everything stored."
+    daemon_lookback_days: int = Field(
+        730, ge=0, description="History each daemon backtest uses (days); 0: everything stored."
     )
     daemon_niceness: int = Field(
         10, ge=0, le=19, description="Niceness the daemon gives itself, so live trading keeps priority."

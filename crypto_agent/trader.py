@@ -40,7 +40,9 @@ class Evaluation:
     candle_time: int
     close: float
     signal: int
-    action: str  # open, close, hold (long, stays long), flat (flat, stays flat), seen (candle done before)
+    # open, close, hold (long, stays long), flat (flat, stays flat), seen (candle done before),
+    # stale (newest closed candle older than the staleness limit: nothing decided, nothing written)
+    action: str
 
 
 @dataclass
@@ -50,6 +52,11 @@ class TraderCycle:
     evaluations: list[Evaluation] = field(default_factory=list)
     no_data: list[str] = field(default_factory=list)
     locked: bool = False
+
+    @property
+    def stale(self) -> list[str]:
+        """Symbols whose newest closed candle is too old to decide on."""
+        return [e.symbol for e in self.evaluations if e.action == "stale"]
 
     @property
     def opened(self) -> int:
@@ -80,7 +87,8 @@ def evaluate_symbol(store: Store, settings: Settings, symbol: str, now_ms: int) 
     """Evaluate the strategy on a symbol's newest closed candles and record it; None without closed candles.
 
     The signal row and the position change are written in one transaction; a candle already
-    evaluated is not recorded twice (action "seen").
+    evaluated is not recorded twice (action "seen"). Data older than the staleness limit of the
+    timeframe (runbook: H1 6 h, H4 24 h) decides nothing (action "stale").
     """
     tf = TIMEFRAMES[settings.trader_timeframe]
     strategy = settings.trader_strategy
@@ -93,6 +101,8 @@ def evaluate_symbol(store: Store, settings: Settings, symbol: str, now_ms: int) 
     signal = backtest.latest_signal(candles, strategy)
     candle_time = int(candles["timestamp"].iloc[-1])
     close = float(candles["close"].iloc[-1])
+    if now_ms - (candle_time + tf.ms) > settings.stale_limit_hours(tf.interval) * 3_600_000:
+        return Evaluation(symbol, candle_time, close, signal, "stale")
     key = (paper_signals.c.symbol == symbol) & (paper_signals.c.timeframe == tf.interval) & (
         paper_signals.c.strategy == strategy) & (paper_signals.c.candle_time == candle_time)
     pos = paper_positions.c
@@ -190,7 +200,12 @@ def run_trader(settings: Settings | None = None) -> int:
                         warned_empty = True
                 else:
                     warned_empty = False
-                    new = [e for e in cycle.evaluations if e.action != "seen"]
+                    if cycle.stale:
+                        log.warning(
+                            "cycle %d: stale data, no decision for %s (newest closed candle older than %g h)",
+                            cycle_no, ",".join(cycle.stale), settings.stale_limit_hours(settings.trader_timeframe),
+                        )
+                    new = [e for e in cycle.evaluations if e.action not in ("seen", "stale")]
                     log.info(
                         "cycle %d: %d symbols evaluated (%d new candles), %d opened, %d closed, %d without data",
                         cycle_no, len(cycle.evaluations), len(new), cycle.opened, cycle.closed, len(cycle.no_data),

@@ -1,0 +1,1 @@
+"""What prefect.yaml cannot say alone: the Prefect-side CLI commands (blocks-register, deploy)."""

@@ -1,0 +1,1 @@
+"""The runbook as Prefect flows: daily data jobs, maintenance; thin layers over crypto_agent."""

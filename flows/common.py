@@ -41,7 +41,7 @@ class UpdateIncomplete(CryptoAgentError):
             f"{len(failures)} symbol(s) failed ({shown}{more}); {written} candles were written for the others",
             hint="a retry fetches only what is still missing"
             if retryable
-            else "fix or remove the symbols named (check `symbols` in the config file); a retry would fail the same way",
+            else "fix or remove the symbols named (`symbols` in the config file); a retry would fail the same way",
         )
 
 

@@ -4,7 +4,7 @@ sentiment-macro-update (02:00). Thin flows over crypto_agent, with the operation
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from prefect import flow, get_client, get_run_logger, task
@@ -158,7 +158,7 @@ def data_update(
 
 def last_scheduled_update(now: datetime) -> datetime:
     """The most recent scheduled data-update time (00:30 UTC) at or before `now`."""
-    now = now.astimezone(timezone.utc)
+    now = now.astimezone(UTC)
     at = now.replace(hour=DATA_UPDATE_AT[0], minute=DATA_UPDATE_AT[1], second=0, microsecond=0)
     return at if at <= now else at - timedelta(days=1)
 
@@ -203,8 +203,8 @@ def data_update_deadline(
 ) -> dict[str, Any]:
     """Fail (and so alert L1) when no data-update run completed by its deadline or the store lacks today's candles."""
     logger = get_run_logger()
-    now = datetime.now(timezone.utc)
-    scheduled = (scheduled_for or last_scheduled_update(now)).astimezone(timezone.utc)
+    now = datetime.now(UTC)
+    scheduled = (scheduled_for or last_scheduled_update(now)).astimezone(UTC)
     deadline = scheduled + timedelta(minutes=grace_minutes)
     if now < deadline:
         # Started early (a manual run): judge at the deadline, not before.
@@ -216,7 +216,7 @@ def data_update_deadline(
     day_start = scheduled.replace(hour=0, minute=0, second=0, microsecond=0)
     h4_ms = parse_timeframe("4h").ms
     store_current = newest is not None and newest + h4_ms >= int(day_start.timestamp() * 1000)
-    newest_iso = datetime.fromtimestamp(newest / 1000, timezone.utc).isoformat() if newest is not None else None
+    newest_iso = datetime.fromtimestamp(newest / 1000, UTC).isoformat() if newest is not None else None
     result = {
         "scheduled_for": scheduled.isoformat(),
         "deadline": deadline.isoformat(),

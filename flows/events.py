@@ -5,7 +5,7 @@ Flows that emit and automations that listen both import these names; change them
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from prefect.events import emit_event
@@ -56,7 +56,7 @@ def incident_resource(incident_id: int | str) -> str:
 
 def utc_now_iso() -> str:
     """Now, UTC, ISO 8601: the `detected_at` of an event."""
-    return datetime.now(timezone.utc).isoformat()
+    return datetime.now(UTC).isoformat()
 
 
 def emit(

@@ -78,7 +78,7 @@ def apply_retention(settings: dict[str, Any] | None, now: datetime | None) -> li
 
 @flow(
     name="backup",
-    description="Online backup of the live store, its dry restore, then retention (runbook: daily, after the data jobs).",
+    description="Online backup of the live store, its dry restore, then retention (daily, after the data jobs).",
     timeout_seconds=2 * 3600,
     on_failure=FAILURE_HOOKS,
     on_crashed=CRASH_HOOKS,
@@ -185,7 +185,7 @@ def backup_restore_test(settings: dict[str, Any] | None = None, now: datetime | 
     if not ok:
         raise BackupTestFailed(
             message,
-            hint="check the backup flow's last runs; take a fresh backup with the backup deployment and rerun this test",
+            hint="check the backup flow's last runs; take a fresh backup (deployment backup/daily) and rerun this test",
         )
     return message
 

@@ -8,7 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -26,7 +26,7 @@ from crypto_agent.store import Candle, Store
 
 HOUR = 3_600_000
 T0 = 1_790_000_000_000 // (4 * HOUR) * (4 * HOUR)
-NOW = datetime(2026, 3, 15, 3, 0, tzinfo=timezone.utc)  # a Sunday, 03:00 UTC: the weekly backup slot
+NOW = datetime(2026, 3, 15, 3, 0, tzinfo=UTC)  # a Sunday, 03:00 UTC: the weekly backup slot
 
 
 def candles(n: int, step: int, start: int = T0, price: float = 100.0) -> list[Candle]:
@@ -189,9 +189,9 @@ class TestCreate:
         assert [b.name for b in backup.list_backups(bdir)] == ["db_backup_20260315.db"]
 
     def test_refused_while_a_recovery_holds_the_lock(self, db, bdir):
-        with backup.recovery_lock(db, "recover-db-corruption"):
-            with pytest.raises(RecoveryLocked, match="recover-db-corruption"):
-                backup.create(db, bdir, now=NOW)
+        with backup.recovery_lock(db, "recover-db-corruption"), \
+                pytest.raises(RecoveryLocked, match="recover-db-corruption"):
+            backup.create(db, bdir, now=NOW)
         assert not bdir.exists() or not list(bdir.glob("db_backup_*"))
 
 
@@ -281,7 +281,7 @@ class TestChoose:
 
 class TestRetention:
     def test_keeps_yesterday_and_48h_and_weekly_and_monthly(self, db, bdir):
-        days = list(range(0, 75))  # one backup a day for 75 days
+        days = list(range(75))  # one backup a day for 75 days
         for d in days:
             backup.create(db, bdir, now=NOW - timedelta(days=d), verify=False)
         removed = backup.retention(bdir, RetentionPolicy(keep_daily=3, keep_weekly=4, keep_monthly=3), now=NOW)
@@ -372,9 +372,9 @@ class TestRestore:
     def test_refused_while_another_process_has_the_db_open(self, tmp_path, db, bdir):
         info = backup.create(db, bdir, now=NOW)
         holder = subprocess.Popen(
-            [sys.executable, "-c", "import sqlite3, sys, time\n"
-             "c = sqlite3.connect(sys.argv[1]); c.execute('SELECT 1 FROM ohlcv_h4').fetchall()\n"
-             "print('open', flush=True); time.sleep(60)", str(db)],
+            [sys.executable, "-c", ("import sqlite3, sys, time\n"
+                                    "c = sqlite3.connect(sys.argv[1]); c.execute('SELECT 1 FROM ohlcv_h4').fetchall()\n"
+                                    "print('open', flush=True); time.sleep(60)"), str(db)],
             stdout=subprocess.PIPE, text=True)
         try:
             assert holder.stdout.readline().strip() == "open"
@@ -416,23 +416,21 @@ class TestRecoveryLock:
 
     def test_a_lock_touched_by_hand_is_respected(self, db):
         backup.lock_path(db).touch()
-        with pytest.raises(RecoveryLocked, match="unknown owner"):
-            with backup.recovery_lock(db, "me"):
-                pass
+        with pytest.raises(RecoveryLocked, match="unknown owner"), backup.recovery_lock(db, "me"):
+            pass
         assert backup.lock_path(db).exists()  # not ours to remove
 
     def test_a_dead_holder_is_named_as_such(self, db):
         backup.lock_path(db).write_text(json.dumps({"owner": "crashed-flow", "pid": 2**22 + 12345}))
-        with pytest.raises(RecoveryLocked, match=r"crashed-flow, pid \d+ \(not running\)") as exc:
-            with backup.recovery_lock(db, "me"):
-                pass
+        with pytest.raises(RecoveryLocked, match=r"crashed-flow, pid \d+ \(not running\)") as exc, \
+                backup.recovery_lock(db, "me"):
+            pass
         assert str(backup.lock_path(db)) in exc.value.hint
 
     def test_released_on_error(self, db):
-        with pytest.raises(RuntimeError):
-            with backup.recovery_lock(db, "me"):
-                assert backup.lock_holder(db)["owner"] == "me"
-                raise RuntimeError("boom")
+        with pytest.raises(RuntimeError), backup.recovery_lock(db, "me"):
+            assert backup.lock_holder(db)["owner"] == "me"
+            raise RuntimeError("boom")
         assert backup.lock_holder(db) is None
 
 
@@ -534,7 +532,7 @@ class TestCli:
     def run(self, home: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
         environ = {**os.environ, "CRYPTO_AGENT_HOME": str(home), **env}
         environ.pop("CRYPTO_AGENT_CONFIG", None)
-        return subprocess.run([str(Path(sys.executable).parent / "crypto-agent"), *args],
+        return subprocess.run([str(Path(sys.executable).parent / "crypto-agent"), *args], check=False,
                               cwd=home, env=environ, capture_output=True, text=True, timeout=120)
 
     def test_backup_list_restore_test_restore_compact(self, tmp_path, db):

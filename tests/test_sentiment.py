@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import httpx
@@ -59,11 +59,11 @@ class TestFearGreed:
         second = rows(store, "SELECT timestamp, date, value, classification FROM sentimento_mercado ORDER BY timestamp")
         assert first == second and len(first) == 30
         api = httpx.get(f"{sim.url}/fng/", params={"limit": 30}, timeout=10).json()["data"]
-        expected = {datetime.fromtimestamp(int(d["timestamp"]), tz=timezone.utc).date().isoformat():
+        expected = {datetime.fromtimestamp(int(d["timestamp"]), tz=UTC).date().isoformat():
                     (int(d["value"]), d["value_classification"]) for d in api}
         assert {r[1]: (r[2], r[3]) for r in first} == expected
         for ts, day, _, _ in first:
-            assert datetime.fromtimestamp(ts / 1000, tz=timezone.utc).date().isoformat() == day
+            assert datetime.fromtimestamp(ts / 1000, tz=UTC).date().isoformat() == day
             assert ts % 86_400_000 == 0
 
     def test_more_days_add_rows_without_duplicates(self, sim, store):
@@ -161,13 +161,13 @@ class TestCli:
         env.pop("CRYPTO_AGENT_FRED_API_KEY", None)
         env.pop("CRYPTO_AGENT_CONFIG", None)
         exe = str(Path(sys.executable).parent / "crypto-agent")
-        r = subprocess.run([exe, "sentiment-update"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        r = subprocess.run([exe, "sentiment-update"], env=env, cwd=tmp_path, check=False, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         assert "Fear & Greed: 30 days" in r.stdout and "FRED skipped: no API key" in r.stdout
-        r = subprocess.run([exe, "sentiment-update", "--fred-key", KEY], env=env, cwd=tmp_path,
+        r = subprocess.run([exe, "sentiment-update", "--fred-key", KEY], env=env, cwd=tmp_path, check=False,
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         assert "(DGS10 " in r.stdout and "CPIAUCSL " in r.stdout
-        r = subprocess.run([exe, "sentiment-update", "--fred-key", "x" * 32], env=env, cwd=tmp_path,
+        r = subprocess.run([exe, "sentiment-update", "--fred-key", "x" * 32], env=env, cwd=tmp_path, check=False,
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 1 and "FRED refused the API key" in r.stderr and "x" * 32 not in r.stderr

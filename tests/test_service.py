@@ -307,6 +307,17 @@ class TestTrader:
         assert position["pnl_usdt"] == pytest.approx(position["quantity"] * (price - position["entry_price"]))
         assert position["pnl_usdt"] < 0
 
+    def test_stale_candles_decide_nothing(self, tmp_path) -> None:
+        settings = make_settings(tmp_path, symbols=["BTCUSDT"])
+        now = int(time.time() * 1000)
+        with Store(settings.database_url) as store:
+            store.upsert_candles("BTCUSDT", "1h", synthetic_candles(120, 0.01, now_ms=now - 7 * 3_600_000))
+            cycle = run_cycle(store, settings, now_ms=now)
+            assert open_positions(store) == []
+            with store.engine.connect() as conn:
+                assert conn.execute(select(func.count()).select_from(paper_signals)).scalar() == 0
+        assert cycle.stale == ["BTCUSDT"] and [e.signal for e in cycle.evaluations] == [1]
+
 
 class TestCrash:
     def test_an_exception_in_the_main_loop_is_logged_critical_exits_70_and_keeps_the_pidfile(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 from types import FrameType
-from typing import Optional
 
 import typer
 
@@ -16,16 +15,19 @@ from crypto_agent.settings import load_settings
 
 @app.command("receiver")
 def run_receiver(
-    port: Optional[int] = typer.Option(
+    port: int | None = typer.Option(
         None, "--port", min=0, max=65535, help="Port on 127.0.0.1; default: the one of receiver_url."
     ),
-    log: Optional[Path] = typer.Option(None, "--log", help="JSON-lines log; default: settings.receiver_log."),
+    log: Path | None = typer.Option(None, "--log", help="JSON-lines log; default: settings.receiver_log."),
 ) -> None:
     """Run the webhook receiver on 127.0.0.1 in the foreground until SIGTERM or Ctrl-C."""
     settings = load_settings()
-    receiver = receiver_from_settings(settings, port=port)
+    if port is None:
+        receiver = receiver_from_settings(settings)
+    else:
+        receiver = Receiver(port=port, log_path=settings.receiver_log)
     if log is not None:
-        receiver = Receiver(port=receiver.port, log_path=log)
+        receiver.log_path = log
     receiver.start()
 
     def _stop(signum: int, _frame: FrameType | None) -> None:

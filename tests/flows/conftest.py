@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -17,13 +18,12 @@ if str(PROJECT_DIR) not in sys.path:
 # No network: without this the test server logs a telemetry error at start.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+from flow_kit import TEST_HISTORY_DAYS, TEST_SYMBOLS  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from crypto_agent.receiver import Receiver  # noqa: E402
 from crypto_agent.settings import load_settings  # noqa: E402
 from crypto_agent.simulator import Simulator  # noqa: E402
-from flow_kit import TEST_HISTORY_DAYS, TEST_SYMBOLS  # noqa: E402
-
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from prefect.client.orchestration import get_client
@@ -30,7 +30,7 @@ def flow_run_events(flow_run_id: Any, name: str, timeout_s: float = 30.0) -> lis
     """Events called `name` that a flow run emitted, read back from the Prefect API (waits for delivery)."""
     wanted = EventFilter(
         occurred=EventOccurredFilter(
-            since=datetime.now(timezone.utc) - timedelta(hours=1), until=datetime.now(timezone.utc) + timedelta(hours=1)
+            since=datetime.now(UTC) - timedelta(hours=1), until=datetime.now(UTC) + timedelta(hours=1)
         ),
         event=EventNameFilter(name=[name]),
         related=EventRelatedFilter(id=[f"prefect.flow-run.{flow_run_id}"]),

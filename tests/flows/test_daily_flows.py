@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
-from typing import Any, Callable
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
+from flow_kit import (
+    TEST_HISTORY_DAYS,
+    TEST_SYMBOLS,
+    artifacts_of,
+    flow_run_events,
+    task_runs_of,
+    wait_for_messages,
+)
 from sqlalchemy import func, select
 
 import flows.daily as daily
@@ -15,14 +24,6 @@ from crypto_agent.settings import load_settings
 from crypto_agent.simulator import Simulator
 from crypto_agent.store import open_store
 from flows.events import STORE_OK, STORE_STALE, STORE_UPDATE_LATE
-from flow_kit import (
-    TEST_HISTORY_DAYS,
-    TEST_SYMBOLS,
-    artifacts_of,
-    flow_run_events,
-    task_runs_of,
-    wait_for_messages,
-)
 
 HOUR_MS = 3_600_000
 
@@ -117,7 +118,7 @@ class TestDataUpdateDeadline:
         self, simulator: Simulator, settings_for: Settings
     ) -> None:
         settings = settings_for(simulator)
-        scheduled = datetime.now(timezone.utc) - timedelta(seconds=30)
+        scheduled = datetime.now(UTC) - timedelta(seconds=30)
         daily.data_update(settings=settings)
         result = daily.data_update_deadline(scheduled_for=scheduled, grace_minutes=0.5, settings=settings)
         assert result["store_current"] is True
@@ -127,7 +128,7 @@ class TestDataUpdateDeadline:
         self, settings_for: Settings, inbox: Any
     ) -> None:
         # A deadline that passed long before any run of this session, and an empty store.
-        scheduled = datetime.now(timezone.utc) - timedelta(days=3)
+        scheduled = datetime.now(UTC) - timedelta(days=3)
         state = daily.data_update_deadline(scheduled_for=scheduled, settings=settings_for(), return_state=True)
         assert state.is_failed()
         assert "data-update is late" in (state.message or "")
@@ -139,9 +140,9 @@ class TestDataUpdateDeadline:
         assert message["body"]["subject"] == "[crypto-agent] data-update-deadline failed"
 
     def test_the_default_schedule_is_the_last_0030_utc(self) -> None:
-        at = datetime(2026, 3, 8, 0, 20, tzinfo=timezone.utc)
-        assert daily.last_scheduled_update(at) == datetime(2026, 3, 7, 0, 30, tzinfo=timezone.utc)
-        assert daily.last_scheduled_update(at + timedelta(minutes=15)) == datetime(2026, 3, 8, 0, 30, tzinfo=timezone.utc)
+        at = datetime(2026, 3, 8, 0, 20, tzinfo=UTC)
+        assert daily.last_scheduled_update(at) == datetime(2026, 3, 7, 0, 30, tzinfo=UTC)
+        assert daily.last_scheduled_update(at + timedelta(minutes=15)) == datetime(2026, 3, 8, 0, 30, tzinfo=UTC)
 
 
 class TestDataValidation:
@@ -160,7 +161,7 @@ class TestDataValidation:
         self, simulator: Simulator, settings_for: Settings, inbox: Any
     ) -> None:
         settings = settings_for(simulator)
-        now_ms = int(datetime.now(timezone.utc).timestamp() * 1000)
+        now_ms = int(datetime.now(UTC).timestamp() * 1000)
         gap_start = (now_ms // HOUR_MS - 20) * HOUR_MS
         gap_end = gap_start + 6 * HOUR_MS  # six missing H1 candles: over the limit of 2
         simulator.set_faults(gaps=[{"symbol": "ETHUSDT", "interval": "1h", "start_ms": gap_start, "end_ms": gap_end}])
@@ -195,7 +196,8 @@ class TestSentimentMacro:
         assert result["fred_skipped"] is True
         assert any("FRED skipped" in w for w in result["warnings"])
         with open_store(load_settings(**settings)) as store, store.engine.connect() as conn:
-            assert conn.execute(select(func.count()).select_from(sentimento_mercado)).scalar() == result["fear_greed_rows"] > 0
+            days = conn.execute(select(func.count()).select_from(sentimento_mercado)).scalar()
+            assert days == result["fear_greed_rows"] > 0
             assert conn.execute(select(func.count()).select_from(macro_series)).scalar() == 0
         [markdown] = artifacts_of(state.state_details.flow_run_id, "sentiment-macro-update")
         assert "FRED skipped" in markdown

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from flow_kit import wait_for_messages
 from prefect import flow, get_client
 from prefect.blocks.notifications import CustomWebhookNotificationBlock, SlackWebhook
 from prefect.blocks.system import Secret
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.settings import get_current_settings
 from prefect.testing.standard_test_suites.blocks import BlockStandardTestSuite
 
@@ -23,7 +24,6 @@ from blocks.escalation import DEFAULT_ESCALATION, Escalation, NotificationUndeli
 from blocks.register import FRED_SECRET, register_defaults
 from crypto_agent.receiver import Receiver
 from crypto_agent.settings import load_settings
-from flow_kit import wait_for_messages
 from flows.notify import CRASH_HOOKS, FAILURE_HOOKS, notify_level
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]

@@ -8,11 +8,13 @@ import subprocess
 import sys
 import textwrap
 import time
-from datetime import datetime, timedelta, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
+from flow_kit import artifacts_of, flow_run_events, wait_for_messages
 
 import flows.daily as daily
 import flows.maintenance as maintenance
@@ -20,7 +22,6 @@ from crypto_agent import backup
 from crypto_agent.receiver import Receiver
 from crypto_agent.settings import load_settings
 from crypto_agent.simulator import Simulator
-from flow_kit import artifacts_of, flow_run_events, wait_for_messages
 from flows.events import STORE_CORRUPT, STORE_OK, STORE_STORAGE_HIGH
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
@@ -116,7 +117,7 @@ class TestBackup:
         result = state.result()
         info = backup.backup_info(result["backup"])
         assert info.status == backup.GOOD
-        assert info.name == f"db_backup_{datetime.now(timezone.utc):%Y%m%d}.db"
+        assert info.name == f"db_backup_{datetime.now(UTC):%Y%m%d}.db"
         # a snapshot: whole batches of the writer, between what was there before and after
         in_backup = rows(Path(result["backup"]), "ohlcv_h1", "WHERE symbol = 'WRITERUSDT'")
         assert before <= in_backup <= rows(db, "ohlcv_h1", "WHERE symbol = 'WRITERUSDT'")
@@ -127,7 +128,7 @@ class TestBackup:
 
     def test_retention_after_a_good_backup_keeps_what_the_policy_says(self, filled: dict[str, Any]) -> None:
         settings = {**filled, "backup_keep_daily": 2, "backup_keep_weekly": 0, "backup_keep_monthly": 0}
-        today = datetime.now(timezone.utc)
+        today = datetime.now(UTC)
         for days_ago in (4, 3, 2, 1, 0):
             result = maintenance.backup_flow(settings=settings, now=today - timedelta(days=days_ago))
         kept = sorted(b.day for b in backup.list_backups(backup_dir(settings)))
@@ -144,7 +145,7 @@ class TestBackup:
 
 class TestRestoreTest:
     def test_yesterdays_good_backup_passes(self, filled: dict[str, Any]) -> None:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         maintenance.backup_flow(settings=filled, now=now - timedelta(days=1))
         message = maintenance.backup_restore_test(settings=filled, now=now)
         assert message.startswith("✅ Backup test passed")
@@ -153,7 +154,7 @@ class TestRestoreTest:
     def test_a_corrupted_backup_is_detected_marked_bad_and_never_chosen(
         self, filled: dict[str, Any], inbox: Receiver
     ) -> None:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         older = maintenance.backup_flow(settings=filled, now=now - timedelta(days=2))
         newest = maintenance.backup_flow(settings=filled, now=now - timedelta(days=1))
         corrupt_middle_page(Path(newest["backup"]))

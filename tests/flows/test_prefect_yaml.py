@@ -6,7 +6,7 @@ import asyncio
 import importlib
 import inspect
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from flows.notify import notify_crashed, notify_failure
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 KEBAB = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
-START = datetime(2026, 1, 1, tzinfo=timezone.utc)  # a Thursday
+START = datetime(2026, 1, 1, tzinfo=UTC)  # a Thursday
 
 
 def load_config() -> dict[str, Any]:
@@ -48,7 +48,7 @@ def fire_times(dep: dict[str, Any], start: datetime = START, **window: Any) -> l
     cron = CronSchedule(cron=sched["cron"], timezone=sched["timezone"], day_or=sched.get("day_or", True))
     dates = asyncio.run(cron.get_dates(start=start, end=start + timedelta(**window)))
     # plain datetimes: Prefect's DateTime drops its zone on subtraction
-    return [datetime.fromtimestamp(d.timestamp(), timezone.utc) for d in dates]
+    return [datetime.fromtimestamp(d.timestamp(), UTC) for d in dates]
 
 
 @pytest.mark.parametrize("dep", DEPLOYMENTS, ids=lambda d: f"{d['entrypoint']}/{d['name']}")
