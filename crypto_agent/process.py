@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from crypto_agent.service import (
     record_event,
     record_mismatch,
     service_paths,
+    write_atomic,
 )
 from crypto_agent.settings import Settings, get_settings
 from crypto_agent.store import Store
@@ -310,6 +312,13 @@ def start(
             f"the {spec.name} service is already running (PID {check.pid})",
             hint=f"`crypto-agent service restart {spec.name}` to restart it",
         )
+    pause = paused(spec)
+    if pause is not None:
+        raise ServicePaused(
+            f"the {spec.name} service is paused ({pause.get('reason') or 'no reason given'}, by "
+            f"{pause.get('by') or 'unknown'} since {pause.get('since') or 'unknown'}); it was not started",
+            hint=f"a person resumes it with `crypto-agent service resume {spec.name}`",
+        )
     cleaned = _clean_files(spec, check, store) if check.state is not Liveness.NO_PIDFILE else []
     started = time.monotonic()
     with open(spec.log, "ab") as out:
@@ -534,3 +543,202 @@ def tail_text(path: Path, lines: int = 20, max_bytes: int = 16_384) -> str:
     except FileNotFoundError:
         return ""
     return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
+
+
+# --- children that write no pidfile of their own: the stack's simulator, receiver, Prefect server ... (issue 6) ---
+
+CHILD_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
+
+
+def child_spec(
+    name: str,
+    command: tuple[str, ...] | list[str] = (),
+    settings: Settings | None = None,
+    *,
+    stop_grace_s: float | None = None,
+    start_timeout_s: float | None = None,
+) -> ServiceSpec:
+    """The spec of a child process that writes no pidfile itself: `start_child` records its PID and identity.
+
+    Its files are run/<name>.pid and run/<name>.pid.json and its log logs/<name>.log; the same
+    ownership rule as for the services applies to every signal (`stop`, `inspect`).
+    """
+    if name in SERVICE_MODULES or not name or not set(name) <= CHILD_NAME_CHARS:
+        raise CryptoAgentError(
+            f"invalid child process name {name!r}",
+            hint="lower-case letters, digits and dashes, and not a service name (backtest, trader)",
+        )
+    settings = settings or get_settings()
+    run_dir, logs_dir = Path(settings.run_dir), Path(settings.logs_dir)
+    return ServiceSpec(
+        name=name,
+        command=tuple(command),
+        pidfile=run_dir / f"{name}.pid",
+        pid_record=run_dir / f"{name}.pid.json",
+        heartbeat=run_dir / f"{name}.heartbeat",  # never written: readiness is the caller's check
+        log=logs_dir / f"{name}.log",
+        logs_dir=logs_dir,
+        niceness=0,
+        stop_grace_s=settings.stop_grace_s if stop_grace_s is None else stop_grace_s,
+        start_timeout_s=settings.start_timeout_s if start_timeout_s is None else start_timeout_s,
+    )
+
+
+def start_child(
+    spec: ServiceSpec,
+    *,
+    env: dict[str, str],
+    ready: Callable[[], bool],
+    cwd: Path | None = None,
+    timeout_s: float | None = None,
+) -> StartResult:
+    """Start `spec.command` detached (own session, output to its log) with exactly `env`; record its PID and
+    identity; return once `ready()` is true.
+
+    ServiceAlreadyRunning when our instance runs; ServiceStartError, with the end of its log, when it
+    exits first or `ready()` stays false past the timeout (it is then killed: it is our child).
+    """
+    timeout_s = spec.start_timeout_s if timeout_s is None else timeout_s
+    for folder in (spec.pidfile.parent, spec.logs_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    check = inspect(spec)
+    if check.alive:
+        raise ServiceAlreadyRunning(
+            f"the {spec.name} process is already running (PID {check.pid})",
+            hint="`crypto-agent down` stops the stack",
+        )
+    cleaned = _remove_state_files(spec) if check.state is not Liveness.NO_PIDFILE else []
+    started = time.monotonic()
+    with open(spec.log, "ab") as out:
+        popen = subprocess.Popen(
+            spec.command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True, close_fds=True, env=env, cwd=cwd,
+        )
+    _CHILDREN[popen.pid] = popen
+    try:
+        proc = psutil.Process(popen.pid)
+        create_time, cmdline = proc.create_time(), _exec_cmdline(proc)
+        record = {"service": spec.name, "pid": popen.pid, "create_time": create_time,
+                  "cmdline": cmdline, "started_at": time.time()}
+        write_atomic(spec.pid_record, json.dumps(record))
+        write_atomic(spec.pidfile, f"{popen.pid}\n")
+    except psutil.NoSuchProcess:
+        create_time = 0.0  # it died at once; the poll below reports it
+    deadline = started + timeout_s
+    while True:
+        code = popen.poll()
+        if code is not None:
+            _CHILDREN.pop(popen.pid, None)
+            _remove_state_files(spec, only_if_pid=popen.pid)
+            raise ServiceStartError(
+                f"the {spec.name} process exited with code {code} before it was ready",
+                hint=f"its log {spec.log} ends with:\n{tail_text(spec.log)}",
+            )
+        if ready():
+            break
+        if time.monotonic() > deadline:
+            popen.kill()
+            popen.wait(KILL_WAIT_S)
+            _CHILDREN.pop(popen.pid, None)
+            _remove_state_files(spec, only_if_pid=popen.pid)
+            raise ServiceStartError(
+                f"the {spec.name} process was not ready within {timeout_s:g} s; it was killed",
+                hint=f"its log {spec.log} ends with:\n{tail_text(spec.log)}",
+            )
+        time.sleep(0.1)
+    return StartResult(spec.name, popen.pid, create_time, time.monotonic() - started, spec.log, cleaned)
+
+
+def _exec_cmdline(proc: psutil.Process, timeout_s: float = 5.0) -> list[str]:
+    """The command line of a child just started: Popen returns as the exec closes its fds, a moment before
+    the kernel publishes the new arguments, and an empty command line read then would never match again."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        cmdline = proc.cmdline()
+        if cmdline or time.monotonic() > deadline:
+            return cmdline
+        time.sleep(0.005)
+
+
+def stop_tree(spec: ServiceSpec, *, grace_s: float | None = None, store: Store | None = None) -> StopResult:
+    """`stop`, then SIGKILL whatever the process had started and left behind (its descendants, seen before the stop).
+
+    The descendants are psutil handles taken while our process was proven ours, and psutil checks
+    each one's create time as it signals, so a reused PID is never touched.
+    """
+    check = inspect(spec)
+    descendants: list[psutil.Process] = []
+    if check.alive and check.process is not None:
+        try:
+            descendants = check.process.children(recursive=True)
+        except psutil.Error:
+            pass
+    result = stop(spec, grace_s=grace_s, store=store)
+    left = [p for p in descendants if _alive(p)]
+    for proc in left:
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, still = psutil.wait_procs(left, timeout=KILL_WAIT_S)
+    for proc in still:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(still, timeout=KILL_WAIT_S)
+    return result
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+# --- a service paused until a person resumes it (issue 5: after a rollback, the backtest stays paused) ---
+
+
+class ServicePaused(CryptoAgentError):
+    """The service is paused (`run/<name>.paused`); nothing starts it until a person resumes it."""
+
+
+def pause_marker(spec: ServiceSpec) -> Path:
+    """The file that keeps a service paused: run/<name>.paused, beside its pidfile."""
+    return spec.pidfile.with_name(f"{spec.name}.paused")
+
+
+def pause(spec: ServiceSpec, reason: str, by: str) -> Path:
+    """Mark the service paused (who, why, since when), so `start` refuses it; signals nothing. The marker's path."""
+    marker = pause_marker(spec)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    write_atomic(marker, json.dumps({"service": spec.name, "reason": reason, "by": by, "since": since}) + "\n")
+    return marker
+
+
+def paused(spec: ServiceSpec) -> dict[str, Any] | None:
+    """Why the service is paused ({reason, by, since}; {} when the marker is unreadable), None when it is not."""
+    marker = pause_marker(spec)
+    try:
+        text = marker.read_text(encoding="utf-8")
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError:
+        return {}
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return {"reason": text.strip()[:200]}
+    return data if isinstance(data, dict) else {}
+
+
+def resume(spec: ServiceSpec) -> dict[str, Any] | None:
+    """Lift a pause (remove the marker); what the pause said, None when the service was not paused."""
+    was = paused(spec)
+    try:
+        pause_marker(spec).unlink()
+    except FileNotFoundError:
+        return None
+    return was

@@ -171,3 +171,55 @@ macro_series = Table(
     Column("value", Float),
     Column("fetched_at", BigInteger, nullable=False),  # UTC ms
 )
+
+
+# --- incidents (issue 5) ---
+
+# On a MetaData of its own, created in its own file (settings.incidents_db_path): the incident log
+# must survive the restore or rollback of the store that an incident may cause.
+incidents_metadata = MetaData()
+
+incidents = Table(
+    "incidents",
+    incidents_metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("scenario", String(32), nullable=False),  # daemon-crash, stale-data, db-corruption, process-hang, ...
+    Column("resource", String(120), nullable=False),  # the Prefect resource id, e.g. crypto-agent.store.main
+    # Recoveries of one family on one resource run one at a time (crash and hang share "service").
+    Column("family", String(16), nullable=False),
+    Column("status", String(10), nullable=False),  # open, resolved, failed, escalated
+    Column("outcome", String(12)),  # recovered, escalated, failed, skipped (set on closing)
+    Column("trigger", Text, nullable=False),  # JSON: the triggering event's id, name, resource, payload
+    Column("detected_at", BigInteger, nullable=False),  # UTC ms
+    Column("fault_at", BigInteger),  # UTC ms, when known (e.g. the last heartbeat of a dead service)
+    Column("opened_at", BigInteger, nullable=False),
+    Column("resolved_at", BigInteger),
+    Column("detection_delay_s", Float),
+    Column("recovery_time_s", Float),  # from detection to verified recovery (or to giving up)
+    Column("data_lost_hours", Float),
+    Column("actions", Text, nullable=False),  # JSON list of {at, step, ok, detail}
+    Column("impact", Text, nullable=False),
+    Column("root_cause", Text, nullable=False),
+    Column("summary", Text, nullable=False),
+    Column("levels_told", Text, nullable=False),  # JSON list of "l1" / "l2" / "l3"
+    Column("events_absorbed", Integer, nullable=False),
+    Column("flow_run_id", String(64)),
+    Column("owner", String(200), nullable=False),  # host:pid:create time of the process running the recovery
+    Column("report_md", Text),
+    Index("ux_incidents_open", "resource", "family", unique=True, sqlite_where=_sql_text("status = 'open'")),
+    Index("ix_incidents_scenario_time", "scenario", "opened_at"),
+)
+
+
+# --- monitoring (issue 5) ---
+
+# Service events (crashes) the monitoring side has reported as Prefect events: claimed here first,
+# so each crash becomes exactly one event for the persistent-failure threshold, whoever reports it.
+reported_service_events = Table(
+    "reported_service_events",
+    metadata,
+    Column("service", String(20), primary_key=True),
+    Column("kind", String(16), primary_key=True),
+    Column("instance", String(64), primary_key=True),  # service_events.instance
+    Column("reported_at", BigInteger, nullable=False),  # UTC ms
+)

@@ -146,6 +146,27 @@ class Settings(BaseSettings):
     log_max_bytes: int = Field(10_000_000, ge=10_000, description="Size at which a service log is rotated.")
     log_backups: int = Field(5, ge=1, le=100, description="Rotated service logs kept (name.log.1 ... .N).")
 
+    # --- monitoring: heartbeat relay, automations, window guard (issue 5) ---
+    relay_poll_s: float = Field(
+        1.0, gt=0, le=60, description="How often the heartbeat relay reads the services' heartbeat files."
+    )
+    relay_tick_s: float = Field(
+        10.0, ge=1, le=600,
+        description="How often the heartbeat relay emits its own tick; the dead man's switch pages L2 "
+        "after dead_mans_switch_intervals ticks of silence.",
+    )
+    heartbeat_missing_s: float = Field(
+        15.0, ge=10, le=3600,
+        description="Silence after a service's last heartbeat event before the proactive automation runs "
+        "the daemon-crash recovery (Prefect needs at least 10 s; keep it over heartbeat_interval_s).",
+    )
+    dead_mans_switch_intervals: int = Field(
+        3, ge=2, le=100, description="Missed intervals of the monitor or the relay before L2 is paged."
+    )
+    window_throttle_niceness: int = Field(
+        19, ge=0, le=19, description="Niceness the backtest-window guard gives the backtest daemon on a breach."
+    )
+
     # --- notifications (issue 4) ---
     receiver_url: str = Field(
         "http://127.0.0.1:8766",
@@ -153,6 +174,28 @@ class Settings(BaseSettings):
     )
     receiver_log: Path = Field(
         Path("receiver.jsonl"), description="JSON-lines log of what the receiver got; relative to logs_dir."
+    )
+
+    # --- recovery and incidents (issue 5) ---
+    crash_restart_grace_s: float = Field(
+        300.0, ge=0,
+        description="recover-daemon-crash restarts no service that started less than this long ago: it waits "
+        "that out first, then looks again (runbook: don't restart yet if within 5 min).",
+    )
+    incidents_db_path: Path = Field(
+        Path("db/incidents.db"),
+        description="The incident log, a SQLite file of its own so a restore or rollback of the store keeps it; "
+        "relative to home.",
+    )
+
+    # --- the whole stack on this machine: `crypto-agent up` (issue 6) ---
+    prefect_port: int = Field(
+        4200, ge=1, le=65535, description="Port of the local Prefect server `crypto-agent up` starts on 127.0.0.1."
+    )
+    prefect_home: Path = Field(
+        Path(".prefect"),
+        description="PREFECT_HOME of the stack's Prefect server and flow runs (its SQLite database, results); "
+        "relative to home, never the user's global profile.",
     )
 
     @classmethod
@@ -250,7 +293,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _resolve_paths(self) -> "Settings":
         home = self.home.expanduser()
-        for name in ("db_path", "run_dir", "logs_dir", "backup_dir", "quarantine_dir"):
+        for name in ("db_path", "run_dir", "logs_dir", "backup_dir", "quarantine_dir", "incidents_db_path"):
             p: Path = getattr(self, name).expanduser()
             if not p.is_absolute():
                 object.__setattr__(self, name, home / p)

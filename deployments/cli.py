@@ -104,8 +104,57 @@ def register(app: typer.Typer) -> None:
         pool: str = typer.Option(WORK_POOL, "--pool", help="Process work pool; created when missing."),
         project_dir: Path = typer.Option(PROJECT_DIR, "--project-dir", help="Folder that holds prefect.yaml."),
     ) -> None:
-        """Deploy every flow of prefect.yaml with its schedules (creates the process work pool if missing)."""
+        """Deploy every flow of prefect.yaml with its schedules and triggers, then the automations of
+        deployments/automations.py (creates the process work pool if missing); rerunning updates, never duplicates."""
+        from deployments.automations import apply_automations
+
         output = deploy_all(project_dir.resolve(), pool)
         deployed = [line for line in output.splitlines() if "Deployment '" in line]
         print("\n".join(deployed) if deployed else output)
+        # After the deployments: the automations of deployments/automations.py refer to them by id.
+        applied = apply_automations(project_dir=project_dir.resolve())
+        for verb, names in (("created", applied.created), ("updated", applied.updated), ("deleted", applied.deleted)):
+            for name in names:
+                print(f"automation {name}: {verb}")
+        for line in applied.skipped:
+            print(f"warning: automation {line}", file=sys.stderr)
         print(f"start a worker: prefect worker start --pool {pool}")
+
+    @app.command("up")
+    def up(
+        detach: bool = typer.Option(False, "--detach", help="Return once everything is up (stop with `down`)."),
+        prefect_port: int | None = typer.Option(
+            None, "--prefect-port", help="Port of the Prefect server and UI (default: prefect_port, 4200)."
+        ),
+        simulator_port: int | None = typer.Option(
+            None, "--simulator-port", help="Port of the exchange simulator (default: the one of exchange_url, 8765)."
+        ),
+        receiver_port: int | None = typer.Option(
+            None, "--receiver-port", help="Port of the notification receiver (default: the one of receiver_url, 8766)."
+        ),
+        ui: bool = typer.Option(True, "--ui/--no-ui", help="Serve the Prefect UI."),
+    ) -> None:
+        """The whole stack on 127.0.0.1: Prefect server, simulator, receiver, backfilled store, services, flows.
+
+        A second `up` reuses what runs. In the foreground Ctrl-C (or SIGTERM) stops what it started.
+        """
+        from rich.console import Console
+
+        from deployments.stack import plan_stack, run_up
+
+        plan = plan_stack(prefect_port=prefect_port, simulator_port=simulator_port,
+                          receiver_port=receiver_port, ui=ui)
+        raise typer.Exit(run_up(plan, detach=detach, out=Console(soft_wrap=True), err=Console(stderr=True, soft_wrap=True)))
+
+    @app.command("down")
+    def down() -> None:
+        """Stop the stack `up` started (a foreground `up` too), in reverse order; our processes only."""
+        from rich.console import Console
+
+        from crypto_agent.settings import load_settings
+        from deployments.stack import bring_down
+
+        problems = bring_down(load_settings(), Console(soft_wrap=True))
+        if problems:
+            print(f"error: {len(problems)} part(s) not stopped: {'; '.join(problems)}", file=sys.stderr)
+            raise typer.Exit(1)

@@ -36,6 +36,8 @@ STORE_STORAGE_HIGH = "crypto-agent.store.storage-high"
 # --- the monitor's dead man's switch ---
 MONITOR_RESOURCE = "crypto-agent.monitor"
 MONITOR_TICK = "crypto-agent.monitor.tick"
+# Added by issue 5: the heartbeat relay ticks on its own resource, so each has its own dead man's switch.
+RELAY_RESOURCE = "crypto-agent.monitor.heartbeat-relay"
 
 # --- incidents ---
 INCIDENT_RESOURCE_PREFIX = "crypto-agent.incident."
@@ -47,6 +49,23 @@ INCIDENT_RESOLVED = "crypto-agent.incident.resolved"
 def service_resource(name: str) -> str:
     """The resource id of a service, e.g. 'backtest-daemon' -> crypto-agent.service.backtest-daemon."""
     return SERVICE_RESOURCE_PREFIX + name
+
+
+# crypto_agent's service names and the names in their resource ids (issue 5).
+SERVICE_RESOURCE_NAMES = {"backtest": "backtest-daemon", "trader": "trader"}
+
+
+def resource_of_service(service: str) -> str:
+    """The resource id of a crypto_agent service: 'backtest' -> crypto-agent.service.backtest-daemon."""
+    return service_resource(SERVICE_RESOURCE_NAMES[service])
+
+
+def service_of_resource(resource_id: str) -> str:
+    """The crypto_agent service of a service resource id; ValueError for any other resource."""
+    for service, name in SERVICE_RESOURCE_NAMES.items():
+        if resource_id == service_resource(name):
+            return service
+    raise ValueError(f"{resource_id!r} is not the resource of a service ({', '.join(SERVICE_RESOURCE_NAMES)})")
 
 
 def incident_resource(incident_id: int | str) -> str:

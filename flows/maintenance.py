@@ -200,6 +200,12 @@ def check_store_integrity(settings: dict[str, Any] | None, full: bool) -> Integr
     return check_integrity(cfg.db_path, full=full)
 
 
+def integrity_event_payload(result: IntegrityResult, db_path: Path) -> dict[str, Any]:
+    """What crypto-agent.store.corrupt carries: the check's mode, the database, its first problems and their count."""
+    return {"mode": result.mode, "db_path": str(db_path), "problems": result.problems[:MAX_PROBLEMS],
+            "problems_total": len(result.problems)}
+
+
 @flow(
     name="integrity-check",
     description="PRAGMA quick_check hourly, full integrity_check weekly; a failure emits crypto-agent.store.corrupt.",
@@ -211,8 +217,7 @@ def integrity_check(settings: dict[str, Any] | None = None, full: bool = False) 
     """Check the live database; on problems emit crypto-agent.store.corrupt with the first ones and fail."""
     cfg = run_settings(settings)
     result = check_store_integrity(settings, full)
-    payload = {"mode": result.mode, "db_path": str(cfg.db_path), "problems": result.problems[:MAX_PROBLEMS],
-               "problems_total": len(result.problems)}
+    payload = integrity_event_payload(result, cfg.db_path)
     if result.ok:
         emit(STORE_OK, STORE_RESOURCE, {"check": result.mode})
         return payload

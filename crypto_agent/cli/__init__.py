@@ -9,7 +9,7 @@ from crypto_agent.cli.app import app
 from crypto_agent.errors import CryptoAgentError
 
 # Importing a module registers its commands.
-from crypto_agent.cli import backtest, config, data, maintenance, quality, receiver, run, services, simulator  # noqa: E402,F401
+from crypto_agent.cli import backtest, config, data, incidents, maintenance, quality, receiver, run, services, simulator  # noqa: E402,F401
 
 
 PLUGIN_GROUP = "crypto_agent.cli"

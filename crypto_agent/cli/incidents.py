@@ -1,0 +1,121 @@
+"""Commands: incidents (the incident log with MTTR per scenario against the runbook's ETA), and
+`service pause|resume <name>` (a service kept stopped until a person resumes it, as after a rollback)."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from crypto_agent import incidents, process, recovery
+from crypto_agent.cli.app import app
+from crypto_agent.cli.services import NAME_HELP, _existing_store, service_app
+from crypto_agent.settings import load_settings
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value < 120:
+        return f"{value:.0f} s"
+    return f"{value / 60:.1f} min"
+
+
+def _hours(value: float | None) -> str:
+    return "-" if value is None else f"{value:g} h"
+
+
+@app.command("incidents")
+def incidents_command(
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    open_only: bool = typer.Option(False, "--open", help="Only the incidents a recovery is still working on."),
+    limit: int = typer.Option(50, "--limit", min=1, max=10_000, help="Newest incidents shown."),
+    report: int | None = typer.Option(None, "--report", help="Print the post-incident report of this incident."),
+) -> None:
+    """List the incidents (newest first) and the MTTR of each runbook scenario against its ETA (2/15/30/5/60 min)."""
+    settings = load_settings()
+    path = incidents.incidents_db_path(settings)
+    if not path.exists():
+        if as_json:
+            print(json.dumps({"incident_log": str(path), "incidents": [], "mttr": []}, indent=2))
+        else:
+            print(f"no incidents recorded (no incident log at {path})")
+        if report is not None:
+            raise incidents.IncidentError(f"no incident #{report}", hint="list them with `crypto-agent incidents`")
+        return
+    with incidents.open_incident_store(settings) as store:
+        if report is not None:
+            inc = incidents.get(store, report)
+            print(inc.report_md or incidents.render_report(inc))
+            return
+        found = incidents.list_incidents(store, open_only=open_only, limit=limit)
+        stats = incidents.mttr_by_scenario(store)
+    if as_json:
+        rows = []
+        for inc in found:
+            d = inc.to_dict()
+            d.pop("report_md", None)
+            rows.append(d)
+        print(json.dumps({"incident_log": str(path), "incidents": rows, "mttr": [s.to_dict() for s in stats]},
+                         indent=2, default=str))
+        return
+    print(f"# {'open incidents' if open_only else 'incidents'} ({path})")
+    if not found:
+        print("none")
+    else:
+        print(f"{'id':>5}  {'scenario':<20} {'status':<10} {'outcome':<10} {'opened (UTC)':<21} "
+              f"{'recovery':>9} {'data lost':>9}  {'told':<9} resource")
+        for inc in found:
+            told = ",".join(inc.levels_told) or "-"
+            absorbed = f" (+{inc.events_absorbed} absorbed)" if inc.events_absorbed else ""
+            print(f"{inc.id:>5}  {inc.scenario:<20} {inc.status:<10} {inc.outcome or '-':<10} "
+                  f"{incidents.iso(inc.opened_at):<21} {_seconds(inc.recovery_time_s):>9} "
+                  f"{_hours(inc.data_lost_hours):>9}  {told:<9} {inc.resource}{absorbed}")
+    if open_only:
+        return
+    print("\n# MTTR per scenario (recovered incidents, detection to verified recovery) against the runbook's ETA")
+    print(f"{'scenario':<24} {'incidents':>9} {'recovered':>9} {'escalated':>9} {'failed':>6} "
+          f"{'MTTR':>9} {'p95':>9} {'ETA':>7}  verdict")
+    for s in stats:
+        verdict = {None: "-", True: "within ETA", False: "OVER ETA"}[s.within_eta]
+        print(f"{s.number} {s.scenario:<22} {s.incidents:>9} {s.recovered:>9} {s.escalated:>9} {s.failed:>6} "
+              f"{_seconds(s.mttr_s):>9} {_seconds(s.p95_s):>9} {s.eta_s / 60:>5g} m  {verdict}")
+
+
+@service_app.command("pause")
+def pause_command(
+    name: str = typer.Argument(..., help=NAME_HELP),
+    reason: str = typer.Option("paused by an operator", "--reason", help="Why; shown to whoever tries to start it."),
+) -> None:
+    """Stop the service and keep it stopped (run/<name>.paused): no recovery restarts it until `service resume`."""
+    settings = load_settings()
+    spec = process.service_spec(name, settings)
+    marker = recovery.keep_stopped(name, settings, by="crypto-agent service pause", reason=reason)
+    with _existing_store(settings) as store:
+        result = process.stop(spec, store=store)
+    state = f"stopped PID {result.pid}" if result.was_running else "it was not running"
+    print(f"paused {name} ({marker}); {state}")
+
+
+@service_app.command("resume")
+def resume_command(
+    name: str = typer.Argument(..., help=NAME_HELP),
+    start: bool = typer.Option(True, "--start/--no-start", help="Start the service once the pause is lifted."),
+) -> None:
+    """Lift a pause (e.g. the backtest after a rollback) and start the service again."""
+    settings = load_settings()
+    spec = process.service_spec(name, settings)
+    was = recovery.resume_kept(name, settings)
+    if was is None:
+        print(f"{name} was not paused")
+    else:
+        print(f"resumed {name} (paused since {was.get('since', '?')} by {was.get('by', '?')}: "
+              f"{was.get('reason', 'no reason given')})")
+    if not start:
+        return
+    if process.inspect(spec).alive:
+        print(f"{name} is already running")
+        return
+    with _existing_store(settings) as store:
+        result = process.start(spec, settings, store=store)
+    print(f"started {name}: PID {result.pid} in {result.elapsed_s:.1f} s (log {result.log})")

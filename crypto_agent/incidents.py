@@ -1,0 +1,700 @@
+"""The incident log of the runbook's five scenarios: open (or join), record actions, close, report.
+
+One row per incident in the `incidents` table of its own SQLite file (settings.incidents_db_path),
+so the log survives the restore or rollback of the store that a recovery may do. At most one
+incident per resource and family is open at a time: a unique index on the open row makes
+`open_or_join` atomic, and a second event during a recovery joins (is absorbed by) the open one.
+`render_report` fills in the runbook's post-incident checklist. No Prefect here: the flows act.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psutil
+from sqlalchemy import func, insert, select, text, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from crypto_agent.errors import CryptoAgentError, InputError
+from crypto_agent.schema import incidents, incidents_metadata
+from crypto_agent.settings import Settings
+from crypto_agent.store import Store
+
+OPEN, RESOLVED, FAILED, ESCALATED = "open", "resolved", "failed", "escalated"
+STATUSES = (OPEN, RESOLVED, FAILED, ESCALATED)
+# How a recovery ended: the contract's outcomes, plus "skipped" (nothing to do, e.g. a paused service).
+RECOVERED, ABSORBED, SKIPPED = "recovered", "absorbed", "skipped"
+OUTCOMES = (RECOVERED, ABSORBED, "escalated", "failed", SKIPPED)
+LEVELS = ("l1", "l2", "l3")
+
+# The runbook's root-cause boxes; a root cause is one of these, then ": " and the detail.
+ROOT_CAUSES = ("Process hang", "DB corruption", "API throttle", "Other")
+
+# An open incident whose recovery process is gone, or older than this, is abandoned: any recovery
+# flow's timeout is shorter, so nobody will ever close it.
+ABANDONED_AFTER_S = 4 * 3600.0
+MAX_ACTION_DETAIL = 20_000
+MAX_TRIGGER_CHARS = 20_000
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One incident scenario of the runbook: its number, title, recovery family and ETA."""
+
+    name: str
+    number: int
+    title: str
+    family: str  # recoveries of one family on one resource run one at a time
+    eta_min: float  # the runbook's Quick Reference ETA
+
+    @property
+    def eta_s(self) -> float:
+        """The runbook's ETA in seconds."""
+        return self.eta_min * 60.0
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario("daemon-crash", 1, "Daemon crashed", "service", 2),
+        Scenario("stale-data", 2, "Data staleness", "data", 15),
+        Scenario("db-corruption", 3, "Database corruption", "store", 30),
+        Scenario("process-hang", 4, "CPU spike / process hang", "service", 5),
+        Scenario("persistent-failures", 5, "Persistent failures: rollback 48 h", "rollback", 60),
+    )
+}
+
+
+class IncidentError(CryptoAgentError):
+    """The incident log cannot be read or written, or an incident does not exist."""
+
+
+def scenario(name: str) -> Scenario:
+    """The scenario called `name`; InputError naming the five otherwise."""
+    try:
+        return SCENARIOS[name]
+    except KeyError:
+        raise InputError(f"unknown incident scenario {name!r}", hint=f"use one of: {', '.join(SCENARIOS)}") from None
+
+
+# --- values ---
+
+
+@dataclass(frozen=True)
+class Incident:
+    """One row of the incident log, its JSON columns decoded; times are UTC epoch milliseconds."""
+
+    id: int
+    scenario: str
+    resource: str
+    family: str
+    status: str
+    outcome: str | None
+    trigger: dict[str, Any]
+    detected_at: int
+    fault_at: int | None
+    opened_at: int
+    resolved_at: int | None
+    detection_delay_s: float | None
+    recovery_time_s: float | None
+    data_lost_hours: float | None
+    actions: list[dict[str, Any]]
+    impact: str
+    root_cause: str
+    summary: str
+    levels_told: list[str]
+    events_absorbed: int
+    flow_run_id: str | None
+    owner: str
+    report_md: str | None = None
+
+    @property
+    def is_open(self) -> bool:
+        """Whether a recovery is still working on it."""
+        return self.status == OPEN
+
+    @property
+    def automated(self) -> bool:
+        """Whether monitoring (an event) found it, rather than a person running the recovery by hand."""
+        return bool(self.trigger.get("event"))
+
+    @property
+    def duration_s(self) -> float | None:
+        """From the fault (or its detection, when the fault time is unknown) to the close."""
+        if self.resolved_at is None:
+            return None
+        return (self.resolved_at - (self.fault_at if self.fault_at is not None else self.detected_at)) / 1000
+
+    @property
+    def scenario_info(self) -> Scenario | None:
+        """The runbook scenario, None for a name this version does not know."""
+        return SCENARIOS.get(self.scenario)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict, with ISO times beside the epoch milliseconds."""
+        d = asdict(self)
+        for key in ("detected_at", "fault_at", "opened_at", "resolved_at"):
+            d[key.replace("_at", "") + "_iso"] = iso(d[key])
+        d["duration_s"] = self.duration_s
+        return d
+
+
+def iso(ms: int | None) -> str | None:
+    """UTC ISO 8601 of epoch milliseconds (seconds precision), None for None."""
+    if ms is None:
+        return None
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _now_ms(now: float | None = None) -> int:
+    return int((time.time() if now is None else now) * 1000)
+
+
+def _from_row(row: Any) -> Incident:
+    m = row._mapping
+    return Incident(
+        id=int(m["id"]),
+        scenario=m["scenario"],
+        resource=m["resource"],
+        family=m["family"],
+        status=m["status"],
+        outcome=m["outcome"],
+        trigger=_loads(m["trigger"], {}),
+        detected_at=int(m["detected_at"]),
+        fault_at=m["fault_at"],
+        opened_at=int(m["opened_at"]),
+        resolved_at=m["resolved_at"],
+        detection_delay_s=m["detection_delay_s"],
+        recovery_time_s=m["recovery_time_s"],
+        data_lost_hours=m["data_lost_hours"],
+        actions=_loads(m["actions"], []),
+        impact=m["impact"],
+        root_cause=m["root_cause"],
+        summary=m["summary"],
+        levels_told=_loads(m["levels_told"], []),
+        events_absorbed=int(m["events_absorbed"]),
+        flow_run_id=m["flow_run_id"],
+        owner=m["owner"],
+        report_md=m["report_md"],
+    )
+
+
+def _loads(value: str | None, default: Any) -> Any:
+    if not value:
+        return default
+    try:
+        return json.loads(value)
+    except ValueError:
+        return default
+
+
+# --- the log's own database ---
+
+
+def incidents_db_path(settings: Settings) -> Path:
+    """The incident log's SQLite file (incidents_db_path, relative to home)."""
+    path = Path(settings.incidents_db_path).expanduser()
+    return path if path.is_absolute() else Path(settings.home).expanduser() / path
+
+
+def open_incident_store(settings: Settings) -> Store:
+    """The incident log: its own SQLite file, with the incidents table created when missing."""
+    store = Store(f"sqlite:///{incidents_db_path(settings)}", create=False)
+    for attempt in range(5):
+        try:
+            incidents_metadata.create_all(store.engine)
+            return store
+        except SQLAlchemyError as exc:
+            # two recoveries opening a fresh file at once race on CREATE: the next pass sees the table
+            if "already exists" in str(exc) and attempt < 4:
+                continue
+            store.close()
+            raise IncidentError(
+                f"cannot open the incident log {incidents_db_path(settings)}: {getattr(exc, 'orig', exc)}",
+                hint="check that the folder is writable (setting incidents_db_path)",
+            ) from None
+    return store  # pragma: no cover (the loop returns or raises)
+
+
+# --- who runs a recovery ---
+
+
+def owner_id() -> str:
+    """This process as the owner of an incident: host:pid:create time."""
+    try:
+        create_time = psutil.Process(os.getpid()).create_time()
+    except psutil.Error:
+        create_time = 0.0
+    return f"{socket.gethostname()}:{os.getpid()}:{create_time:.2f}"
+
+
+def owner_alive(owner: str) -> bool:
+    """Whether the process that owns an incident still runs (an owner on another host is assumed alive)."""
+    host, _, rest = owner.partition(":")
+    pid_text, _, create_text = rest.partition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return True
+    try:
+        proc = psutil.Process(int(pid_text))
+        return abs(proc.create_time() - float(create_text or 0)) < 0.05 and proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, ValueError):
+        return False
+    except psutil.Error:
+        return True
+
+
+# --- the triggering event ---
+
+
+def parse_time(value: Any) -> float | None:
+    """Epoch seconds of an ISO 8601 string (naive means UTC) or an epoch number (ms when huge); None if unreadable."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value) / 1000 if value > 1e11 else float(value)
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+    try:
+        parsed = datetime.fromisoformat(str(value).strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+
+
+def event_payload(event: dict[str, Any] | None) -> dict[str, Any]:
+    """The payload of a triggering event as the automation passed it ({} when there is none or it is no dict)."""
+    if not isinstance(event, dict):
+        return {}
+    payload = event.get("payload")
+    if isinstance(payload, str):  # a template rendered to text instead of a dict
+        try:
+            payload = json.loads(payload)
+        except ValueError:
+            return {}
+    return payload if isinstance(payload, dict) else {}
+
+
+def detected_at(event: dict[str, Any] | None, now: float | None = None) -> float:
+    """When the fault was detected: the payload's detected_at, else the event's time, else now (a manual run)."""
+    payload = event_payload(event)
+    for value in (payload.get("detected_at"), (event or {}).get("occurred")):
+        t = parse_time(value)
+        if t is not None:
+            return t
+    return time.time() if now is None else now
+
+
+def trigger_of(event: dict[str, Any] | None) -> dict[str, Any]:
+    """What to keep of the triggering event: id, name, time, resource, payload (bounded); {} for a manual run."""
+    if not isinstance(event, dict):
+        return {}
+    kept = {k: event.get(k) for k in ("id", "event", "occurred", "resource") if event.get(k) is not None}
+    payload = event_payload(event)
+    if payload:
+        kept["payload"] = payload
+    if len(json.dumps(kept, default=str)) > MAX_TRIGGER_CHARS:
+        kept["payload"] = {"truncated": True, "keys": sorted(payload)[:50]}
+    return kept
+
+
+# --- open, join, act, close ---
+
+
+def get(store: Store, incident_id: int) -> Incident:
+    """One incident; IncidentError when there is none with that id."""
+    with store.engine.connect() as conn:
+        row = conn.execute(select(incidents).where(incidents.c.id == int(incident_id))).first()
+    if row is None:
+        raise IncidentError(f"no incident #{incident_id}", hint="list them with `crypto-agent incidents`")
+    return _from_row(row)
+
+
+def open_or_join(
+    store: Store,
+    scenario_name: str,
+    resource: str,
+    trigger: dict[str, Any] | None,
+    detected_at_s: float,
+    *,
+    fault_at_s: float | None = None,
+    flow_run_id: str | None = None,
+    owner: str | None = None,
+    now: float | None = None,
+    abandoned_after_s: float = ABANDONED_AFTER_S,
+) -> tuple[Incident, bool]:
+    """Open an incident for (scenario, resource), or join the one already open for that resource and family.
+
+    Atomic across processes: the unique index on the open incident decides who opens; the others
+    join it (its events_absorbed counts them) and get joined=True. An open incident whose owner
+    process is gone, or older than abandoned_after_s, is closed as failed first.
+    """
+    sc = scenario(scenario_name)
+    owner = owner or owner_id()
+    trigger_json = json.dumps(trigger or {}, default=str)
+    c = incidents.c
+    is_open = (c.resource == resource) & (c.family == sc.family) & (c.status == OPEN)
+    for _ in range(20):
+        now_ms = _now_ms(now)
+        with store.engine.connect() as conn:
+            current = conn.execute(select(incidents).where(is_open)).first()
+        if current is not None:
+            found = _from_row(current)
+            if not owner_alive(found.owner) or now_ms - found.opened_at > abandoned_after_s * 1000:
+                _abandon(store, found, now_ms)
+                continue
+            with store.engine.begin() as conn:
+                joined = conn.execute(
+                    update(incidents).where(is_open).values(events_absorbed=c.events_absorbed + 1).returning(c.id)
+                ).scalar()
+            if joined is None:
+                continue  # it closed in between: open a new one
+            return get(store, joined), True
+        values = {
+            "scenario": sc.name, "resource": resource, "family": sc.family, "status": OPEN, "outcome": None,
+            "trigger": trigger_json, "detected_at": int(detected_at_s * 1000),
+            "fault_at": None if fault_at_s is None else int(fault_at_s * 1000), "opened_at": now_ms,
+            "actions": "[]", "impact": "", "root_cause": "", "summary": "", "levels_told": "[]",
+            "events_absorbed": 0, "flow_run_id": flow_run_id, "owner": owner,
+        }
+        try:
+            with store.engine.begin() as conn:
+                new_id = conn.execute(insert(incidents).values(**values)).inserted_primary_key[0]
+        except IntegrityError:
+            continue  # another recovery opened it first: join that one
+        return get(store, new_id), False
+    raise IncidentError(
+        f"could not open or join an incident for {resource} ({sc.family}): it kept changing",
+        hint="another process opens and closes incidents of this resource in a loop; check the automations",
+    )
+
+
+def _abandon(store: Store, found: Incident, now_ms: int) -> None:
+    why = (
+        f"abandoned: its recovery ({found.owner}) is gone or ran past {ABANDONED_AFTER_S / 3600:g} h "
+        "without closing it"
+    )
+    action = {"at": now_ms, "step": "abandoned", "ok": False, "detail": why}
+    with store.engine.begin() as conn:
+        conn.execute(
+            update(incidents)
+            .where(incidents.c.id == found.id, incidents.c.status == OPEN)
+            .values(
+                status=FAILED, outcome="failed", resolved_at=now_ms, summary=found.summary or why,
+                actions=func.json_insert(incidents.c.actions, "$[#]", func.json(json.dumps(action))),
+            )
+        )
+
+
+def add_action(
+    store: Store, incident_id: int, step: str, detail: str, *, ok: bool = True, now: float | None = None
+) -> dict[str, Any]:
+    """Append one action (what was done, and how it went) to the incident; the action recorded."""
+    action = {"at": _now_ms(now), "step": step, "ok": bool(ok), "detail": str(detail)[:MAX_ACTION_DETAIL]}
+    with store.engine.begin() as conn:
+        # json_insert appends in one statement: an absorbed event updating the same row cannot interleave
+        conn.execute(
+            update(incidents)
+            .where(incidents.c.id == int(incident_id))
+            .values(actions=func.json_insert(incidents.c.actions, "$[#]", func.json(json.dumps(action))))
+        )
+    return action
+
+
+def told(store: Store, incident_id: int, level: str) -> None:
+    """Record that an escalation level (l1, l2, l3) was told about the incident (once per level)."""
+    level = level.lower()
+    if level not in LEVELS:
+        raise InputError(f"unknown escalation level {level!r}", hint="use l1, l2 or l3")
+    with store.engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE incidents SET levels_told = json_insert(levels_told, '$[#]', :level) "
+                "WHERE id = :id AND NOT EXISTS (SELECT 1 FROM json_each(incidents.levels_told) WHERE value = :level)"
+            ),
+            {"level": level, "id": int(incident_id)},
+        )
+
+
+_EDITABLE = {"impact", "root_cause", "summary", "fault_at", "data_lost_hours", "flow_run_id", "report_md"}
+
+
+def update_fields(store: Store, incident_id: int, **fields: Any) -> None:
+    """Set descriptive fields of an incident (impact, root_cause, summary, fault_at ms, data_lost_hours, ...)."""
+    unknown = set(fields) - _EDITABLE
+    if unknown:
+        raise InputError(f"incident fields {sorted(unknown)} cannot be set", hint=f"settable: {sorted(_EDITABLE)}")
+    if fields:
+        with store.engine.begin() as conn:
+            conn.execute(update(incidents).where(incidents.c.id == int(incident_id)).values(**fields))
+
+
+def close(
+    store: Store,
+    incident_id: int,
+    status: str,
+    *,
+    outcome: str,
+    summary: str,
+    impact: str | None = None,
+    root_cause: str | None = None,
+    data_lost_hours: float | None = None,
+    now: float | None = None,
+) -> Incident:
+    """Close an open incident (resolved, failed or escalated), computing detection delay and recovery time.
+
+    Recovery time runs from the detection to now; detection delay from the fault, when known, to
+    the detection. Closing an incident that is not open changes nothing and returns it as it is.
+    """
+    if status not in (RESOLVED, FAILED, ESCALATED):
+        raise InputError(f"cannot close an incident as {status!r}", hint="use resolved, failed or escalated")
+    current = get(store, incident_id)
+    if not current.is_open:
+        return current
+    now_ms = _now_ms(now)
+    values: dict[str, Any] = {
+        "status": status, "outcome": outcome, "summary": summary, "resolved_at": now_ms,
+        "recovery_time_s": round(max(0, now_ms - current.detected_at) / 1000, 3),
+        "detection_delay_s": None if current.fault_at is None
+        else round(max(0, current.detected_at - current.fault_at) / 1000, 3),
+    }
+    if impact is not None:
+        values["impact"] = impact
+    if root_cause is not None:
+        values["root_cause"] = root_cause
+    if data_lost_hours is not None:
+        values["data_lost_hours"] = round(float(data_lost_hours), 3)
+    with store.engine.begin() as conn:
+        conn.execute(update(incidents).where(incidents.c.id == int(incident_id), incidents.c.status == OPEN)
+                     .values(**values))
+    return get(store, incident_id)
+
+
+def resolve(store: Store, incident_id: int, *, summary: str, outcome: str = RECOVERED, **kw: Any) -> Incident:
+    """Close the incident as resolved (recovered and verified, or nothing to do: outcome skipped)."""
+    return close(store, incident_id, RESOLVED, outcome=outcome, summary=summary, **kw)
+
+
+def escalate(store: Store, incident_id: int, level: str, reason: str, **kw: Any) -> Incident:
+    """Close the incident as escalated: the recovery could not finish and hands over to a person at `level`."""
+    add_action(store, incident_id, f"escalate-{level.lower()}", reason, ok=False)
+    return close(store, incident_id, ESCALATED, outcome="escalated", summary=reason, **kw)
+
+
+def fail(store: Store, incident_id: int, error: str, **kw: Any) -> Incident:
+    """Close the incident as failed: the recovery itself broke (an unexpected error)."""
+    add_action(store, incident_id, "recovery-failed", error, ok=False)
+    return close(store, incident_id, FAILED, outcome="failed", summary=error, **kw)
+
+
+# --- questions asked of the log ---
+
+
+def list_incidents(store: Store, *, open_only: bool = False, limit: int = 200) -> list[Incident]:
+    """Incidents, newest first (only the open ones with open_only)."""
+    q = select(incidents).order_by(incidents.c.opened_at.desc(), incidents.c.id.desc()).limit(limit)
+    if open_only:
+        q = q.where(incidents.c.status == OPEN)
+    with store.engine.connect() as conn:
+        return [_from_row(r) for r in conn.execute(q)]
+
+
+def open_incidents(store: Store, flow_run_id: str | None = None) -> list[Incident]:
+    """The open incidents (of one flow run, when given), oldest first."""
+    q = select(incidents).where(incidents.c.status == OPEN).order_by(incidents.c.id)
+    if flow_run_id is not None:
+        q = q.where(incidents.c.flow_run_id == str(flow_run_id))
+    with store.engine.connect() as conn:
+        return [_from_row(r) for r in conn.execute(q)]
+
+
+def recent_count(store: Store, scenario_name: str, hours: float, now: float | None = None) -> int:
+    """How many incidents of a scenario were opened in the last `hours` (absorbed events not counted)."""
+    since = _now_ms(now) - int(hours * 3_600_000)
+    q = select(func.count()).select_from(incidents).where(
+        incidents.c.scenario == scenario_name, incidents.c.opened_at >= since
+    )
+    with store.engine.connect() as conn:
+        return int(conn.execute(q).scalar() or 0)
+
+
+@dataclass(frozen=True)
+class ScenarioStats:
+    """MTTR of one scenario: recovery times of its recovered incidents against the runbook's ETA."""
+
+    scenario: str
+    number: int
+    title: str
+    incidents: int
+    recovered: int
+    open: int
+    escalated: int
+    failed: int
+    mttr_s: float | None
+    p95_s: float | None
+    max_s: float | None
+    eta_s: float
+    recovery_times_s: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def within_eta(self) -> bool | None:
+        """Whether the mean recovery time is within the runbook's ETA (None without recoveries)."""
+        return None if self.mttr_s is None else self.mttr_s <= self.eta_s
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (without the raw times)."""
+        d = asdict(self)
+        d.pop("recovery_times_s")
+        d["within_eta"] = self.within_eta
+        return d
+
+
+def percentile(values: list[float], pct: float) -> float | None:
+    """The nearest-rank percentile of values (None when empty)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(pct / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def mttr_by_scenario(store: Store, since_ms: int | None = None) -> list[ScenarioStats]:
+    """Per runbook scenario: incidents, outcomes, mean/p95/max recovery time of the recovered ones, the ETA."""
+    q = select(incidents.c.scenario, incidents.c.status, incidents.c.outcome, incidents.c.recovery_time_s)
+    if since_ms is not None:
+        q = q.where(incidents.c.opened_at >= since_ms)
+    with store.engine.connect() as conn:
+        rows = conn.execute(q).all()
+    out = []
+    for sc in SCENARIOS.values():
+        mine = [r for r in rows if r.scenario == sc.name]
+        times = [float(r.recovery_time_s) for r in mine
+                 if r.status == RESOLVED and r.outcome == RECOVERED and r.recovery_time_s is not None]
+        out.append(ScenarioStats(
+            scenario=sc.name, number=sc.number, title=sc.title, incidents=len(mine), recovered=len(times),
+            open=sum(r.status == OPEN for r in mine), escalated=sum(r.status == ESCALATED for r in mine),
+            failed=sum(r.status == FAILED for r in mine),
+            mttr_s=round(sum(times) / len(times), 3) if times else None,
+            p95_s=percentile(times, 95), max_s=max(times) if times else None, eta_s=sc.eta_s,
+            recovery_times_s=times,
+        ))
+    return out
+
+
+# --- the runbook's post-incident report ---
+
+
+def _minutes(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    if seconds < 120:
+        return f"{seconds / 60:.1f} min ({seconds:.0f} s)"
+    return f"{seconds / 60:.1f} min"
+
+
+def _box(checked: bool) -> str:
+    return "[x]" if checked else "[ ]"
+
+
+def root_cause_boxes(root_cause: str) -> str:
+    """The runbook's root-cause line with the matching box ticked (`Other: <detail>` for the rest)."""
+    category, _, detail = root_cause.partition(":")
+    category = category.strip()
+    known = category if category in ROOT_CAUSES[:-1] else None
+    parts = [f"{_box(known == c)} {c}" for c in ROOT_CAUSES[:-1]]
+    if known is None and root_cause.strip():
+        other = root_cause.strip() if category != "Other" else detail.strip()
+        parts.append(f"[x] Other: {other}")
+    else:
+        parts.append("[ ] Other: ___")
+    line = " ".join(parts)
+    if known is not None and detail.strip():
+        line += f"\n\n{detail.strip()}"
+    return line
+
+
+def render_report(incident: Incident, flow_run_link: str | None = None) -> str:
+    """The runbook's post-incident checklist, filled in from the incident (markdown)."""
+    sc = incident.scenario_info
+    title = f"scenario {sc.number}: {sc.title}" if sc else incident.scenario
+    started_ms = incident.fault_at if incident.fault_at is not None else incident.detected_at
+    started = datetime.fromtimestamp(started_ms / 1000, UTC)
+    recovery = _minutes(incident.recovery_time_s)
+    if sc is not None and incident.recovery_time_s is not None:
+        verdict = "within" if incident.recovery_time_s <= sc.eta_s else "over"
+        recovery += f" ({verdict} the runbook's ETA of {sc.eta_min:g} min)"
+    if incident.detection_delay_s is not None:
+        delay = _minutes(incident.detection_delay_s)
+        delay += f" (fault {iso(incident.fault_at)}, detected {iso(incident.detected_at)})"
+    else:
+        delay = f"unknown (fault time not known; detected {iso(incident.detected_at)})"
+    trigger = incident.trigger.get("event") or "a manual run of the recovery"
+    lost = "unknown" if incident.data_lost_hours is None else f"{incident.data_lost_hours:g} hours"
+    actions = []
+    for a in incident.actions:
+        at = datetime.fromtimestamp(a.get("at", 0) / 1000, UTC).strftime("%H:%M:%S")
+        mark = "" if a.get("ok", True) else " **(failed)**"
+        detail = str(a.get("detail", "")).strip()
+        first, _, rest = detail.partition("\n")
+        line = f"- {at} `{a.get('step', '?')}`{mark}: {first}"
+        if rest.strip():
+            body = rest.strip()
+            if len(body) > 4000:
+                body = body[:4000] + "\n... (truncated; the full text is in the incident log)"
+            line += "\n\n  ```\n" + "\n".join(f"  {ln}" for ln in body.splitlines()) + "\n  ```"
+        actions.append(line)
+    told = ", ".join(lv.upper() for lv in incident.levels_told) or "nobody yet"
+    status = incident.status + (f" ({incident.outcome})" if incident.outcome else "")
+    due = (started + timedelta(days=2)).strftime("%Y-%m-%d")
+    lines = [
+        f"# Incident Report #{incident.id}: {title}",
+        "",
+        f"**Date:** {started:%Y-%m-%d}  ",
+        f"**Time:** {started:%H:%M} UTC  ",
+        f"**Duration:** {_minutes(incident.duration_s) if incident.resolved_at else 'ongoing'}  ",
+        f"**Impact:** {incident.impact or 'not assessed'}  ",
+        f"**Resource:** `{incident.resource}`  ",
+        f"**Status:** {status}  ",
+        "",
+        "## Root Cause",
+        root_cause_boxes(incident.root_cause),
+        "",
+        "## Detection",
+        f"Who found? {_box(incident.automated)} Automated {_box(not incident.automated)} Manual notice  ",
+        f"Trigger: `{trigger}`"
+        + (f" ({incident.events_absorbed} more event(s) absorbed during the recovery)" if incident.events_absorbed else "")
+        + "  ",
+        f"Detection delay: {delay}",
+        "",
+        "## Recovery",
+        f"Summary: {incident.summary or 'in progress'}  ",
+        "Action taken:",
+        "",
+        *(actions or ["- none yet"]),
+        "",
+        f"Recovery time: {recovery}  ",
+        f"Data loss: {lost}  ",
+        f"Escalated to: {told}",
+    ]
+    if flow_run_link:
+        lines.append(f"\nFlow run: {flow_run_link}")
+    lines += [
+        "",
+        "## Prevention",
+        "[ ] Auto-restart added",
+        "[ ] Backup validation improved",
+        "[ ] Monitoring threshold adjusted",
+        "[ ] Other: ___",
+        "",
+        "## Assigned to",
+        f"Owner: ___ | Due: {due}",
+        "",
+    ]
+    return "\n".join(lines)

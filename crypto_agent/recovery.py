@@ -1,0 +1,342 @@
+"""The decisions and the careful steps of the runbook's recoveries, without Prefect.
+
+What the runbook does with shell one-liners, done safely: triage a service (dead, hung, or
+running), how long to hold a restart after a start, the log's recent errors, REINDEX on a scratch
+copy (never on the only copy), a repaired file put in place with the corrupt one quarantined, the
+candle windows to resync after a restore, and the rows to salvage from a quarantined database.
+The flows (flows/recovery.py) call these and act on what they return.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import re
+import shutil
+import socket
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from crypto_agent import backup
+from crypto_agent.collector import Window, plan_windows
+from crypto_agent.daemon import FAULT_ENV
+from crypto_agent.health import ProbeReport
+from crypto_agent.holds import HOLD_STOPPED, place_hold, read_hold, release_hold
+from crypto_agent.process import Liveness, ServiceSpec, inspect, pause, paused, resume, service_spec, tail_text
+from crypto_agent.schema import OHLCV_TABLES, service_events
+from crypto_agent.service import LOG_LINE_RE, read_heartbeat, read_pid_record
+from crypto_agent.settings import Settings
+from crypto_agent.store import BUSY_TIMEOUT_MS, Store
+
+# A recovery starts a service with this on top of its own environment: a fault injected into the
+# instance that failed (a chaos drill's CRYPTO_AGENT_DAEMON_FAULT) must not come back with the restart.
+CLEAN_START_ENV: dict[str, str] = {FAULT_ENV: ""}
+
+LOG_ERROR_WORDS = re.compile(rb"error|exception|traceback|fatal", re.IGNORECASE)
+HOUR_MS = 3_600_000
+
+
+# --- services ---
+
+
+class Verdict(str, enum.Enum):
+    """What a look at a service says for the daemon-crash recovery."""
+
+    DEAD = "dead"  # no live process of ours: restart it (scenario 1)
+    HUNG = "hung"  # our process lives but does no work (stale heartbeat, stopped): scenario 4
+    RUNNING = "running"  # it lives and beats: not a crash
+
+
+@dataclass(frozen=True)
+class Triage:
+    """The verdict on a service and why; `foreign` names a pidfile that points at someone else's process."""
+
+    verdict: Verdict
+    reason: str
+    foreign: str | None = None
+
+
+def triage(report: ProbeReport, heartbeat_max_age_s: float) -> Triage:
+    """Dead, hung (alive with a stale or missing heartbeat, or stopped) or running, from a probe report."""
+    if not report.alive:
+        foreign = report.reasons[0] if report.liveness == Liveness.FOREIGN.value and report.reasons else None
+        return Triage(Verdict.DEAD, report.summary, foreign)
+    if report.process_status == "stopped":
+        return Triage(Verdict.HUNG, f"PID {report.pid} is stopped (SIGSTOP): it does no work")
+    age = report.heartbeat_age_s
+    if age is None:
+        return Triage(Verdict.HUNG, f"PID {report.pid} lives but writes no heartbeat")
+    if age > heartbeat_max_age_s:
+        return Triage(Verdict.HUNG, f"PID {report.pid} lives but its heartbeat is {age:.0f} s old "
+                      f"(limit {heartbeat_max_age_s:g} s)")
+    return Triage(Verdict.RUNNING, report.summary)
+
+
+def last_start(spec: ServiceSpec, store: Store | None = None) -> float | None:
+    """When the service was last started (epoch s): its ownership record, or its newest `started` event."""
+    times: list[float] = []
+    record = read_pid_record(spec.pid_record)
+    if record is not None and record.started_at > 0:
+        times.append(record.started_at)
+    if store is not None:
+        c = service_events.c
+        try:
+            with store.engine.connect() as conn:
+                newest = conn.execute(
+                    select(func.max(c.at)).where(c.service == spec.name, c.kind == "started")
+                ).scalar()
+        except SQLAlchemyError:
+            newest = None  # a damaged store: the record alone decides
+        if newest is not None:
+            times.append(newest / 1000)
+    return max(times) if times else None
+
+
+def restart_wait_s(last_start_s: float | None, grace_s: float, now: float | None = None) -> float:
+    """Seconds to hold a restart: the rest of the grace period after the last start (0 when it is over)."""
+    if last_start_s is None:
+        return 0.0
+    now = time.time() if now is None else now
+    return max(0.0, last_start_s + grace_s - now)
+
+
+def last_heartbeat_at(spec: ServiceSpec) -> float | None:
+    """When the service last wrote its heartbeat (epoch s), None without a readable one."""
+    try:
+        beat = read_heartbeat(spec.heartbeat)
+    except (ValueError, OSError):
+        return None
+    return float(beat.epoch) if beat is not None else None
+
+
+def log_errors(log_path: Path, lines: int = 100) -> list[str]:
+    """The runbook's `tail -100 <log> | grep -i error`: ERROR/CRITICAL records (with their continuation
+    lines) and stray lines that mention an error, among the last `lines` lines of the log."""
+    out: list[str] = []
+    in_error = False
+    for line in tail_text(log_path, lines=lines, max_bytes=256 * 1024).splitlines():
+        raw = line.encode("utf-8", "replace")
+        m = LOG_LINE_RE.match(raw)
+        if m is None:
+            in_error = False
+            if LOG_ERROR_WORDS.search(raw):
+                out.append(line)
+            continue
+        if m.group("kind") == b"|":  # a continuation of the record above
+            if in_error:
+                out.append(line)
+            continue
+        in_error = m.group("level") in (b"ERROR", b"CRITICAL")
+        if in_error:
+            out.append(line)
+    return out
+
+
+def keep_stopped(service: str, settings: Settings, *, by: str, reason: str) -> Path:
+    """Keep a service stopped until a person resumes it: the pause marker (process control refuses to start
+    it) and a stopped hold without end (monitoring raises no alarm for it); the marker's path."""
+    marker = pause(service_spec(service, settings), reason=reason, by=by)
+    place_hold(service, settings, kind=HOLD_STOPPED, by=by, reason=reason)
+    return marker
+
+
+def resume_kept(service: str, settings: Settings) -> dict[str, Any] | None:
+    """Lift keep_stopped: the marker and the hold its author placed; what the pause said, None if not paused."""
+    was = resume(service_spec(service, settings))
+    if was is not None and was.get("by"):
+        release_hold(service, settings, by=str(was["by"]))
+    return was
+
+
+def hold_in_force(service: str, settings: Settings) -> str | None:
+    """The hold that accounts for the service's state right now (a guard's SIGSTOP, a planned stop), or None."""
+    hold = read_hold(service, settings)
+    if hold is None or not hold.covers(inspect(service_spec(service, settings))):
+        return None
+    return hold.description
+
+
+def service_state(name: str, settings: Settings) -> str:
+    """One line on a service for a message: running (PID, heartbeat age), paused, or not running and why."""
+    spec = service_spec(name, settings)
+    check = inspect(spec)
+    pause = paused(spec)
+    paused_note = f"; paused ({pause.get('reason', 'no reason given')})" if pause is not None else ""
+    if not check.alive:
+        return f"{name}: not running ({check.reason}){paused_note}"
+    beat = last_heartbeat_at(spec)
+    age = f", heartbeat {time.time() - beat:.0f} s old" if beat is not None else ", no heartbeat"
+    return f"{name}: running, PID {check.pid}{age}{paused_note}"
+
+
+def store_state(settings: Settings) -> str:
+    """One line on the store for a message: its size, and who holds its recovery lock."""
+    db = Path(settings.db_path)
+    holder = backup.lock_holder(db)
+    lock = "" if holder is None else f"; LOCKED by {holder.get('owner', 'an unknown owner')}"
+    if not db.exists():
+        return f"store: {db} does not exist{lock}"
+    return f"store: {db} ({db.stat().st_size / 1e6:.1f} MB){lock}"
+
+
+# --- store repair ---
+
+
+@dataclass(frozen=True)
+class ReindexResult:
+    """REINDEX tried on a scratch copy: whether the copy is sound afterwards, and where it is."""
+
+    ok: bool
+    problems: list[str]
+    repaired: Path | None
+    seconds: float
+
+
+def reindex_copy(db_path: Path | str, work_dir: Path | str) -> ReindexResult:
+    """Copy the database (with its WAL) to work_dir, REINDEX the copy and check it fully; the live file is untouched.
+
+    A sound copy is left at `repaired` (self-contained, no WAL) for put_repaired_in_place; a
+    copy that stays corrupt is deleted with work_dir.
+    """
+    started = time.perf_counter()
+    db = Path(db_path)
+    work = Path(work_dir)
+    if not db.is_file():
+        return ReindexResult(False, [f"database file {db} does not exist"], None, 0.0)
+    work.mkdir(parents=True, exist_ok=True)
+    copy = work / db.name
+    problems: list[str] = []
+    try:
+        shutil.copyfile(db, copy)
+        wal = db.with_name(db.name + "-wal")
+        if wal.exists():  # the newest pages live there until a checkpoint
+            shutil.copyfile(wal, copy.with_name(copy.name + "-wal"))
+        conn = sqlite3.connect(copy, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+        try:
+            conn.execute("REINDEX")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            conn.execute("PRAGMA journal_mode=DELETE")
+            rows = [str(r[0]) for r in conn.execute("PRAGMA integrity_check(100)")]
+            problems = [] if rows == ["ok"] else rows
+        finally:
+            conn.close()
+    except (sqlite3.Error, OSError) as exc:
+        problems = problems or [f"{type(exc).__name__}: {exc}"]
+    seconds = time.perf_counter() - started
+    if problems:
+        shutil.rmtree(work, ignore_errors=True)
+        return ReindexResult(False, problems, None, seconds)
+    return ReindexResult(True, [], copy, seconds)
+
+
+def put_repaired_in_place(db_path: Path | str, repaired: Path | str, quarantine_dir: Path | str, reason: str) -> Path:
+    """Quarantine the corrupt database (with -wal/-shm; never overwritten), then move the repaired copy
+    into its place; the quarantine folder. The caller holds the recovery lock and has stopped the services."""
+    db, fixed = Path(db_path), Path(repaired)
+    folder = backup.quarantine(db, quarantine_dir, reason)
+    os.replace(fixed, db)
+    fd = os.open(db.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    shutil.rmtree(fixed.parent, ignore_errors=True)
+    return folder
+
+
+def hand_lock_to_person(db_path: Path | str, owner: str) -> Path:
+    """Rewrite the recovery lock we hold so it stays after we exit, naming who must act; its path.
+
+    Used when a recovery gives up: no service, collector or scheduled job may write (or create an
+    empty database) until a person has looked and deletes the file.
+    """
+    path = backup.lock_path(db_path)
+    content = {"owner": owner, "host": socket.gethostname(),
+               "since": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.handover")
+    tmp.write_text(json.dumps(content) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def resync_windows(store: Store, settings: Settings, since_ms: int, now_ms: int) -> list[Window]:
+    """The candle windows a restored store lacks: every hole of the configured symbols and timeframes from
+    the backup's time (or the continuity window, whichever reaches further back) up to now."""
+    hours = max((now_ms - since_ms) / HOUR_MS + 4, settings.continuity_window_hours)
+    return plan_windows(
+        store, settings.symbols, settings.timeframes, mode="update-all", lookback_hours=hours,
+        initial_history_days=settings.initial_history_days, now_ms=now_ms,
+    )
+
+
+# The column that says when a row of each table was (last) written; candles are resynced from the
+# exchange instead. A table not named here is salvaged by the first of GENERIC_TIME_COLUMNS it has.
+SALVAGE_TIME_COLUMNS: dict[str, tuple[str, ...]] = {
+    "backtest_results": ("created_at",),
+    "paper_signals": ("evaluated_at",),
+    "paper_positions": ("opened_at", "closed_at"),
+    "probe_samples": ("checked_at",),
+    "service_events": ("at",),
+    "sentimento_mercado": ("fetched_at",),
+    "macro_series": ("fetched_at",),
+}
+GENERIC_TIME_COLUMNS = ("updated_at", "created_at", "fetched_at", "timestamp", "at")
+
+
+@dataclass
+class SalvageSummary:
+    """Rows copied from the quarantined database per table, and the key ranges that could not be read."""
+
+    copied: dict[str, int] = field(default_factory=dict)
+    unreadable: dict[str, list[str]] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        """Whether every row newer than the backup was read."""
+        return not self.unreadable
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {"copied": dict(self.copied), "unreadable": dict(self.unreadable), "skipped": list(self.skipped)}
+
+
+def salvage_since(corrupt_db: Path | str, target_db: Path | str, since_ms: int) -> SalvageSummary:
+    """Copy the readable rows newer than since_ms of every non-candle table from a quarantined database."""
+    target = Path(target_db)
+    conn = sqlite3.connect(f"{target.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        tables = {r[0]: [c[1] for c in conn.execute(f'PRAGMA table_info("{r[0]}")')]
+                  for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'")}
+    finally:
+        conn.close()
+    candle_tables = {t.name for t in OHLCV_TABLES.values()}
+    summary = SalvageSummary()
+    for table, columns in sorted(tables.items()):
+        if table in candle_tables:
+            continue
+        wanted = SALVAGE_TIME_COLUMNS.get(table) or tuple(c for c in GENERIC_TIME_COLUMNS if c in columns)[:1]
+        wanted = tuple(c for c in wanted if c in columns)
+        if not wanted:
+            summary.skipped.append(table)
+            continue
+        for column in wanted:
+            result = backup.salvage(corrupt_db, target, since_ms, tables=[table], time_column=column)
+            summary.copied[table] = summary.copied.get(table, 0) + result.get(table, 0)
+            if result.unreadable.get(table):
+                summary.unreadable.setdefault(table, []).extend(result.unreadable[table])
+    return summary
+
+
+def hours_between(start_ms: int | None, end_ms: int) -> float:
+    """Hours from start_ms to end_ms, 0 when start is unknown or later."""
+    if start_ms is None:
+        return 0.0
+    return max(0.0, (end_ms - start_ms) / HOUR_MS)

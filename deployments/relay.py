@@ -1,0 +1,135 @@
+"""The heartbeat relay: turns the services' heartbeat files into Prefect events, so a dead or hung daemon
+is noticed within seconds (a proactive automation fires when the heartbeats stop).
+
+crypto_agent stays free of Prefect: the services only write their heartbeat files; this small
+long-running process, run by the stack next to the serving process, reads them every second
+(`relay_poll_s`) and emits `crypto-agent.service.heartbeat` on the service's resource each time one
+advances (payload: service, epoch, state, pid, and `detected_at`, the heartbeat's own time). A
+service deliberately paused or stopped (a hold, crypto_agent.holds) is vouched for instead. Every
+`relay_tick_s` it emits `crypto-agent.monitor.tick` on its own resource for its dead man's switch.
+
+Run: `python -m deployments.relay [--services backtest,trader]` with PREFECT_API_URL set and the
+services' settings (CRYPTO_AGENT_*) in the environment; SIGTERM or Ctrl-C stops it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import FrameType
+
+from crypto_agent.errors import ConfigError, CryptoAgentError
+from crypto_agent.monitor import HeartbeatWatch
+from crypto_agent.service import SERVICE_NAMES
+from crypto_agent.settings import Settings, load_settings
+from flows.events import MONITOR_TICK, RELAY_RESOURCE, SERVICE_HEARTBEAT, emit, resource_of_service
+
+log = logging.getLogger("deployments.relay")
+
+# A held service is vouched for this often; well inside the heartbeat-missing window.
+MAX_VOUCH_EVERY_S = 5.0
+
+
+@dataclass
+class RelayCounts:
+    """What a relay run emitted."""
+
+    heartbeats: int = 0
+    vouched: int = 0
+    ticks: int = 0
+
+
+def run_relay(
+    settings: Settings,
+    *,
+    services: tuple[str, ...] = SERVICE_NAMES,
+    stop: threading.Event | None = None,
+    max_seconds: float | None = None,
+) -> RelayCounts:
+    """Relay heartbeats and tick until `stop` is set (or `max_seconds` passed); what it emitted."""
+    stop = stop or threading.Event()
+    watch = HeartbeatWatch(
+        settings, services, vouch_every_s=min(MAX_VOUCH_EVERY_S, settings.heartbeat_missing_s / 3)
+    )
+    counts = RelayCounts()
+    started = time.monotonic()
+    next_tick = 0.0
+    while not stop.is_set():
+        now = time.time()
+        for beat in watch.poll(now):
+            at = now if beat.vouched else beat.epoch
+            payload = {**beat.payload(), "detected_at": datetime.fromtimestamp(at, UTC).isoformat()}
+            emit(SERVICE_HEARTBEAT, resource_of_service(beat.service), payload)
+            counts.heartbeats += 1
+            counts.vouched += beat.vouched
+        if time.monotonic() >= next_tick:
+            emit(MONITOR_TICK, RELAY_RESOURCE, {
+                "monitor": "heartbeat-relay", "pid": os.getpid(), "interval_s": settings.relay_tick_s,
+                "services": list(services),
+            })
+            counts.ticks += 1
+            next_tick = time.monotonic() + settings.relay_tick_s
+        if max_seconds is not None and time.monotonic() - started >= max_seconds:
+            break
+        stop.wait(settings.relay_poll_s)
+    return counts
+
+
+def flush_events(timeout_s: float = 10.0) -> None:
+    """Send what is still queued to the Prefect API before the process ends."""
+    from prefect.events.worker import EventsWorker
+
+    EventsWorker.drain_all(timeout=timeout_s)
+
+
+def parse_services(text: str) -> tuple[str, ...]:
+    """'backtest,trader' -> ('backtest', 'trader'); ConfigError naming an unknown service."""
+    names = tuple(s.strip() for s in text.split(",") if s.strip())
+    unknown = [s for s in names if s not in SERVICE_NAMES]
+    if unknown or not names:
+        raise ConfigError(f"unknown service(s) {', '.join(unknown) or '(none given)'}",
+                          hint=f"use a comma-separated list of: {', '.join(SERVICE_NAMES)}")
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m deployments.relay`: relay until SIGTERM or Ctrl-C; exit 2 on a bad setting or no Prefect API."""
+    parser = argparse.ArgumentParser(prog="python -m deployments.relay", description=__doc__.splitlines()[0])
+    parser.add_argument("--services", default=",".join(SERVICE_NAMES), help="comma-separated services to watch")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        from prefect.events.worker import should_emit_events_to_running_server
+
+        services = parse_services(args.services)
+        settings = load_settings()
+        if not should_emit_events_to_running_server():
+            raise ConfigError("no Prefect API to send heartbeats to",
+                              hint="set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)")
+    except CryptoAgentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    log.info("relaying the heartbeats of %s from %s every %g s; tick every %g s",
+             ", ".join(services), settings.run_dir, settings.relay_poll_s, settings.relay_tick_s)
+    counts = run_relay(settings, services=services, stop=stop)
+    flush_events()
+    log.info("stopped: %d heartbeat events (%d vouched), %d ticks", counts.heartbeats, counts.vouched, counts.ticks)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
