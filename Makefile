@@ -1,4 +1,4 @@
-# Two commands: `make run` (the main job on embedded defaults) and `make test` (the whole suite).
+# Two commands: `make run` (the whole stack on embedded defaults, until Ctrl-C) and `make test` (the whole suite).
 # Each installs what it needs into a local virtual environment first.
 PYTHON ?= python3.11
 VENV := .venv
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/crypto-agent run
+	$(BIN)/crypto-agent up
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -661,16 +661,17 @@ def _exec_cmdline(proc: psutil.Process, timeout_s: float = 5.0) -> list[str]:
 
 
 def stop_tree(spec: ServiceSpec, *, grace_s: float | None = None, store: Store | None = None) -> StopResult:
-    """`stop`, then SIGKILL whatever the process had started and left behind (its descendants, seen before the stop).
+    """`stop`, then SIGTERM (and SIGKILL) what the process had started in its session and left behind.
 
     The descendants are psutil handles taken while our process was proven ours, and psutil checks
-    each one's create time as it signals, so a reused PID is never touched.
+    each one's create time as it signals, so a reused PID is never touched. A descendant in a session
+    of its own is a service started detached on purpose (a recovery restarting the daemon): left alone.
     """
     check = inspect(spec)
     descendants: list[psutil.Process] = []
     if check.alive and check.process is not None:
         try:
-            descendants = check.process.children(recursive=True)
+            descendants = [p for p in check.process.children(recursive=True) if _session(p) == _session(check.process)]
         except psutil.Error:
             pass
     result = stop(spec, grace_s=grace_s, store=store)
@@ -688,6 +689,13 @@ def stop_tree(spec: ServiceSpec, *, grace_s: float | None = None, store: Store |
             pass
     psutil.wait_procs(still, timeout=KILL_WAIT_S)
     return result
+
+
+def _session(proc: psutil.Process) -> int | None:
+    try:
+        return os.getsid(proc.pid)
+    except OSError:
+        return None
 
 
 def _alive(proc: psutil.Process) -> bool:

@@ -293,7 +293,8 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _resolve_paths(self) -> "Settings":
         home = self.home.expanduser()
-        for name in ("db_path", "run_dir", "logs_dir", "backup_dir", "quarantine_dir", "incidents_db_path"):
+        for name in ("db_path", "run_dir", "logs_dir", "backup_dir", "quarantine_dir", "incidents_db_path",
+                     "prefect_home"):
             p: Path = getattr(self, name).expanduser()
             if not p.is_absolute():
                 object.__setattr__(self, name, home / p)

@@ -69,6 +69,17 @@ EVENT_PARAMETER: dict[str, str] = {
 }
 
 
+# The `event` parameter of the heartbeat-missing automation: a proactive trigger fires on the absence
+# of events, so it names that detection, dated by the firing; id, resource and payload are of the
+# last heartbeat seen (payload.pid and payload.epoch say which instance fell silent, and when).
+HEARTBEAT_MISSING = "crypto-agent.service.heartbeat-missing"
+HEARTBEAT_MISSING_PARAMETER: dict[str, str] = {
+    **EVENT_PARAMETER,
+    "event": HEARTBEAT_MISSING,
+    "occurred": "{{ firing.triggered | string }}",
+}
+
+
 class AutomationsFailed(CryptoAgentError):
     """An automation could not be created: a deployment or block it needs is missing."""
 
@@ -107,7 +118,7 @@ def heartbeat_missing(settings: Settings, deployment_id: UUID) -> AutomationCore
         ),
         actions=[RunDeployment(
             source="selected", deployment_id=deployment_id,
-            parameters={"service": "{{ event.payload.service }}", "event": dict(EVENT_PARAMETER)},
+            parameters={"service": "{{ event.payload.service }}", "event": dict(HEARTBEAT_MISSING_PARAMETER)},
         )],
     )
 

@@ -144,7 +144,8 @@ def register(app: typer.Typer) -> None:
 
         plan = plan_stack(prefect_port=prefect_port, simulator_port=simulator_port,
                           receiver_port=receiver_port, ui=ui)
-        raise typer.Exit(run_up(plan, detach=detach, out=Console(soft_wrap=True), err=Console(stderr=True, soft_wrap=True)))
+        out, err = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
+        raise typer.Exit(run_up(plan, detach=detach, out=out, err=err))
 
     @app.command("down")
     def down() -> None:

@@ -4,7 +4,7 @@ is noticed within seconds (a proactive automation fires when the heartbeats stop
 crypto_agent stays free of Prefect: the services only write their heartbeat files; this small
 long-running process, run by the stack next to the serving process, reads them every second
 (`relay_poll_s`) and emits `crypto-agent.service.heartbeat` on the service's resource each time one
-advances (payload: service, epoch, state, pid, and `detected_at`, the heartbeat's own time). A
+advances (payload: service, epoch, state, pid, vouched). A
 service deliberately paused or stopped (a hold, crypto_agent.holds) is vouched for instead. Every
 `relay_tick_s` it emits `crypto-agent.monitor.tick` on its own resource for its dead man's switch.
 
@@ -22,8 +22,9 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from types import FrameType
+
+from prefect.events import emit_event
 
 from crypto_agent.errors import ConfigError, CryptoAgentError
 from crypto_agent.monitor import HeartbeatWatch
@@ -64,9 +65,11 @@ def run_relay(
     while not stop.is_set():
         now = time.time()
         for beat in watch.poll(now):
-            at = now if beat.vouched else beat.epoch
-            payload = {**beat.payload(), "detected_at": datetime.fromtimestamp(at, UTC).isoformat()}
-            emit(SERVICE_HEARTBEAT, resource_of_service(beat.service), payload)
+            # A heartbeat detects nothing: no `detected_at` (flows.events.emit would stamp one), so the
+            # recovery a missing heartbeat starts takes the automation's firing time as its detection.
+            resource = resource_of_service(beat.service)
+            emit_event(event=SERVICE_HEARTBEAT, payload=beat.payload(),
+                       resource={"prefect.resource.id": resource, "prefect.resource.name": resource.rsplit(".", 1)[-1]})
             counts.heartbeats += 1
             counts.vouched += beat.vouched
         if time.monotonic() >= next_tick:

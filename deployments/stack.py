@@ -2,9 +2,10 @@
 
 `up` starts, in order: a Prefect server on SQLite (PREFECT_HOME inside the project home), the exchange
 simulator and the local notification receiver, backfills the store for the universe, starts the paper
-trader and the backtest daemon, registers the Block types and default documents, deploys every
-deployment of prefect.yaml with its schedules and every automation, and starts the process that runs
-the flows (one serving process) and the heartbeat relay. Every child runs detached in its own session,
+trader and the backtest daemon, registers the Block types and default documents, starts the one
+process that runs the flows (deployments/serve.py: it creates every deployment of prefect.yaml with
+its schedules and triggers), applies the automations of deployments/automations.py and starts the
+heartbeat relay. Every child runs detached in its own session,
 its PID and identity recorded under run/ (crypto_agent.process: never a signal to a PID that is not
 the process we started). A second `up` reuses what runs and answers. In the foreground `up` waits for
 Ctrl-C or SIGTERM and then stops what it started, in reverse order; `crypto-agent down` does the same
@@ -53,8 +54,8 @@ FOREGROUND = "up"  # the pidfile of an `up` that holds the stack in the foregrou
 SERVER_READY_S = 120.0  # a fresh PREFECT_HOME migrates its database first (about 8-11 s here)
 CHILD_READY_S = 60.0
 SERVE_READY_S = 90.0
-SERVE_STOP_GRACE_S = 30.0
-RELAY_SETTLE_S = 2.0  # the relay has no address: alive this long after its start counts as up  # SIGTERM cancels the running flow runs, then it exits
+SERVE_STOP_GRACE_S = 30.0  # SIGTERM cancels the running flow runs, then it exits
+RELAY_SETTLE_S = 2.0  # the relay has no address: alive this long after its start counts as up
 UP_STOP_GRACE_S = 180.0  # `down` waits this long for a foreground `up` to stop its stack
 HTTP_TIMEOUT_S = 2.0
 # Environment of the parent that must not reach the stack's children: they talk to our server only.
@@ -155,13 +156,10 @@ def plan_stack(
             f"no prefect.yaml in {project_dir}",
             hint="run `crypto-agent up` from a checkout of the project (it deploys the flows of prefect.yaml)",
         )
-    home = settings.prefect_home.expanduser()
-    if not home.is_absolute():
-        home = settings.home.expanduser() / home
     return StackPlan(
         settings=settings,
         project_dir=project_dir,
-        prefect_home=home.absolute(),
+        prefect_home=settings.prefect_home.absolute(),
         prefect_port=settings.prefect_port,
         simulator_port=_local_port(settings.exchange_url),
         receiver_port=_local_port(settings.receiver_url),
@@ -361,17 +359,16 @@ def read_record(settings: Settings) -> dict[str, Any] | None:
 
 @dataclass
 class Part:
-    """One part of a running stack: name, PID, whether this `up` started it, and where it answers."""
+    """One part of a running stack: name, PID, whether this `up` started it (and so stops it)."""
 
     name: str
     pid: int | None
     started: bool
-    where: str = ""
     spec: process.ServiceSpec | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
-        return {"pid": self.pid, "started": self.started, "where": self.where}
+        return {"pid": self.pid, "started": self.started}
 
 
 @dataclass
@@ -413,7 +410,8 @@ def ensure_child(child: Child, plan: StackPlan, env: dict[str, str], out: Consol
     spec = child.spec(plan.settings)
     check = process.inspect(spec)
     if check.alive:
-        if check.record is not None and check.record.cmdline != list(child.command):
+        # the arguments decide (ports, options); the interpreter may be reached through another symlink
+        if check.record is not None and check.record.cmdline[1:] != list(child.command[1:]):
             raise StackConflict(
                 f"the {child.name} of this stack already runs (PID {check.pid}) as "
                 f"`{' '.join(check.record.cmdline[1:])}`, not `{' '.join(child.command[1:])}`",
@@ -438,11 +436,13 @@ def wait_child(child: Child, part: Part, out: Console) -> None:
     assert part.spec is not None
     started = time.monotonic()
     if not _wait_ready(child, part.spec, child.ready_timeout_s):
-        alive = process.inspect(part.spec).alive
-        process.stop_tree(part.spec)
+        if process.inspect(part.spec).alive:
+            process.stop_tree(part.spec)
+            what = f"did not answer within {child.ready_timeout_s:g} s; it was stopped"
+        else:
+            what = "exited before it answered"
         raise process.ServiceStartError(
-            f"the {child.name} {'did not answer within ' + format(child.ready_timeout_s, 'g') + ' s' if alive else 'exited'}"
-            f"{'; it was stopped' if alive else ''}",
+            f"the {child.name} {what}",
             hint=f"its log {part.spec.log} ends with:\n{process.tail_text(part.spec.log)}",
         )
     if part.started:
@@ -507,7 +507,7 @@ def runner_ready(plan: StackPlan) -> bool:
             flows = {f.id: f.name for f in client.read_flows()}
             status = {f"{flows.get(d.flow_id)}/{d.name}": getattr(d.status, "value", d.status)
                       for d in client.read_deployments()}
-    except Exception:  # the server is busy or restarting: not ready yet
+    except httpx.HTTPError:  # the server is busy or restarting: not ready yet
         return False
     return all(status.get(name) == "READY" for name in wanted)
 
@@ -563,7 +563,8 @@ def apply_automations(plan: StackPlan) -> str | None:
     done = apply(plan.settings, plan.project_dir)
     parts = [f"{len(names)} {what}" for what, names in
              (("created", done.created), ("updated", done.updated), ("deleted", done.deleted)) if names]
-    return ", ".join(parts) or "none declared"
+    parts += [f"not applied: {why}" for why in getattr(done, "skipped", [])]
+    return "; ".join(parts) or "none declared"
 
 
 def foreground_spec(settings: Settings) -> process.ServiceSpec:
@@ -625,9 +626,9 @@ def prefect_client_env(plan: StackPlan) -> Iterator[None]:
     try:
         from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
-        with temporary_settings(updates={PREFECT_API_URL: plan.api_url, PREFECT_HOME: plan.prefect_home}):
-            with _on_path(plan.project_dir):
-                yield
+        with (temporary_settings(updates={PREFECT_API_URL: plan.api_url, PREFECT_HOME: plan.prefect_home}),
+              _on_path(plan.project_dir)):
+            yield
     finally:
         for k, v in saved.items():
             if v is None:
@@ -656,7 +657,6 @@ def bring_up(plan: StackPlan, out: Console, err: Console) -> Stack:
             for name in SERVICES:
                 stack.parts.append(ensure_service(name, plan, out))
             wait_child(server, server_part, out)
-            server_part.where = plan.ui_url
             out.print(f"{SERVER}: UI {plan.ui_url}  API {plan.api_url}")
             register_blocks(plan, out)
             # The serving process creates or updates every deployment of prefect.yaml, with its schedules
@@ -730,6 +730,8 @@ def bring_down(settings: Settings, out: Console) -> list[str]:
         except CryptoAgentError as exc:
             problems.append(f"up: {exc}")
     problems += stop_parts([Part(name, None, True) for name in START_ORDER], settings, out)
+    if not problems:
+        (Path(settings.run_dir) / "stack.json").unlink(missing_ok=True)
     return problems
 
 
@@ -740,7 +742,7 @@ def summary_lines(stack: Stack) -> list[str]:
     lines = [
         "",
         "the stack is up:",
-        f"  Prefect UI      {plan.ui_url}",
+        f"  Prefect UI      {plan.ui_url}" if plan.ui else "  Prefect UI      off (--no-ui)",
         f"  Prefect API     {plan.api_url}   (home {plan.prefect_home})",
     ]
     if plan.simulator_port is not None:
@@ -794,6 +796,8 @@ def run_up(plan: StackPlan, *, detach: bool, out: Console, err: Console) -> int:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             out.print("stopping the stack ...")
             problems = stop_parts(stack.started, plan.settings, out)
+            if not problems and len(stack.started) == len(stack.parts):
+                plan.record_path.unlink(missing_ok=True)
         finally:
             release_foreground(plan.settings)
         out.print("stopped" if not problems else f"stopped, with problems: {'; '.join(problems)}")

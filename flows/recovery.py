@@ -47,6 +47,8 @@ from flows.events import (
     INCIDENT_ESCALATED,
     INCIDENT_OPENED,
     INCIDENT_RESOLVED,
+    SERVICE_CPU_HIGH,
+    SERVICE_MEMORY_HIGH,
     STORE_RESOURCE,
     emit,
     incident_resource,
@@ -630,11 +632,13 @@ def recover_process_hang(
         report = probe_service(settings, service)
         run.act("probe", f"{report.summary}" + (f"; also {'; '.join(report.reasons[1:])}" if report.reasons[1:] else ""),
                 ok=report.healthy)
-        if report.healthy and not run.handed_over:
+        # cpu-high and memory-high come from minutes of history: one healthy sample does not refute them
+        judged = (event or {}).get("event") in (SERVICE_CPU_HIGH, SERVICE_MEMORY_HIGH)
+        if report.healthy and not run.handed_over and not judged:
             return run.finish(RESOLVED, SKIPPED, summary=f"{service} is healthy again: nothing done",
                               impact="none", root_cause="Other: transient (healthy when the recovery looked)",
                               data_lost_hours=0)
-        cause = "; ".join(report.reasons) or report.summary
+        cause = "; ".join(report.reasons) or f"{(event or {}).get('event')} ({report.summary} when looked at)"
         if report.alive:
             stacks = capture_stacks(settings, service)
             if stacks["continued"]:
@@ -778,7 +782,8 @@ def recover_db_corruption(
         run.incident = incidents.get(run.log_store, run.id)
         with _store_lock(run, owner):
             stopped = _stop_all(run, settings)
-            run.live_trading_affected = stopped["trader"]["was_running"]
+            # running until we stopped it, or found dead (its pidfile left behind): live trading was hit
+            run.live_trading_affected = stopped["trader"]["was_running"] or bool(stopped["trader"].get("cleaned"))
             impact = ("Live trading and backtest stopped" if run.live_trading_affected
                       else "Backtest stopped, live trading was not running")
             reindexed = reindex_scratch_copy(settings, run.id)

@@ -7,28 +7,22 @@ One stack serves the session (the browser test too); the test that runs `crypto-
 from __future__ import annotations
 
 import json
-import os
-import re
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
+from stack_kit import (
+    DOWN_TIMEOUT_S,
+    UP_TIMEOUT_S,
+    RunningStack,
+    free_port,
+    run_cli,
+    stack_env,
+    up_seconds,
+)
 
-PROJECT_DIR = Path(__file__).resolve().parents[2]
-if str(PROJECT_DIR) not in sys.path:
-    sys.path.insert(0, str(PROJECT_DIR))
-
-CRYPTO_AGENT = str(Path(sys.executable).parent / "crypto-agent")
-STACK_SYMBOLS = "BTCUSDT,ETHUSDT,SOLUSDT"
-UP_TIMEOUT_S = 300.0
-DOWN_TIMEOUT_S = 240.0
 LAST = "test_down_stops_every_process_and_keeps_the_store"
 
 
@@ -45,86 +39,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in last:
         items.remove(item)
         items.append(item)
-
-
-def free_port() -> int:
-    """A port nothing listens on at the moment, on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stack_env(home: Path, prefect_port: int, simulator_port: int, receiver_port: int) -> dict[str, str]:
-    """The environment of `crypto-agent` commands on that stack: nobody's config, our ports, a small universe."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CRYPTO_AGENT_", "PREFECT_"))}
-    sim = f"http://127.0.0.1:{simulator_port}"
-    env.update({
-        "CRYPTO_AGENT_HOME": str(home),
-        "CRYPTO_AGENT_SYMBOLS": STACK_SYMBOLS,
-        "CRYPTO_AGENT_INITIAL_HISTORY_DAYS": "10",
-        "CRYPTO_AGENT_DAEMON_LOOKBACK_DAYS": "10",
-        "CRYPTO_AGENT_PREFECT_PORT": str(prefect_port),
-        "CRYPTO_AGENT_EXCHANGE_URL": sim,
-        "CRYPTO_AGENT_FEAR_GREED_URL": f"{sim}/fng/",
-        "CRYPTO_AGENT_FRED_URL": f"{sim}/fred",
-        "CRYPTO_AGENT_RECEIVER_URL": f"http://127.0.0.1:{receiver_port}",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    })
-    return env
-
-
-def run_cli(args: list[str], env: dict[str, str], timeout_s: float, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run `crypto-agent <args>` as a real subprocess; its output, whatever its exit code."""
-    return subprocess.run([CRYPTO_AGENT, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout_s)
-
-
-@dataclass
-class RunningStack:
-    """A stack brought up by `crypto-agent up --detach` for the tests."""
-
-    home: Path
-    env: dict[str, str]
-    prefect_port: int
-    simulator_port: int
-    receiver_port: int
-    up: subprocess.CompletedProcess
-    up_seconds: float
-    record: dict[str, Any]
-    down: subprocess.CompletedProcess | None = None
-    seen_pids: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def api_url(self) -> str:
-        """PREFECT_API_URL of the stack."""
-        return f"http://127.0.0.1:{self.prefect_port}/api"
-
-    @property
-    def ui_url(self) -> str:
-        """The Prefect UI of the stack."""
-        return f"http://127.0.0.1:{self.prefect_port}"
-
-    def read_record(self) -> dict[str, Any]:
-        """run/stack.json as it is now."""
-        return json.loads((self.home / "run" / "stack.json").read_text())
-
-    def prefect_env(self) -> dict[str, str]:
-        """The environment of a `prefect` command from another terminal, as `up` says."""
-        return {**self.env, "PREFECT_API_URL": self.api_url, "PREFECT_HOME": str(self.home / ".prefect")}
-
-    def pids(self) -> dict[str, int]:
-        """Every PID the stack recorded: the parts of stack.json and the pidfiles under run/."""
-        found = {name: part["pid"] for name, part in self.read_record()["parts"].items() if part.get("pid")}
-        for pidfile in (self.home / "run").glob("*.pid"):
-            text = pidfile.read_text().strip()
-            if text.isdigit():
-                found.setdefault(pidfile.stem, int(text))
-        return found
-
-
-def up_seconds(output: str) -> float:
-    """The "up in N s" figure `up` prints."""
-    found = re.search(r"up in ([0-9.]+) s", output)
-    return float(found.group(1)) if found else float("nan")
 
 
 @pytest.fixture(scope="session")

@@ -6,70 +6,34 @@ from __future__ import annotations
 import re
 import socket
 import sqlite3
-import subprocess
-import sys
 import time
 from contextlib import closing
 from pathlib import Path
-from typing import Any
-from uuid import UUID
 
 import httpx
 import psutil
 import pytest
-import yaml
-from conftest import PROJECT_DIR, RunningStack, free_port, run_cli, stack_env, up_seconds
+from stack_kit import (
+    PROJECT_DIR,
+    RunningStack,
+    api,
+    deployments_by_name,
+    expected_deployments,
+    free_port,
+    prefect_yaml,
+    run_cli,
+    run_deployment,
+    stack_env,
+    up_seconds,
+)
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
-
-FLOW_RUN_TIMEOUT_S = 120.0
-TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-def prefect_yaml() -> dict[str, Any]:
-    """The project's prefect.yaml."""
-    return yaml.safe_load((PROJECT_DIR / "prefect.yaml").read_text())
-
-
-def api(stack: RunningStack) -> Any:
-    """A sync Prefect client on the stack's API."""
-    from prefect import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    class _Client:
-        def __enter__(self) -> Any:
-            self._settings = temporary_settings(updates={PREFECT_API_URL: stack.api_url})
-            self._settings.__enter__()
-            self._client = get_client(sync_client=True)
-            return self._client.__enter__()
-
-        def __exit__(self, *exc: Any) -> None:
-            self._client.__exit__(*exc)
-            self._settings.__exit__(*exc)
-
-    return _Client()
-
-
-def deployments_by_name(stack: RunningStack) -> dict[str, Any]:
-    """Every deployment on the stack's server as "<flow>/<deployment>"."""
-    with api(stack) as client:
-        flows = {f.id: f.name for f in client.read_flows()}
-        return {f"{flows[d.flow_id]}/{d.name}": d for d in client.read_deployments()}
 
 
 def automation_names(stack: RunningStack) -> list[str]:
     """The names of every automation on the stack's server (duplicates kept)."""
     with api(stack) as client:
         return sorted(a.name for a in client.read_automations())
-
-
-def expected_deployments() -> dict[str, list[str]]:
-    """"<flow>/<deployment>" -> its cron schedules, from prefect.yaml (flow names from the entrypoints)."""
-    from deployments.stack import deployment_names
-
-    entries = prefect_yaml()["deployments"]
-    names = deployment_names(PROJECT_DIR)
-    return {name: sorted(s["cron"] for s in entry.get("schedules") or []) for name, entry in zip(names, entries)}
 
 
 def test_up_prints_where_everything_is(stack: RunningStack) -> None:
@@ -136,26 +100,12 @@ def declared_code_automations(stack: RunningStack) -> list[str]:
     from deployments.automations import desired_automations
 
     with temporary_settings(updates={PREFECT_API_URL: stack.api_url}):
-        return [a.name for a in desired_automations(load_settings(home=stack.home), PROJECT_DIR)]
+        wanted, not_buildable = desired_automations(load_settings(home=stack.home), PROJECT_DIR)
+    return [a.name for a in wanted] + list(not_buildable)
 
 
 def test_a_deployment_runs_from_another_terminal(stack: RunningStack) -> None:
-    done = subprocess.run(
-        [str(Path(sys.executable).parent / "prefect"), "deployment", "run", "integrity-check/quick"],
-        env=stack.prefect_env(), capture_output=True, text=True, timeout=120,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    found = re.search(r"UUID: ([0-9a-f-]{36})", done.stdout)
-    assert found, done.stdout
-    flow_run_id = UUID(found.group(1))
-    deadline = time.monotonic() + FLOW_RUN_TIMEOUT_S
-    with api(stack) as client:
-        while True:
-            run = client.read_flow_run(flow_run_id)
-            if run.state_type is not None and run.state_type.value in TERMINAL:
-                break
-            assert time.monotonic() < deadline, f"flow run {flow_run_id} still {run.state_name}"
-            time.sleep(0.5)
+    run = run_deployment(stack, "integrity-check/quick")
     assert run.state_type.value == "COMPLETED", f"{run.state_name}: {run.state and run.state.message}"
 
 
@@ -169,7 +119,7 @@ def test_a_second_up_reuses_everything(stack: RunningStack) -> None:
     assert again.returncode == 0, again.stdout + again.stderr
     print(f"\nsecond `crypto-agent up --detach` (warm): {up_seconds(again.stdout):.1f} s ({elapsed:.1f} s wall)")
     for name in ("prefect-server", "simulator", "receiver", "trader", "backtest", "serve"):
-        assert re.search(rf"^{name}: already running.*reused", again.stdout, re.M), f"{name}:\n{again.stdout}"
+        assert re.search(rf"^{name}: already running.*reused", again.stdout, re.MULTILINE), f"{name}:\n{again.stdout}"
     assert "started" not in " ".join(l for l in again.stdout.splitlines() if l.startswith(("prefect-server:", "serve:")))
     assert stack.pids() == pids_before
     servers = [p for p in psutil.process_iter(["cmdline"])

@@ -1,0 +1,186 @@
+"""Helpers of the recovery flow tests: fast service settings, the incident of a run, a store filled from the
+simulator once per module, and ways to damage a real SQLite file."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import sqlite3
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for service_kit
+
+from service_kit import Keeper, wait_until  # noqa: E402
+
+from crypto_agent import incidents, process  # noqa: E402
+from crypto_agent.collector import collect  # noqa: E402
+from crypto_agent.exchange import BinanceClient  # noqa: E402
+from crypto_agent.incidents import Incident  # noqa: E402
+from crypto_agent.receiver import Receiver  # noqa: E402
+from crypto_agent.settings import Settings, load_settings  # noqa: E402
+from crypto_agent.simulator import Simulator  # noqa: E402
+from crypto_agent.store import Store  # noqa: E402
+
+# Short limits, so a service is started, found stale, stopped and confirmed within seconds.
+FAST_SERVICES: dict[str, Any] = {
+    "heartbeat_interval_s": 0.2,
+    "heartbeat_max_age_s": 3.0,
+    "daemon_unit_pause_s": 0.2,
+    "daemon_cycle_pause_s": 1.0,
+    "daemon_lookback_days": 30,
+    "trader_cycle_s": 0.5,
+    "probe_cpu_sample_s": 0.3,
+    "stop_grace_s": 3.0,
+    "start_timeout_s": 60.0,
+    "crash_restart_grace_s": 0.0,
+}
+
+__all__ = ["Keeper", "wait_until"]
+
+
+def event(name: str, resource: str, **payload: Any) -> dict[str, Any]:
+    """A triggering event as the automation passes it to a recovery flow."""
+    payload.setdefault("detected_at", time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()))
+    return {"id": f"test-{name}-{time.monotonic_ns()}", "event": name,
+            "occurred": payload["detected_at"], "resource": resource, "payload": payload}
+
+
+def incident_of(cfg: Settings, result: dict[str, Any]) -> Incident:
+    """The incident a recovery flow's summary names."""
+    with incidents.open_incident_store(cfg) as log:
+        return incidents.get(log, result["incident_id"])
+
+
+def all_incidents(cfg: Settings) -> list[Incident]:
+    """Every incident of the log, newest first."""
+    with incidents.open_incident_store(cfg) as log:
+        return incidents.list_incidents(log)
+
+
+def steps(inc: Incident) -> list[str]:
+    """The incident's action steps in order."""
+    return [a["step"] for a in inc.actions]
+
+
+def action(inc: Incident, step: str) -> dict[str, Any]:
+    """The last action of a step."""
+    found = [a for a in inc.actions if a["step"] == step]
+    assert found, f"no action {step!r} in {steps(inc)}"
+    return found[-1]
+
+
+def messages(inbox: Receiver, level: str) -> list[dict[str, Any]]:
+    """The bodies the receiver got for a level (subject, body, ...)."""
+    return [m["body"] for m in inbox.messages(f"/{level}")]
+
+
+def stop_services(cfg: Settings) -> None:
+    """Stop what a recovery started in this home (our PIDs only), and lift any pause."""
+    for name in ("backtest", "trader"):
+        spec = process.service_spec(name, cfg)
+        try:
+            process.stop(spec, grace_s=2.0)
+        except process.NotOurProcess:
+            pass
+        process.resume(spec)
+
+
+def running_pid(cfg: Settings, service: str) -> int | None:
+    """The PID of our live service, None when it does not run."""
+    check = process.inspect(process.service_spec(service, cfg))
+    return check.pid if check.alive else None
+
+
+def kill_and_wait(pid: int) -> None:
+    """SIGKILL a process we started and wait until it is gone (or a zombie)."""
+    proc = psutil.Process(pid)
+    proc.send_signal(signal.SIGKILL)
+    wait_until(lambda: not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE, 10, "the kill")
+
+
+def fill_store(db_path: Path, sim: Simulator, symbols: list[str], days: int) -> None:
+    """Fill a store with the simulator's candles (H1 and H4), then fold the WAL into the file."""
+    with Store(f"sqlite:///{db_path}") as store, BinanceClient(sim.url) as client:
+        summary = collect(store, client, symbols, ["1h", "4h"], mode="update", initial_history_days=days)
+        assert summary.ok, summary.failures
+    checkpoint(db_path)
+
+
+def checkpoint(db_path: Path) -> None:
+    """Fold the WAL into the database file (nobody else may have it open)."""
+    conn = sqlite3.connect(db_path)
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+
+
+def copy_db(template: Path, cfg: Settings) -> Path:
+    """Put a copy of a template database at the settings' db_path."""
+    Path(cfg.db_path).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, cfg.db_path)
+    return Path(cfg.db_path)
+
+
+def leaf_page(db_path: Path, name: str) -> int:
+    """A leaf page (not the first) of a table or index, from SQLite's dbstat."""
+    conn = sqlite3.connect(db_path)
+    try:
+        row = conn.execute("SELECT pageno FROM dbstat WHERE name = ? AND pagetype = 'leaf' ORDER BY pageno "
+                           "LIMIT 1 OFFSET 1", (name,)).fetchone()
+    finally:
+        conn.close()
+    assert row is not None, f"{name} has fewer than two leaf pages"
+    return int(row[0])
+
+
+def smash_page(db_path: Path, page: int) -> bytes:
+    """Overwrite the start of a page with garbage; the page's bytes afterwards."""
+    conn = sqlite3.connect(db_path)
+    size = conn.execute("PRAGMA page_size").fetchone()[0]
+    conn.close()
+    with db_path.open("r+b") as f:
+        f.seek((page - 1) * size)
+        f.write(b"\x0d\x00\x00\x00\x10" + b"\xff" * 300)
+        f.seek((page - 1) * size)
+        return f.read(size)
+
+
+def rows(db_path: Path, sql: str) -> list[tuple]:
+    """Rows of a read-only query on a database file."""
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def execute(db_path: Path, sql: str, params: tuple = ()) -> None:
+    """One write to a database file."""
+    conn = sqlite3.connect(db_path, timeout=30)
+    try:
+        conn.execute(sql, params)
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def add_result(db_path: Path, run_id: str, created_ms: int) -> None:
+    """One backtest_results row, to tell which state of the store a restore brought back."""
+    execute(db_path, "INSERT INTO backtest_results (run_id, strategy, params, symbol, timeframe, period_start, "
+            "period_end, candles, fee_bps, total_return, max_drawdown, trades, exposure, created_at) VALUES "
+            "(?, 'sma_cross', '{}', 'BTCUSDT', '1h', 0, 1, 10, 1.0, 0.1, -0.1, 3, 0.5, ?)", (run_id, created_ms))
+
+
+def settings_of(overrides: dict[str, Any]) -> Settings:
+    """The Settings a flow run builds from these overrides."""
+    return load_settings(**overrides)
+
+
+Make = Callable[..., dict[str, Any]]

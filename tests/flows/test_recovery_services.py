@@ -1,0 +1,251 @@
+"""recover-daemon-crash and recover-process-hang with real services really signalled: SIGKILL, SIGSTOP,
+a CPU-burning daemon, a daemon hung past SIGTERM, a pidfile naming a stranger, two recoveries at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import psutil
+import pytest
+from flow_kit import artifacts_of, flow_run_events, wait_for_messages
+from recovery_kit import (
+    FAST_SERVICES,
+    Keeper,
+    Make,
+    action,
+    all_incidents,
+    event,
+    incident_of,
+    kill_and_wait,
+    messages,
+    running_pid,
+    settings_of,
+    steps,
+    stop_services,
+    wait_until,
+)
+
+from crypto_agent import health, incidents, process
+from crypto_agent.daemon import FAULT_ENV
+from crypto_agent.receiver import Receiver
+from crypto_agent.settings import Settings
+from flows.events import INCIDENT_OPENED, INCIDENT_RESOLVED
+from flows.recovery import recover_daemon_crash, recover_process_hang
+
+DAEMON = "crypto-agent.service.backtest-daemon"
+
+
+@pytest.fixture
+def keeper() -> Iterator[Keeper]:
+    k = Keeper()
+    yield k
+    k.cleanup()
+
+
+@pytest.fixture
+def env(settings_for: Make) -> Iterator[dict[str, Any]]:
+    """Settings overrides of a tmp home with fast service limits; whatever a recovery started is stopped after."""
+    overrides = settings_for(**FAST_SERVICES)
+    yield overrides
+    stop_services(settings_of(overrides))
+
+
+def start(keeper: Keeper, cfg: Settings, service: str = "backtest", **env: str) -> int:
+    return keeper.start(process.service_spec(service, cfg), cfg, env=env or None).pid
+
+
+def healthy(cfg: Settings, service: str = "backtest") -> health.ProbeReport:
+    report = health.probe(process.service_spec(service, cfg), cfg)
+    assert report.healthy, report.summary
+    return report
+
+
+class TestDaemonCrash:
+    def test_a_killed_daemon_is_restarted_healthy_and_l1_hears_of_the_open_and_the_close(
+        self, env: dict[str, Any], keeper: Keeper, inbox: Receiver
+    ) -> None:
+        overrides = {**env, "crash_restart_grace_s": 3.0}
+        cfg = settings_of(overrides)
+        old = start(keeper, cfg)
+        kill_and_wait(old)
+        result = recover_daemon_crash(settings=overrides, event=event("crypto-agent.service.dead", DAEMON))
+
+        assert result["outcome"] == "recovered", result
+        inc = incident_of(cfg, result)
+        assert inc.status == "resolved" and inc.scenario == "daemon-crash" and inc.resource == DAEMON
+        assert steps(inc) == ["probe", "grace", "probe", "log-errors", "integrity-check", "clean-state", "start",
+                              "confirm-healthy"]
+        assert "quick_check: ok" in action(inc, "integrity-check")["detail"]
+        assert inc.root_cause.startswith("Other: backtest died without logging an error")
+        assert inc.data_lost_hours == 0 and inc.recovery_time_s is not None and inc.detection_delay_s is not None
+        new = running_pid(cfg, "backtest")
+        assert new not in (None, old) and healthy(cfg).pid == new
+        l1 = wait_for_messages(inbox, "/l1", 2)
+        assert [m["body"]["subject"].split(":")[0] for m in l1] == [
+            f"[crypto-agent] incident #{inc.id} opened", f"[crypto-agent] incident #{inc.id} resolved"]
+        closing = l1[1]["body"]["body"]
+        assert "What happened: Other: backtest died without logging an error" in closing
+        assert "What was done:" in closing and "- start: started backtest" in closing
+        assert f"backtest: running, PID {new}" in closing and "Data lost: 0 hours" in closing
+        assert "Flow run:" in closing
+        assert messages(inbox, "l2") == [] and messages(inbox, "l3") == []
+        [report] = artifacts_of(inc.flow_run_id, f"incident-{inc.id}")
+        assert report.startswith(f"# Incident Report #{inc.id}: scenario 1: Daemon crashed")
+        assert "[x] Automated" in report and "Recovery time:" in report
+        assert flow_run_events(inc.flow_run_id, INCIDENT_OPENED)
+        [resolved] = flow_run_events(inc.flow_run_id, INCIDENT_RESOLVED)
+        assert resolved.payload["incident_id"] == inc.id and resolved.payload["outcome"] == "recovered"
+        assert inc.levels_told == ["l1"]
+
+    def test_a_crashing_daemon_gets_its_log_errors_attached(
+        self, env: dict[str, Any], keeper: Keeper, inbox: Receiver
+    ) -> None:
+        cfg = settings_of(env)
+        old = start(keeper, cfg, **{FAULT_ENV: "crash-after:2"})
+        wait_until(lambda: not psutil.pid_exists(old) or psutil.Process(old).status() == psutil.STATUS_ZOMBIE,
+                   30, "the injected crash")
+        result = recover_daemon_crash(settings=env)
+        inc = incident_of(cfg, result)
+        assert result["outcome"] == "recovered"
+        assert "crashing now" in action(inc, "log-errors")["detail"]
+        assert "crashing now" in inc.root_cause and not inc.automated  # a manual run: no event
+        healthy(cfg)
+
+    def test_a_stopped_daemon_is_handed_to_the_hang_recovery_which_captures_its_stacks(
+        self, env: dict[str, Any], keeper: Keeper, inbox: Receiver
+    ) -> None:
+        cfg = settings_of(env)
+        old = start(keeper, cfg)
+        os.kill(old, signal.SIGSTOP)
+        result = recover_daemon_crash(settings=env, event=event("crypto-agent.service.heartbeat-missing", DAEMON))
+
+        assert result["outcome"] == "recovered", result
+        inc = incident_of(cfg, result)
+        assert inc.scenario == "daemon-crash" and inc.status == "resolved"
+        assert [s for s in steps(inc) if s in ("triage", "handover", "continue", "capture-stacks", "stop", "start",
+                                               "confirm-healthy", "handed-back")] == [
+            "triage", "handover", "continue", "capture-stacks", "stop", "start", "confirm-healthy", "handed-back"]
+        stacks = action(inc, "capture-stacks")["detail"]
+        assert "backtest_stacks_" in stacks and "File " in stacks  # faulthandler's frames
+        assert "gracefully (SIGTERM)" in action(inc, "stop")["detail"]
+        assert inc.root_cause.startswith("Process hang:") and "stopped" in inc.root_cause
+        assert not psutil.pid_exists(old) or psutil.Process(old).status() == psutil.STATUS_ZOMBIE
+        assert healthy(cfg).pid != old
+        assert len(all_incidents(cfg)) == 1  # the handover worked in the same incident
+        assert len(wait_for_messages(inbox, "/l1", 2)) == 2
+
+    def test_a_pidfile_naming_a_stranger_is_refused_and_the_stranger_survives(
+        self, env: dict[str, Any], keeper: Keeper, inbox: Receiver
+    ) -> None:
+        cfg = settings_of(env)
+        stranger = keeper.sleeper()
+        spec = process.service_spec("backtest", cfg)
+        spec.pidfile.parent.mkdir(parents=True, exist_ok=True)
+        spec.pidfile.write_text(f"{stranger.pid}\n")
+        with incidents.open_incident_store(cfg) as log:  # two crashes earlier today: this is the third
+            for _ in range(2):
+                old, _ = incidents.open_or_join(log, "daemon-crash", DAEMON, {}, time.time() - 600)
+                incidents.resolve(log, old.id, summary="restarted")
+        result = recover_daemon_crash(settings=env, event=event("crypto-agent.service.dead", DAEMON))
+
+        assert result["outcome"] == "recovered", result
+        assert stranger.poll() is None and psutil.Process(stranger.pid).is_running()
+        inc = incident_of(cfg, result)
+        refused = action(inc, "refused")
+        assert str(stranger.pid) in refused["detail"] and "left alone" in refused["detail"]
+        assert healthy(cfg).pid != stranger.pid
+        [l2] = wait_for_messages(inbox, "/l2", 1)
+        assert "happened 3 times" in l2["body"]["body"] and inc.levels_told == ["l1", "l2"]
+
+    def test_a_crashed_trader_is_live_trading_affected_and_l3_is_paged(
+        self, env: dict[str, Any], keeper: Keeper, inbox: Receiver
+    ) -> None:
+        cfg = settings_of(env)
+        kill_and_wait(start(keeper, cfg, "trader"))
+        result = recover_daemon_crash(service="trader", settings=env)
+        inc = incident_of(cfg, result)
+        assert result["outcome"] == "recovered" and inc.resource == "crypto-agent.service.trader"
+        assert inc.impact == "Live trading down"
+        [l3] = wait_for_messages(inbox, "/l3", 1)
+        assert "live trading was affected" in l3["body"]["body"] and "# Incident Report" in l3["body"]["body"]
+        healthy(cfg, "trader")
+
+    def test_two_recoveries_at_once_one_recovers_and_the_other_is_absorbed(
+        self, env: dict[str, Any], keeper: Keeper, inbox: Receiver
+    ) -> None:
+        overrides = {**env, "crash_restart_grace_s": 4.0}  # the first one holds its restart a few seconds
+        cfg = settings_of(overrides)
+        kill_and_wait(start(keeper, cfg))
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(recover_daemon_crash, settings=overrides,
+                                event=event("crypto-agent.service.dead", DAEMON))
+            wait_until(lambda: any(i.is_open for i in all_incidents(cfg)), 60, "the first incident")
+            second = pool.submit(recover_daemon_crash, settings=overrides,
+                                 event=event("crypto-agent.service.heartbeat-missing", DAEMON))
+            results = [first.result(timeout=300), second.result(timeout=300)]
+        assert sorted(r["outcome"] for r in results) == ["absorbed", "recovered"]
+        assert results[0]["incident_id"] == results[1]["incident_id"]
+        [inc] = all_incidents(cfg)
+        assert inc.events_absorbed == 1 and steps(inc).count("start") == 1 and "absorbed" in steps(inc)
+        ours = [p for p in psutil.process_iter(["cmdline", "environ"])
+                if "crypto_agent.daemon" in (p.info["cmdline"] or [])
+                and (p.info["environ"] or {}).get("CRYPTO_AGENT_HOME") == str(cfg.home)]
+        assert [p.pid for p in ours] == [running_pid(cfg, "backtest")]
+
+
+class TestProcessHang:
+    def test_a_cpu_burning_daemon_is_restarted_without_its_fault(
+        self, env: dict[str, Any], keeper: Keeper, inbox: Receiver, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv(FAULT_ENV, "burn-cpu")  # even the recovery's own environment carries the fault
+        cfg = settings_of(env)
+        old = start(keeper, cfg)
+        wait_until(lambda: health.probe(process.service_spec("backtest", cfg), cfg).cpu_pct > 90, 30, "the burn")
+        result = recover_process_hang(settings=env, event=event("crypto-agent.service.cpu-high", DAEMON))
+
+        assert result["outcome"] == "recovered", result
+        inc = incident_of(cfg, result)
+        assert inc.scenario == "process-hang" and inc.root_cause.startswith("Process hang: ")
+        assert "CPU" in inc.root_cause or "cpu-high" in inc.root_cause
+        assert steps(inc)[:4] == ["probe", "capture-stacks", "stop", "clean-state"]
+        new = healthy(cfg)
+        assert new.pid != old and new.cpu_pct < 90
+        assert psutil.Process(new.pid).environ().get(FAULT_ENV) == ""
+        [stacks] = artifacts_of(inc.flow_run_id, f"incident-{inc.id}-stacks")
+        assert "_burn_cpu" in stacks
+
+    def test_a_daemon_hung_past_sigterm_is_killed_then_restarted(
+        self, env: dict[str, Any], keeper: Keeper, inbox: Receiver
+    ) -> None:
+        overrides = {**env, "heartbeat_max_age_s": 2.0, "stop_grace_s": 1.5}
+        cfg = settings_of(overrides)
+        old = start(keeper, cfg, **{FAULT_ENV: "hang-after:2"})
+        spec = process.service_spec("backtest", cfg)
+        wait_until(lambda: not health.probe(spec, cfg).healthy, 30, "the hang to show")
+        result = recover_process_hang(settings=overrides, event=event("crypto-agent.service.hung", DAEMON))
+
+        assert result["outcome"] == "recovered", result
+        inc = incident_of(cfg, result)
+        stacks = action(inc, "capture-stacks")["detail"]
+        assert 'daemon.py", line' in stacks and " in step" in stacks  # where the injected hang sleeps
+        assert "by force (SIGKILL after 1.5 s of SIGTERM)" in action(inc, "stop")["detail"]
+        assert inc.root_cause.startswith("Process hang: Heartbeat stale")
+        assert healthy(cfg).pid != old
+
+    def test_a_healthy_service_is_left_alone(self, env: dict[str, Any], keeper: Keeper, inbox: Receiver) -> None:
+        cfg = settings_of(env)
+        pid = start(keeper, cfg)
+        result = recover_process_hang(settings=env)
+        inc = incident_of(cfg, result)
+        assert result["outcome"] == "skipped" and inc.status == "resolved" and steps(inc) == ["probe"]
+        assert running_pid(cfg, "backtest") == pid
+
+    def test_an_unknown_service_is_refused_before_any_incident(self, env: dict[str, Any]) -> None:
+        with pytest.raises(Exception, match="unknown service 'ghost'"):
+            recover_process_hang(service="ghost", settings=env)
+        assert all_incidents(settings_of(env)) == []

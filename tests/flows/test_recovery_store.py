@@ -1,0 +1,374 @@
+"""recover-db-corruption, recover-stale-data and rollback-persistent-failures on real SQLite files filled from
+the simulator: a corrupted page, a truncated file, a damaged index, a missing and a corrupted backup, stale
+windows, and the 48 h rollback."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from flow_kit import TEST_SYMBOLS, artifacts_of, wait_for_messages
+from recovery_kit import (
+    FAST_SERVICES,
+    Keeper,
+    Make,
+    action,
+    add_result,
+    all_incidents,
+    checkpoint,
+    event,
+    execute,
+    fill_store,
+    incident_of,
+    kill_and_wait,
+    leaf_page,
+    messages,
+    rows,
+    running_pid,
+    settings_of,
+    smash_page,
+    steps,
+    stop_services,
+    wait_until,
+)
+
+from crypto_agent import backup, health, process, recovery
+from crypto_agent.quality import check_data
+from crypto_agent.receiver import Receiver
+from crypto_agent.settings import Settings
+from crypto_agent.simulator import Simulator
+from crypto_agent.store import Store, check_integrity
+from flows.events import STORE_CORRUPT, STORE_STALE
+from flows.recovery import recover_daemon_crash, recover_db_corruption, recover_stale_data, rollback_persistent_failures
+
+STORE = "crypto-agent.store.main"
+HOUR_MS = 3_600_000
+
+
+@pytest.fixture
+def keeper() -> Iterator[Keeper]:
+    k = Keeper()
+    yield k
+    k.cleanup()
+
+
+@pytest.fixture
+def env(settings_for: Make, simulator: Simulator) -> Iterator[dict[str, Any]]:
+    """Overrides of a tmp home whose store holds 60 days of the simulator's candles; services stopped after."""
+    overrides = settings_for(simulator, **FAST_SERVICES)
+    cfg = settings_of(overrides)
+    fill_store(Path(cfg.db_path), simulator, TEST_SYMBOLS, 60)
+    yield overrides
+    stop_services(cfg)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def candle_count(db: Path) -> int:
+    return sum(rows(db, f"SELECT COUNT(*) FROM {t}")[0][0] for t in ("ohlcv_h1", "ohlcv_h4"))
+
+
+def backup_lacking_newest_hours(cfg: Settings, sim: Simulator, hours: int, days_ago: int = 1) -> backup.BackupInfo:
+    """A good backup dated `days_ago` that lacks the newest `hours` of candles, which the live store has again."""
+    db = Path(cfg.db_path)
+    cut = now_ms() - hours * HOUR_MS
+    for table in ("ohlcv_h1", "ohlcv_h4"):
+        execute(db, f"DELETE FROM {table} WHERE timestamp >= ?", (cut,))
+    info = backup.create(db, cfg.backup_dir, now=datetime.now(UTC) - timedelta(days=days_ago))
+    assert info.status == backup.GOOD
+    fill_store(db, sim, TEST_SYMBOLS, 60)  # the live store catches up again
+    return info
+
+
+def start_both(keeper: Keeper, cfg: Settings) -> dict[str, int]:
+    return {name: keeper.start(process.service_spec(name, cfg), cfg).pid for name in ("trader", "backtest")}
+
+
+def healthy(cfg: Settings, service: str) -> None:
+    report = health.probe(process.service_spec(service, cfg), cfg)
+    assert report.healthy, report.summary
+
+
+def corrupt_event(**payload: Any) -> dict[str, Any]:
+    return event(STORE_CORRUPT, STORE, mode="quick_check", problems=["database disk image is malformed"], **payload)
+
+
+class TestCorruption:
+    def test_a_corrupted_page_is_restored_from_the_good_backup_resynced_and_salvaged(
+        self, env: dict[str, Any], simulator: Simulator, keeper: Keeper, inbox: Receiver
+    ) -> None:
+        cfg = settings_of(env)
+        db = Path(cfg.db_path)
+        good = backup_lacking_newest_hours(cfg, simulator, hours=12)
+        full = candle_count(db)
+        add_result(db, "written-after-the-backup", now_ms())
+        checkpoint(db)
+        pids = start_both(keeper, cfg)
+        wal = db.with_name(db.name + "-wal")
+        wait_until(lambda: wal.exists() and wal.stat().st_size > 0 and rows(
+            db, "SELECT COUNT(*) FROM backtest_results WHERE run_id LIKE 'daemon-%'")[0][0] > 0, 60, "daemon writes")
+        page = leaf_page(db, "ohlcv_h1")
+        smashed = smash_page(db, page)
+        for pid in pids.values():  # they die with the damage: a crash leaves the -wal and -shm behind
+            kill_and_wait(pid)
+        assert wal.exists() and db.with_name(db.name + "-shm").exists()
+        assert not check_integrity(db, full=True).ok
+        result = recover_db_corruption(settings=env, event=corrupt_event())
+
+        assert result["outcome"] == "recovered", result
+        inc = incident_of(cfg, result)
+        order = steps(inc)
+        assert order[:6] == ["event", "integrity-check", "lock", "stop", "stop", "reindex"]
+        assert action(inc, "reindex")["ok"] is False
+        assert order.index("restore") < order.index("verify-restore") < order.index("resync-candles") \
+            < order.index("salvage") < order.index("validate") < order.index("unlock")
+        starts = [a["detail"] for a in inc.actions if a["step"] == "start"]
+        assert starts[0].startswith("started trader") and starts[1].startswith("started backtest")  # trader first
+        assert good.name in action(inc, "restore")["detail"]
+        assert "backtest_results" in action(inc, "salvage")["detail"]  # ours and what the daemon wrote
+        assert action(inc, "validate")["detail"] == "data checks pass"
+        assert inc.data_lost_hours == 0 and inc.root_cause.startswith("DB corruption:")
+        # the corrupt file, with its -wal and -shm, is in quarantine, its damaged page as we left it
+        [folder] = Path(cfg.quarantine_dir).iterdir()
+        names = {p.name for p in folder.iterdir()}
+        assert {"crypto_agent.db", "crypto_agent.db-wal", "crypto_agent.db-shm", "QUARANTINE.json"} <= names
+        size = rows(db, "PRAGMA page_size")[0][0]
+        with (folder / "crypto_agent.db").open("rb") as f:
+            f.seek((page - 1) * size)
+            assert f.read(size) == smashed
+        # the store is sound and complete again: resynced from the simulator, the newer row salvaged
+        assert check_integrity(db, full=True).ok and backup.lock_holder(db) is None
+        assert candle_count(db) >= full
+        assert rows(db, "SELECT run_id FROM backtest_results WHERE run_id = 'written-after-the-backup'")
+        assert rows(db, "SELECT COUNT(*) FROM backtest_results WHERE run_id LIKE 'daemon-%'")[0][0] > 0  # from the WAL
+        with Store(cfg.database_url) as store:
+            assert check_data(store, cfg).ok
+        healthy(cfg, "trader")
+        healthy(cfg, "backtest")
+        [l3] = wait_for_messages(inbox, "/l3", 1)
+        assert "live trading was affected" in l3["body"]["body"]
+        assert len(wait_for_messages(inbox, "/l1", 2)) == 2 and messages(inbox, "l2") == []
+        [report] = artifacts_of(inc.flow_run_id, f"incident-{inc.id}")
+        assert "[x] DB corruption" in report and "Data loss: 0 hours" in report
+
+    def test_a_truncated_file_is_restored_and_the_services_come_back(
+        self, env: dict[str, Any], simulator: Simulator, inbox: Receiver
+    ) -> None:
+        cfg = settings_of(env)
+        db = Path(cfg.db_path)
+        backup_lacking_newest_hours(cfg, simulator, hours=8)
+        checkpoint(db)
+        with db.open("r+b") as f:
+            f.truncate(db.stat().st_size * 2 // 5)
+        truncated = db.stat().st_size
+        result = recover_db_corruption(settings=env, event=corrupt_event())
+
+        assert result["outcome"] == "recovered", result
+        inc = incident_of(cfg, result)
+        assert "restore" in steps(inc) and action(inc, "resync-candles")["ok"]
+        [folder] = Path(cfg.quarantine_dir).iterdir()
+        assert (folder / "crypto_agent.db").stat().st_size == truncated
+        assert check_integrity(db, full=True).ok
+        with Store(cfg.database_url) as store:
+            assert check_data(store, cfg).ok
+        # what the truncated file could not give back is reported, not hidden
+        assert inc.data_lost_hours is not None
+        if not action(inc, "salvage")["ok"]:
+            assert inc.data_lost_hours > 0 and "unreadable" in action(inc, "salvage")["detail"]
+        healthy(cfg, "trader")
+        healthy(cfg, "backtest")
+
+    def test_a_damaged_index_is_repaired_by_reindex_on_a_copy_without_a_restore(
+        self, env: dict[str, Any], inbox: Receiver
+    ) -> None:
+        cfg = settings_of(env)
+        db = Path(cfg.db_path)
+        execute(db, "CREATE INDEX ix_ohlcv_h1_close ON ohlcv_h1 (close, symbol)")
+        checkpoint(db)
+        before = candle_count(db)
+        smash_page(db, leaf_page(db, "ix_ohlcv_h1_close"))
+        assert not check_integrity(db, full=True).ok
+        result = recover_db_corruption(settings=env, event=corrupt_event())
+
+        assert result["outcome"] == "recovered", result
+        inc = incident_of(cfg, result)
+        assert action(inc, "reindex")["ok"] and "install-repaired" in steps(inc) and "restore" not in steps(inc)
+        assert inc.data_lost_hours == 0
+        assert check_integrity(db, full=True).ok and candle_count(db) == before
+        assert len(list(Path(cfg.quarantine_dir).iterdir())) == 1
+        healthy(cfg, "backtest")
+
+    @pytest.mark.parametrize("backups", ["missing", "corrupted"])
+    def test_without_a_good_backup_it_escalates_and_leaves_everything_as_found(
+        self, env: dict[str, Any], keeper: Keeper, inbox: Receiver, backups: str
+    ) -> None:
+        cfg = settings_of(env)
+        db = Path(cfg.db_path)
+        if backups == "corrupted":
+            info = backup.create(db, cfg.backup_dir, now=datetime.now(UTC) - timedelta(days=1))
+            with info.path.open("r+b") as f:
+                f.seek(info.size // 2)
+                f.write(b"\x00garbage\x00" * 64)
+        checkpoint(db)
+        daemon = keeper.start(process.service_spec("backtest", cfg), cfg).pid
+        page = leaf_page(db, "ohlcv_h1")
+        smashed = smash_page(db, page)
+        result = recover_db_corruption(settings=env, event=corrupt_event())
+
+        assert result["outcome"] == "escalated", result
+        inc = incident_of(cfg, result)
+        assert inc.status == "escalated" and "no good backup" in inc.summary
+        if backups == "corrupted":
+            assert backup.backup_info(info.path).status == backup.BAD  # never chosen again
+            assert "marked bad" in action(inc, "backup-refused")["detail"]
+        # left as found: the corrupt file in place (its page untouched), services stopped, the lock kept
+        size = rows(db, "PRAGMA page_size")[0][0]
+        with db.open("rb") as f:
+            f.seek((page - 1) * size)
+            assert f.read(size) == smashed
+        assert not psutil.pid_exists(daemon) or psutil.Process(daemon).status() == psutil.STATUS_ZOMBIE
+        assert running_pid(cfg, "backtest") is None and running_pid(cfg, "trader") is None
+        holder = backup.lock_holder(db)
+        assert holder is not None and "escalated, no good backup" in holder["owner"]
+        for level in ("l2", "l3"):
+            [msg] = wait_for_messages(inbox, f"/{level}", 1)
+            assert "no good backup to restore" in msg["body"]["body"]
+            assert "crypto-agent restore --backup FILE" in msg["body"]["body"]
+        assert inc.levels_told == ["l1", "l2", "l3"]
+        # the kept lock keeps the crash recovery from starting the daemon on a broken store
+        absorbed = recover_daemon_crash(settings=env)
+        assert absorbed["outcome"] == "absorbed" and absorbed["incident_id"] is None
+        assert running_pid(cfg, "backtest") is None and len(all_incidents(cfg)) == 1
+
+    def test_a_sound_store_is_a_false_alarm_and_nothing_is_stopped(
+        self, env: dict[str, Any], keeper: Keeper, inbox: Receiver
+    ) -> None:
+        cfg = settings_of(env)
+        daemon = keeper.start(process.service_spec("backtest", cfg), cfg).pid
+        result = recover_db_corruption(settings=env, event=corrupt_event())
+        assert result["outcome"] == "skipped"
+        assert steps(incident_of(cfg, result)) == ["event", "integrity-check"]
+        assert running_pid(cfg, "backtest") == daemon
+
+
+class TestStaleData:
+    def _make_stale(self, db: Path) -> tuple[set[int], list[int]]:
+        """BTCUSDT H1 loses its newest 10 candles (stale), ETHUSDT H1 a 5-candle gap 30 h ago; what was removed."""
+        btc = {r[0] for r in rows(db, "SELECT timestamp FROM ohlcv_h1 WHERE symbol = 'BTCUSDT'")}
+        newest = max(btc)
+        gap_start = newest - 30 * HOUR_MS
+        gap = [gap_start + i * HOUR_MS for i in range(5)]
+        execute(db, "DELETE FROM ohlcv_h1 WHERE symbol = 'BTCUSDT' AND timestamp > ?", (newest - 10 * HOUR_MS,))
+        execute(db, f"DELETE FROM ohlcv_h1 WHERE symbol = 'ETHUSDT' AND timestamp IN ({','.join(map(str, gap))})")
+        return btc, gap
+
+    def test_exactly_the_stale_windows_are_backfilled(self, env: dict[str, Any], inbox: Receiver) -> None:
+        cfg = settings_of(env)
+        db = Path(cfg.db_path)
+        btc, gap = self._make_stale(db)
+        result = recover_stale_data(settings=env, event=None)
+
+        assert result["outcome"] == "recovered", result
+        assert sorted((w[0], w[1]) for w in result["windows"]) == [("BTCUSDT", "1h"), ("ETHUSDT", "1h")]
+        eth = next(w for w in result["windows"] if w[0] == "ETHUSDT")
+        assert (eth[2], eth[3]) == (gap[0], gap[-1] + HOUR_MS)
+        assert set(result["written"]) == {"BTCUSDT 1h", "ETHUSDT 1h"} and result["written"]["ETHUSDT 1h"] == 5
+        assert result["written"]["BTCUSDT 1h"] >= 10
+        assert btc <= {r[0] for r in rows(db, "SELECT timestamp FROM ohlcv_h1 WHERE symbol = 'BTCUSDT'")}
+        inc = incident_of(cfg, result)
+        assert steps(inc) == ["check-exchange", "windows", "backfill", "validate"]
+        assert "used weight" in action(inc, "check-exchange")["detail"]
+        assert "a fresh check of the store" in action(inc, "windows")["detail"]
+        with Store(cfg.database_url) as store:
+            assert check_data(store, cfg).ok
+
+    def test_the_event_windows_are_used_and_what_still_fails_goes_to_l2(
+        self, env: dict[str, Any], inbox: Receiver
+    ) -> None:
+        cfg = settings_of(env)
+        btc, gap = self._make_stale(Path(cfg.db_path))
+        windows = [{"symbol": "ETHUSDT", "timeframe": "1h", "start_ms": gap[0], "end_ms": gap[-1] + HOUR_MS},
+                   {"symbol": "bad symbol!", "timeframe": "1h", "start_ms": 0, "end_ms": 1}]
+        stale = event(STORE_STALE, STORE, failing_windows=windows, windows_total=2)
+        result = recover_stale_data(settings=env, event=stale)
+
+        assert result["outcome"] == "escalated", result
+        assert result["written"] == {"ETHUSDT 1h": 5}  # exactly the event's window, nothing more
+        assert result["failing_symbols"] == ["BTCUSDT"]
+        inc = incident_of(cfg, result)
+        assert "bad symbol!" in action(inc, "event-window-skipped")["detail"]
+        [l2] = wait_for_messages(inbox, "/l2", 1)
+        assert "still failing after the backfill: BTCUSDT" in l2["body"]["body"]
+
+    def test_an_unreachable_exchange_escalates_to_l2(
+        self, env: dict[str, Any], simulator: Simulator, inbox: Receiver
+    ) -> None:
+        cfg = settings_of(env)
+        simulator.go_down("refuse")
+        result = recover_stale_data(settings={**env, "request_timeout_s": 2.0}, event=None)
+        assert result["outcome"] == "escalated"
+        assert "exchange unreachable" in incident_of(cfg, result).root_cause
+        assert wait_for_messages(inbox, "/l2", 1)
+
+
+class TestRollback:
+    def test_rollback_restores_the_48h_backup_resumes_live_trading_only_and_pages_l3(
+        self, env: dict[str, Any], keeper: Keeper, inbox: Receiver
+    ) -> None:
+        cfg = settings_of(env)
+        db = Path(cfg.db_path)
+        now = datetime.now(UTC)
+        add_result(db, "state-of-48h-ago", now_ms() - 49 * HOUR_MS)
+        two_days = backup.create(db, cfg.backup_dir, now=now - timedelta(days=2))
+        add_result(db, "state-of-24h-ago", now_ms() - 25 * HOUR_MS)
+        backup.create(db, cfg.backup_dir, now=now - timedelta(days=1))
+        add_result(db, "state-of-now", now_ms())
+        checkpoint(db)
+        start_both(keeper, cfg)
+        result = rollback_persistent_failures(settings=env, event=event(
+            "crypto-agent.service.crashed", "crypto-agent.service.backtest-daemon"))
+
+        assert result["outcome"] == "recovered", result
+        assert result["backup"] == str(two_days.path)
+        inc = incident_of(cfg, result)
+        assert inc.scenario == "persistent-failures" and 47 < inc.data_lost_hours < 49
+        assert {r[0] for r in rows(db, "SELECT DISTINCT run_id FROM backtest_results")} == {"state-of-48h-ago"}
+        quarantined = Path(result["quarantined"])
+        assert "state-of-now" in {r[0] for r in rows(quarantined, "SELECT run_id FROM backtest_results")}
+        assert "integrity_check: ok" in action(inc, "validate")["detail"]
+        healthy(cfg, "trader")
+        assert running_pid(cfg, "backtest") is None
+        daemon = process.service_spec("backtest", cfg)
+        assert process.paused(daemon)["by"] == f"rollback-persistent-failures #{inc.id}"
+        assert recovery.hold_in_force("backtest", cfg) is not None  # monitoring stays quiet about it
+        [l3] = wait_for_messages(inbox, "/l3", 1)
+        assert "a rollback to the 48 h backup was done" in l3["body"]["body"]
+        assert "# Incident Report" in l3["body"]["body"]
+        # nothing restarts the paused daemon until a person resumes it
+        again = recover_daemon_crash(settings=env)
+        assert again["outcome"] == "skipped" and running_pid(cfg, "backtest") is None
+        assert recovery.resume_kept("backtest", cfg) is not None
+        assert recovery.hold_in_force("backtest", cfg) is None and process.paused(daemon) is None
+
+    def test_a_rollback_without_a_48h_backup_fails_loudly_but_live_trading_resumes(
+        self, env: dict[str, Any], keeper: Keeper, inbox: Receiver
+    ) -> None:
+        cfg = settings_of(env)
+        backup.create(Path(cfg.db_path), cfg.backup_dir, now=datetime.now(UTC) - timedelta(days=1))  # too new
+        start_both(keeper, cfg)
+        result = rollback_persistent_failures(settings=env)
+        assert result["outcome"] == "escalated"
+        inc = incident_of(cfg, result)
+        assert "rollback FAILED" in inc.summary and backup.lock_holder(cfg.db_path) is None
+        healthy(cfg, "trader")
+        assert running_pid(cfg, "backtest") is None
+        [l3] = wait_for_messages(inbox, "/l3", 1)
+        assert "the rollback FAILED" in l3["body"]["body"]
+        assert inc.levels_told == ["l1", "l2", "l3"]
