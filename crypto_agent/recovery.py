@@ -29,7 +29,16 @@ from crypto_agent.collector import Window, plan_windows
 from crypto_agent.daemon import FAULT_ENV
 from crypto_agent.health import ProbeReport
 from crypto_agent.holds import HOLD_STOPPED, place_hold, read_hold, release_hold
-from crypto_agent.process import Liveness, ServiceSpec, inspect, pause, paused, resume, service_spec, tail_text
+from crypto_agent.process import (
+    Liveness,
+    ServiceSpec,
+    inspect,
+    pause,
+    paused,
+    resume,
+    service_spec,
+    tail_text,
+)
 from crypto_agent.schema import OHLCV_TABLES, service_events
 from crypto_agent.service import LOG_LINE_RE, read_heartbeat, read_pid_record
 from crypto_agent.settings import Settings

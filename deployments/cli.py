@@ -159,3 +159,8 @@ def register(app: typer.Typer) -> None:
         if problems:
             print(f"error: {len(problems)} part(s) not stopped: {'; '.join(problems)}", file=sys.stderr)
             raise typer.Exit(1)
+
+    # issue 6, rehearsals: `crypto-agent chaos <scenario>` (deployments/chaos.py; prefect imported inside it)
+    from deployments.chaos import add_chaos_command
+
+    add_chaos_command(app)

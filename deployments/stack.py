@@ -23,11 +23,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Self
 from urllib.parse import urlsplit
 
 import httpx
@@ -388,10 +388,16 @@ class Stack:
         write_record(self.plan, {p.name: p.to_dict() for p in self.parts})
 
 
-def _wait_ready(child: Child, spec: process.ServiceSpec, timeout_s: float) -> bool:
+def _no_checkpoint() -> None:
+    return None
+
+
+def _wait_ready(child: Child, spec: process.ServiceSpec, timeout_s: float,
+                checkpoint: Callable[[], None] = _no_checkpoint) -> bool:
     """Wait until our running child answers; False when it did not within the timeout or it is gone."""
     deadline = time.monotonic() + timeout_s
     while True:
+        checkpoint()
         if not process.inspect(spec).alive:
             return False
         if child.ready():
@@ -401,11 +407,13 @@ def _wait_ready(child: Child, spec: process.ServiceSpec, timeout_s: float) -> bo
         time.sleep(0.2)
 
 
-def ensure_child(child: Child, plan: StackPlan, env: dict[str, str], out: Console, *, wait: bool = True) -> Part:
+def ensure_child(child: Child, plan: StackPlan, env: dict[str, str], out: Console, *, wait: bool = True,
+                 checkpoint: Callable[[], None] = _no_checkpoint) -> Part:
     """Reuse our running, answering instance of `child`, else start it; the part.
 
     With wait=False a new child is only spawned and recorded (call `wait_child` later), so the slow
-    Prefect server starts while the rest comes up.
+    Prefect server starts while the rest comes up. `checkpoint` is called while waiting (it raises
+    to interrupt; the child is recorded by then, so whoever catches it can stop it).
     """
     spec = child.spec(plan.settings)
     check = process.inspect(spec)
@@ -417,25 +425,29 @@ def ensure_child(child: Child, plan: StackPlan, env: dict[str, str], out: Consol
                 f"`{' '.join(check.record.cmdline[1:])}`, not `{' '.join(child.command[1:])}`",
                 hint="`crypto-agent down` first to change its port or options, or `up` with the same ones",
             )
-        if _wait_ready(child, spec, child.ready_timeout_s):
+        if _wait_ready(child, spec, child.ready_timeout_s, checkpoint):
             out.print(f"{child.name}: already running (PID {check.pid}); reused")
             return Part(child.name, check.pid, False, spec=spec)
         out.print(f"{child.name}: PID {check.pid} runs but does not answer; restarting it")
         process.stop_tree(spec)
     ensure_port_free(child)
-    result = process.start_child(spec, env=env, ready=child.ready if wait else (lambda: True),
-                                 cwd=plan.project_dir, timeout_s=child.ready_timeout_s)
+
+    def ready() -> bool:
+        checkpoint()
+        return child.ready() if wait else True
+
+    result = process.start_child(spec, env=env, ready=ready, cwd=plan.project_dir, timeout_s=child.ready_timeout_s)
     if wait:
         out.print(f"{child.name}: started {child.what}, PID {result.pid}, in {result.elapsed_s:.1f} s "
                   f"(log {spec.log})")
     return Part(child.name, result.pid, True, spec=spec)
 
 
-def wait_child(child: Child, part: Part, out: Console) -> None:
+def wait_child(child: Child, part: Part, out: Console, checkpoint: Callable[[], None] = _no_checkpoint) -> None:
     """Wait until a child started with wait=False answers; ServiceStartError (it is stopped) when it does not."""
     assert part.spec is not None
     started = time.monotonic()
-    if not _wait_ready(child, part.spec, child.ready_timeout_s):
+    if not _wait_ready(child, part.spec, child.ready_timeout_s, checkpoint):
         if process.inspect(part.spec).alive:
             process.stop_tree(part.spec)
             what = f"did not answer within {child.ready_timeout_s:g} s; it was stopped"
@@ -596,23 +608,53 @@ def release_foreground(settings: Settings) -> None:
             path.unlink(missing_ok=True)
 
 
-@contextmanager
-def interrupts_raise() -> Iterator[threading.Event]:
-    """SIGINT, SIGTERM and SIGHUP raise StackInterrupted in the main thread (and set the event) while inside."""
-    stop = threading.Event()
+class Interrupts:
+    """SIGINT, SIGTERM and SIGHUP while the stack comes up or is held: they set `event`; `checkpoint()` raises
+    StackInterrupted once one came. The handler raises by itself only inside `raising()` (the backfill),
+    never while a child is being spawned and recorded, so nothing started can go unrecorded."""
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        first = not stop.is_set()
-        stop.set()
-        if first:
-            raise StackInterrupted(f"{signal.Signals(signum).name} received", hint="the stack was stopped")
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield stop
-    finally:
-        for sig, handler in previous.items():
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.received: str | None = None
+        self._raise_now = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> Self:
+        self._previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        first = not self.event.is_set()
+        self.received = self.received or signal.Signals(signum).name
+        self.event.set()
+        if first and self._raise_now:
+            self._raise_now = False
+            raise self._error()
+
+    def _error(self) -> StackInterrupted:
+        return StackInterrupted(f"{self.received} received while the stack came up",
+                                hint="what this `up` had started was stopped; run it again to bring the stack up")
+
+    def checkpoint(self) -> None:
+        """Raise StackInterrupted if a signal came."""
+        if self.event.is_set():
+            raise self._error()
+
+    @contextmanager
+    def raising(self) -> Iterator[None]:
+        """Inside, a signal raises at once (for long work that starts no process)."""
+        self.checkpoint()
+        self._raise_now = True
+        try:
+            yield
+        finally:
+            self._raise_now = False
 
 
 @contextmanager
@@ -637,38 +679,54 @@ def prefect_client_env(plan: StackPlan) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def bring_up(plan: StackPlan, out: Console, err: Console) -> Stack:
+def bring_up(plan: StackPlan, out: Console, err: Console, interrupts: Interrupts | None = None) -> Stack:
     """Bring every part up in order, reusing what runs; on any failure stop what this call started, then raise."""
     stack = Stack(plan)
     env = child_env(plan)
+    checkpoint = interrupts.checkpoint if interrupts is not None else _no_checkpoint
     plan.prefect_home.mkdir(parents=True, exist_ok=True)
+
+    def add(name: str, start: Callable[[], Part]) -> Part:
+        was_running = process.inspect(part_spec(name, plan.settings)).alive
+        try:
+            part = start()
+        except BaseException:
+            if not was_running:  # whatever it got to start is ours to stop: `stop_part` goes by its pidfile
+                stack.parts.append(Part(name, None, True))
+            raise
+        stack.parts.append(part)
+        checkpoint()
+        return part
+
     try:
         with prefect_client_env(plan):
             server = server_child(plan)
-            server_part = ensure_child(server, plan, env, out, wait=False)
+            server_part = add(SERVER, lambda: ensure_child(server, plan, env, out, wait=False))
             if server_part.started:
                 out.print(f"{SERVER}: starting (PID {server_part.pid}, home {plan.prefect_home})")
-            stack.parts.append(server_part)
             for child in (simulator_child(plan), receiver_child(plan)):
                 if child is not None:
-                    stack.parts.append(ensure_child(child, plan, env, out))
+                    add(child.name, lambda c=child: ensure_child(c, plan, env, out, checkpoint=checkpoint))
             stack.record()
-            backfill(plan, out, err)
+            with interrupts.raising() if interrupts is not None else nullcontext():
+                backfill(plan, out, err)
             for name in SERVICES:
-                stack.parts.append(ensure_service(name, plan, out))
-            wait_child(server, server_part, out)
+                add(name, lambda n=name: ensure_service(n, plan, out))
+            wait_child(server, server_part, out, checkpoint)
             out.print(f"{SERVER}: UI {plan.ui_url}  API {plan.api_url}")
             register_blocks(plan, out)
+            checkpoint()
             # The serving process creates or updates every deployment of prefect.yaml, with its schedules
             # and triggers, as it starts; `prefect deploy` of the same deployments first would leave them
             # pointing at the work pool's pull step, which a served run cannot follow.
-            stack.parts.append(ensure_child(serve_child(plan), plan, env, out))
+            serve = add(SERVE, lambda: ensure_child(serve_child(plan), plan, env, out, checkpoint=checkpoint))
             out.print(f"deployments: {len(deployment_names(plan.project_dir))} from prefect.yaml, "
-                      f"served by PID {stack.parts[-1].pid}")
+                      f"served by PID {serve.pid}")
             automations(plan, out)
+            checkpoint()
             relay = relay_child(plan)
             if relay is not None:
-                stack.parts.append(ensure_child(relay, plan, env, out))
+                add(RELAY, lambda: ensure_child(relay, plan, env, out, checkpoint=checkpoint))
             else:
                 out.print(f"{RELAY}: deployments/relay.py does not exist yet; no heartbeat relay")
             stack.record()
@@ -683,14 +741,18 @@ def bring_up(plan: StackPlan, out: Console, err: Console) -> Stack:
 # --- stopping ---
 
 
+def part_spec(name: str, settings: Settings) -> process.ServiceSpec:
+    """The process-control spec of a part by name (its pidfile, record and stop grace)."""
+    if name in SERVICES:
+        return process.service_spec(name, settings)
+    if name == SERVE:
+        return process.child_spec(name, (), settings, stop_grace_s=SERVE_STOP_GRACE_S)
+    return process.child_spec(name, (), settings)
+
+
 def stop_part(name: str, settings: Settings) -> str:
     """Stop one part of the stack by its pidfile (ours only: never a stranger's PID); one line saying how."""
-    if name in SERVICES:
-        spec = process.service_spec(name, settings)
-    elif name == SERVE:
-        spec = process.child_spec(name, (), settings, stop_grace_s=SERVE_STOP_GRACE_S)
-    else:
-        spec = process.child_spec(name, (), settings)
+    spec = part_spec(name, settings)
     # SIGTERM first: the serving process then cancels its flow runs cleanly (SIGINT would leave them RUNNING)
     try:
         result = process.stop_tree(spec)
@@ -770,8 +832,8 @@ def summary_lines(stack: Stack) -> list[str]:
 def run_up(plan: StackPlan, *, detach: bool, out: Console, err: Console) -> int:
     """`crypto-agent up`: bring the stack up; with detach return, else hold it until Ctrl-C/SIGTERM and stop it."""
     started = time.monotonic()
-    with interrupts_raise() as interrupted:
-        stack = bring_up(plan, out, err)
+    with Interrupts() as interrupts:
+        stack = bring_up(plan, out, err, interrupts)
         elapsed = time.monotonic() - started
         for line in summary_lines(stack):
             out.print(line, markup=False, highlight=False)
@@ -787,21 +849,15 @@ def run_up(plan: StackPlan, *, detach: bool, out: Console, err: Console) -> int:
             reused = [p.name for p in stack.parts if not p.started]
             out.print("Ctrl-C (or SIGTERM, or `crypto-agent down`) stops what this `up` started"
                       + (f"; it leaves running what it reused: {', '.join(reused)}" if reused else ""))
-            try:
-                watch(stack, interrupted, out)
-            except StackInterrupted:
-                pass
-            # a second Ctrl-C must not cut the stop short: that would leave processes behind
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            out.print("stopping the stack ...")
+            watch(stack, interrupts.event, out)
+            out.print(f"{interrupts.received}: stopping the stack ...")
             problems = stop_parts(stack.started, plan.settings, out)
             if not problems and len(stack.started) == len(stack.parts):
                 plan.record_path.unlink(missing_ok=True)
         finally:
             release_foreground(plan.settings)
-        out.print("stopped" if not problems else f"stopped, with problems: {'; '.join(problems)}")
-        return 0 if not problems else 1
+    out.print("stopped" if not problems else f"stopped, with problems: {'; '.join(problems)}")
+    return 0 if not problems else 1
 
 
 def watch(stack: Stack, interrupted: threading.Event, out: Console) -> None:
@@ -813,4 +869,4 @@ def watch(stack: Stack, interrupted: threading.Event, out: Console) -> None:
                 continue  # the services are the recovery flows' business (they restart them)
             if not process.inspect(part.spec).alive:
                 told.add(part.name)
-                out.print(f"[yellow]warning: {part.name} (PID {part.pid}) is gone; its log: {part.spec.log}[/yellow]")
+                out.print(f"warning: {part.name} (PID {part.pid}) is gone; its log: {part.spec.log}")

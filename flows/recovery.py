@@ -34,9 +34,16 @@ from prefect.settings import PREFECT_UI_URL
 
 from crypto_agent import backup, health, incidents, process, recovery
 from crypto_agent.collector import backfill
-from crypto_agent.errors import CryptoAgentError
+from crypto_agent.errors import CryptoAgentError, InputError
 from crypto_agent.exchange import BinanceClient, IPBanned, RateLimited
-from crypto_agent.incidents import ESCALATED, FAILED, RESOLVED, RECOVERED, SKIPPED, Incident
+from crypto_agent.incidents import (
+    ESCALATED,
+    FAILED,
+    RECOVERED,
+    RESOLVED,
+    SKIPPED,
+    Incident,
+)
 from crypto_agent.quality import check_data
 from crypto_agent.settings import Settings
 from crypto_agent.store import open_store
@@ -78,7 +85,8 @@ class RecoveryFailed(CryptoAgentError):
 
 def resource_of(service: str) -> str:
     """The Prefect resource id of a crypto_agent service ("backtest" -> crypto-agent.service.backtest-daemon)."""
-    process.service_spec(service)  # InputError for an unknown name
+    if service not in SERVICE_RESOURCE_NAMES:
+        raise InputError(f"unknown service {service!r}", hint=f"use one of: {', '.join(SERVICE_RESOURCE_NAMES)}")
     return service_resource(SERVICE_RESOURCE_NAMES[service])
 
 
@@ -93,6 +101,20 @@ def flow_run_link() -> str:
     if ui and run_id:
         return f"{ui.rstrip('/')}/flow-runs/flow-run/{run_id}"
     return f"flow run id {run_id} (no PREFECT_UI_URL configured)" if run_id else "no flow run (called directly)"
+
+
+def _wait_for_store_lock(cfg: Settings) -> str | None:
+    """Before a service recovery takes anything: wait while a live process (a store recovery, a compaction)
+    holds the store's lock, up to LOCK_WAIT_S; who still holds it then (or holds it with no process behind it)."""
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while backup.lock_holder(cfg.db_path) is not None:
+        blocker = _lock_blocker(cfg)
+        if blocker is not None:
+            return blocker
+        if time.monotonic() > deadline:
+            return recovery.store_state(cfg)
+        time.sleep(1.0)
+    return None
 
 
 def _lock_blocker(cfg: Settings) -> str | None:
@@ -123,6 +145,7 @@ class Recovery:
     held: list[str] = field(default_factory=list)
     live_trading_affected: bool = False
     rollback_failed: bool = False
+    escalated_in: int | None = None  # another incident (a handover's) that does the paging for this one
     extra_levels: dict[str, str] = field(default_factory=dict)
     undelivered: list[str] = field(default_factory=list)
     result: dict[str, Any] | None = None
@@ -153,16 +176,22 @@ class Recovery:
         except BaseException as exc:
             if not self.handed_over and incidents.get(self.log_store, self.id).is_open:
                 what = exc.message if isinstance(exc, CryptoAgentError) else f"{type(exc).__name__}: {exc}"
-                self.finish(FAILED, "failed", summary=f"the recovery failed: {what}",
-                            impact=self.incident.impact or "unknown: the recovery did not finish",
-                            root_cause=self.incident.root_cause or "Other: unknown (the recovery failed)")
+                current = incidents.get(self.log_store, self.id)
+                try:
+                    self.finish(FAILED, "failed", summary=f"the recovery failed: {what}",
+                                impact=current.impact or "unknown: the recovery did not finish",
+                                root_cause=current.root_cause or "Other: unknown (the recovery failed)")
+                except Exception:  # noqa: BLE001 (the original failure is the one to raise; the hooks tell L1)
+                    get_run_logger().exception("closing incident #%d after the failure failed too", self.id)
             raise
+        finally:
+            self.log_store.close()  # a long-lived worker runs many recoveries: no pool left behind per run
 
     def tell(self, level: str, subject: str, body: str) -> bool:
         """Send one message to an escalation level; an undeliverable one is recorded, never fatal to the recovery."""
         try:
             notify_level(level, subject, body)
-        except Exception as exc:  # the recovery matters more than the message; the report says who was not told
+        except Exception as exc:  # noqa: BLE001 (the recovery matters more than the message; the report says who was not told)
             self.undelivered.append(f"{level.upper()}: {exc}")
             incidents.add_action(self.log_store, self.id, f"notify-{level}", f"not delivered: {exc}", ok=False)
             return False
@@ -181,8 +210,8 @@ class Recovery:
         state.append(recovery.store_state(self.cfg))
         lost = "not known yet" if inc.data_lost_hours is None else f"{inc.data_lost_hours:g} hours"
         body = "\n".join([
-            f"What happened: {inc.root_cause or 'being diagnosed'} (trigger: {trigger}, "
-            f"detected {incidents.iso(inc.detected_at)})",
+            (f"What happened: {inc.root_cause or 'being diagnosed'} (trigger: {trigger}, "
+             f"detected {incidents.iso(inc.detected_at)})"),
             f"Status: {inc.status}{' (' + inc.outcome + ')' if inc.outcome else ''}"
             + (f"; {inc.summary}" if inc.summary else ""),
             "What was done:",
@@ -249,7 +278,7 @@ class Recovery:
         inc = incidents.close(self.log_store, self.id, status, outcome=outcome, summary=summary, impact=impact,
                               root_cause=root_cause, data_lost_hours=data_lost_hours)
         link = flow_run_link()
-        levels = self._levels(inc)
+        levels = {} if self.escalated_in is not None else self._levels(inc)
         report = incidents.render_report(inc, link)
         for level, why in levels.items():
             subject, body = self.message(f"escalated to {level.upper()}", extra=f"Why {level.upper()}: {why}\n\n{report}")
@@ -268,7 +297,7 @@ class Recovery:
         if status == RESOLVED:
             emit(INCIDENT_RESOLVED, incident_resource(self.id), self._event_payload(
                 recovery_time_s=final.recovery_time_s, data_lost_hours=final.data_lost_hours))
-        elif not levels:
+        elif not levels and self.escalated_in is None:
             emit(INCIDENT_ESCALATED, incident_resource(self.id), self._event_payload(level="l1", reason=summary))
         self.result = {
             "incident_id": self.id, "scenario": final.scenario, "status": final.status, "outcome": final.outcome,
@@ -288,7 +317,8 @@ class Recovery:
         self.live_trading_affected = self.live_trading_affected or bool(sub.get("live_trading_affected"))
         self.extra_levels.update(sub.get("extra_levels") or {})
         status = sub.get("status") or (RESOLVED if sub.get("outcome") == RECOVERED else ESCALATED)
-        if sub.get("incident_id") != self.id:  # its own incident: this one follows it
+        if sub.get("incident_id") != self.id:  # its own incident: this one follows it, and that one pages
+            self.escalated_in = sub.get("incident_id")
             summary = f"handed over to incident #{sub.get('incident_id')} ({sub.get('outcome')}): {sub.get('summary')}"
         else:
             summary = sub.get("summary") or ""
@@ -342,6 +372,7 @@ def begin(
                               incidents.iso(inc.opened_at))
         run.result = {"incident_id": inc.id, "scenario": scenario, "outcome": "absorbed",
                       "absorbed_by": inc.scenario, "status": inc.status}
+        log_store.close()
         return run
     run.announce()
     return run
@@ -615,8 +646,9 @@ def recover_process_hang(
     cfg = run_settings(settings)
     resource = resource_of(service)
     spec = process.service_spec(service, cfg)
-    if not handover and backup.lock_holder(cfg.db_path) is not None:
-        return _absorbed_by_lock("process-hang", recovery.store_state(cfg))
+    blocker = None if handover else _wait_for_store_lock(cfg)
+    if blocker is not None:
+        return _absorbed_by_lock("process-hang", blocker)
     run = begin("process-hang", resource, event, cfg, handover, fault_at_s=recovery.last_heartbeat_at(spec))
     if run.joined:
         return run.result or {}
@@ -854,8 +886,9 @@ def recover_daemon_crash(
     cfg = run_settings(settings)
     resource = resource_of(service)
     spec = process.service_spec(service, cfg)
-    if backup.lock_holder(cfg.db_path) is not None:
-        return _absorbed_by_lock("daemon-crash", recovery.store_state(cfg))
+    blocker = _wait_for_store_lock(cfg)  # a store recovery restarts the services itself
+    if blocker is not None:
+        return _absorbed_by_lock("daemon-crash", blocker)
     run = begin("daemon-crash", resource, event, cfg, handover, fault_at_s=recovery.last_heartbeat_at(spec))
     if run.joined:
         return run.result or {}
@@ -893,11 +926,10 @@ def recover_daemon_crash(
                                        handover=run.handover([_limit_name(resource)]))
             return run.finish_from(sub)
         if verdict.verdict is recovery.Verdict.RUNNING:
-            confirmed = report.healthy
+            # nothing done by this run: "skipped", so MTTR counts real recoveries only
             return run.finish(
-                RESOLVED, RECOVERED if confirmed else SKIPPED,
-                summary=f"{service} is running ({report.summary}): no restart needed",
-                impact="none" if confirmed else impact,
+                RESOLVED, SKIPPED, summary=f"{service} is running ({report.summary}): no restart needed",
+                impact="none" if report.healthy else impact,
                 root_cause="Other: not a crash (the service runs and beats)", data_lost_hours=0,
             )
         if verdict.foreign:
@@ -933,8 +965,9 @@ def recover_daemon_crash(
 # --- scenario 2: data staleness ---
 
 
-@task(name="check-exchange", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_if_transient,
-      timeout_seconds=300, cache_policy=NO_CACHE)
+# No task-level retries: the client already retries timeouts and 5xx with backoff (request_retries), and an
+# exchange still down after that is the runbook's cue to tell L2, not to wait longer.
+@task(name="check-exchange", timeout_seconds=300, cache_policy=NO_CACHE)
 def check_exchange(settings: dict[str, Any] | None) -> dict[str, Any]:
     """Is the exchange up (its server time), and how much of the request weight is used (the runbook's 1 and 2)."""
     cfg = run_settings(settings)

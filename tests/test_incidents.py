@@ -228,11 +228,11 @@ class TestTheTriggeringEvent:
 
 
 def _report(**kw: Any) -> ProbeReport:
-    base: dict[str, Any] = dict(
-        service="backtest", status=HealthStatus.HEALTHY, pid=123, alive=True, zombie=False, process_status="sleeping",
-        heartbeat_age_s=1.0, heartbeat_state="running", cpu_pct=1.0, rss_mb=50.0, log_errors_per_min=0.0,
-        niceness=10, reasons=[], liveness="ours",
-    )
+    base: dict[str, Any] = {
+        "service": "backtest", "status": HealthStatus.HEALTHY, "pid": 123, "alive": True, "zombie": False,
+        "process_status": "sleeping", "heartbeat_age_s": 1.0, "heartbeat_state": "running", "cpu_pct": 1.0,
+        "rss_mb": 50.0, "log_errors_per_min": 0.0, "niceness": 10, "reasons": [], "liveness": "ours",
+    }
     base.update(kw)
     return ProbeReport(**base)
 
@@ -364,9 +364,8 @@ def test_a_lock_handed_to_a_person_outlives_the_recovery_that_held_it(tmp_path: 
         recovery.hand_lock_to_person(db, "recover-db-corruption #3: escalated")
     holder = backup.lock_holder(db)
     assert holder is not None and holder["owner"] == "recover-db-corruption #3: escalated" and "pid" not in holder
-    with pytest.raises(backup.RecoveryLocked, match="escalated"):
-        with backup.recovery_lock(db, "someone else"):
-            pass
+    with pytest.raises(backup.RecoveryLocked, match="escalated"), backup.recovery_lock(db, "someone else"):
+        pass
 
 
 # --- the pause marker ---

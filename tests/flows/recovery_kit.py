@@ -16,16 +16,16 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for service_kit
 
-from service_kit import Keeper, wait_until  # noqa: E402
+from service_kit import Keeper, wait_until
 
-from crypto_agent import incidents, process  # noqa: E402
-from crypto_agent.collector import collect  # noqa: E402
-from crypto_agent.exchange import BinanceClient  # noqa: E402
-from crypto_agent.incidents import Incident  # noqa: E402
-from crypto_agent.receiver import Receiver  # noqa: E402
-from crypto_agent.settings import Settings, load_settings  # noqa: E402
-from crypto_agent.simulator import Simulator  # noqa: E402
-from crypto_agent.store import Store  # noqa: E402
+from crypto_agent import incidents, process
+from crypto_agent.collector import collect
+from crypto_agent.exchange import BinanceClient
+from crypto_agent.incidents import Incident
+from crypto_agent.receiver import Receiver
+from crypto_agent.settings import Settings, load_settings
+from crypto_agent.simulator import Simulator
+from crypto_agent.store import Store
 
 # Short limits, so a service is started, found stale, stopped and confirmed within seconds.
 FAST_SERVICES: dict[str, Any] = {

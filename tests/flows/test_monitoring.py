@@ -284,7 +284,7 @@ class TestWindowGuard:
 
         second, _ = run(backtest_window_guard, now=in_window + timedelta(minutes=1), settings=params)
         assert second["action"] == "pause" and second["stage"] == "reniced"
-        assert daemon.status() == psutil.STATUS_STOPPED
+        wait_until(lambda: daemon.status() == psutil.STATUS_STOPPED, timeout=10, what="SIGSTOP to land")
         hold = read_hold("backtest", settings)
         assert hold is not None and hold.kind == HOLD_PAUSED and hold.by == GUARD_NAME
         [told] = wait_for_messages(inbox, "/l1")
@@ -296,7 +296,8 @@ class TestWindowGuard:
 
         after = run(backtest_window_guard, now=next_window_time(1, 31), settings=params)[0]
         assert after["action"] == "resume" and after["in_window"] is False
-        assert daemon.status() != psutil.STATUS_STOPPED and read_hold("backtest", settings) is None
+        wait_until(lambda: daemon.status() != psutil.STATUS_STOPPED, timeout=10, what="SIGCONT to land")
+        assert read_hold("backtest", settings) is None
         # live trading: same process, same priority, never stopped
         assert (trader.pid, trader.create_time(), trader.nice()) == trader_before
         assert trader.status() != psutil.STATUS_STOPPED

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -13,6 +14,9 @@ from typing import Any
 import psutil
 import pytest
 from flow_kit import artifacts_of, flow_run_events, wait_for_messages
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import FlowRun
+from prefect.states import Crashed
 from recovery_kit import (
     FAST_SERVICES,
     Keeper,
@@ -33,9 +37,14 @@ from recovery_kit import (
 from crypto_agent import health, incidents, process
 from crypto_agent.daemon import FAULT_ENV
 from crypto_agent.receiver import Receiver
+from crypto_agent.service import Heartbeat, read_heartbeat
 from crypto_agent.settings import Settings
 from flows.events import INCIDENT_OPENED, INCIDENT_RESOLVED
-from flows.recovery import recover_daemon_crash, recover_process_hang
+from flows.recovery import (
+    close_incidents_of_run,
+    recover_daemon_crash,
+    recover_process_hang,
+)
 
 DAEMON = "crypto-agent.service.backtest-daemon"
 
@@ -196,16 +205,70 @@ class TestDaemonCrash:
                 if "crypto_agent.daemon" in (p.info["cmdline"] or [])
                 and (p.info["environ"] or {}).get("CRYPTO_AGENT_HOME") == str(cfg.home)]
         assert [p.pid for p in ours] == [running_pid(cfg, "backtest")]
+        with get_client(sync_client=True) as client:  # and the Prefect concurrency limit of the resource exists
+            assert client.read_global_concurrency_limit_by_name(f"recovery-{DAEMON}").limit == 1
+
+    def test_a_restart_that_fails_closes_the_incident_as_failed_and_tells_l2(
+        self, env: dict[str, Any], keeper: Keeper, inbox: Receiver
+    ) -> None:
+        overrides = {**env, "start_timeout_s": 0.05}  # no service writes its first heartbeat that fast
+        cfg = settings_of(overrides)
+        kill_and_wait(start(keeper, settings_of(env)))
+        state = recover_daemon_crash(settings=overrides, return_state=True)
+
+        assert state.is_failed()
+        [inc] = all_incidents(cfg)
+        assert inc.status == "failed" and inc.summary.startswith("the recovery failed: the backtest service wrote no")
+        assert inc.report_md and "**Status:** failed (failed)" in inc.report_md
+        [l2] = wait_for_messages(inbox, "/l2", 1)
+        assert "the recovery did not succeed" in l2["body"]["body"]
+        l1 = [m["body"]["subject"] for m in wait_for_messages(inbox, "/l1", 3)]
+        assert any("closed: recovery FAILED" in s for s in l1)  # the incident's close
+        assert any(s == "[crypto-agent] recover-daemon-crash failed" for s in l1)  # the flow's failure hook
+        assert running_pid(cfg, "backtest") is None
+
+    def test_the_failure_hook_closes_what_a_dead_flow_run_left_open(self, env: dict[str, Any]) -> None:
+        cfg = settings_of(env)
+        run_id = uuid.uuid4()
+        with incidents.open_incident_store(cfg) as log:
+            left, _ = incidents.open_or_join(log, "daemon-crash", DAEMON, {}, time.time(), flow_run_id=str(run_id))
+            other, _ = incidents.open_or_join(log, "stale-data", "crypto-agent.store.main", {}, time.time())
+        flow_run = FlowRun(id=run_id, flow_id=uuid.uuid4(), name="dead-run", parameters={"settings": env})
+        close_incidents_of_run(recover_daemon_crash, flow_run, Crashed(message="the worker was killed"))
+        with incidents.open_incident_store(cfg) as log:
+            assert incidents.get(log, left.id).status == "failed"
+            assert "Crashed" in incidents.get(log, left.id).summary
+            assert incidents.get(log, other.id).is_open  # another run's incident is not touched
 
 
 class TestProcessHang:
+    def test_a_stop_that_would_hit_a_stranger_is_refused_and_the_stranger_survives(
+        self, env: dict[str, Any], keeper: Keeper, inbox: Receiver
+    ) -> None:
+        cfg = settings_of(env)
+        stranger = keeper.sleeper()
+        spec = process.service_spec("trader", cfg)
+        spec.pidfile.parent.mkdir(parents=True, exist_ok=True)
+        spec.pidfile.write_text(f"{stranger.pid}\n")
+        result = recover_process_hang(service="trader", settings=env, event=event(
+            "crypto-agent.service.cpu-high", "crypto-agent.service.trader"))
+
+        assert result["outcome"] == "recovered", result
+        inc = incident_of(cfg, result)
+        refused = action(inc, "stop-refused")
+        assert f"refusing to signal PID {stranger.pid}" in refused["detail"] and not refused["ok"]
+        assert stranger.poll() is None
+        assert healthy(cfg, "trader").pid != stranger.pid
+
     def test_a_cpu_burning_daemon_is_restarted_without_its_fault(
         self, env: dict[str, Any], keeper: Keeper, inbox: Receiver, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         monkeypatch.setenv(FAULT_ENV, "burn-cpu")  # even the recovery's own environment carries the fault
         cfg = settings_of(env)
         old = start(keeper, cfg)
-        wait_until(lambda: health.probe(process.service_spec("backtest", cfg), cfg).cpu_pct > 90, 30, "the burn")
+        spec = process.service_spec("backtest", cfg)
+        wait_until(lambda: "burn-cpu" in (read_heartbeat(spec.heartbeat) or Heartbeat(0, "", None)).state, 30,
+                   "the burn")
         result = recover_process_hang(settings=env, event=event("crypto-agent.service.cpu-high", DAEMON))
 
         assert result["outcome"] == "recovered", result
@@ -214,7 +277,7 @@ class TestProcessHang:
         assert "CPU" in inc.root_cause or "cpu-high" in inc.root_cause
         assert steps(inc)[:4] == ["probe", "capture-stacks", "stop", "clean-state"]
         new = healthy(cfg)
-        assert new.pid != old and new.cpu_pct < 90
+        assert new.pid != old and new.cpu_pct < 90 and "burn-cpu" not in new.heartbeat_state
         assert psutil.Process(new.pid).environ().get(FAULT_ENV) == ""
         [stacks] = artifacts_of(inc.flow_run_id, f"incident-{inc.id}-stacks")
         assert "_burn_cpu" in stacks

@@ -12,7 +12,7 @@ from typing import Any
 
 import psutil
 import pytest
-from flow_kit import TEST_SYMBOLS, artifacts_of, wait_for_messages
+from flow_kit import TEST_SYMBOLS, artifacts_of, flow_run_events, wait_for_messages
 from recovery_kit import (
     FAST_SERVICES,
     Keeper,
@@ -43,8 +43,13 @@ from crypto_agent.receiver import Receiver
 from crypto_agent.settings import Settings
 from crypto_agent.simulator import Simulator
 from crypto_agent.store import Store, check_integrity
-from flows.events import STORE_CORRUPT, STORE_STALE
-from flows.recovery import recover_daemon_crash, recover_db_corruption, recover_stale_data, rollback_persistent_failures
+from flows.events import INCIDENT_ESCALATED, STORE_CORRUPT, STORE_STALE
+from flows.recovery import (
+    recover_daemon_crash,
+    recover_db_corruption,
+    recover_stale_data,
+    rollback_persistent_failures,
+)
 
 STORE = "crypto-agent.store.main"
 HOUR_MS = 3_600_000
@@ -242,10 +247,35 @@ class TestCorruption:
             assert "no good backup to restore" in msg["body"]["body"]
             assert "crypto-agent restore --backup FILE" in msg["body"]["body"]
         assert inc.levels_told == ["l1", "l2", "l3"]
+        escalated = flow_run_events(inc.flow_run_id, INCIDENT_ESCALATED)
+        assert sorted(e.payload["level"] for e in escalated) == ["l2", "l3"]
         # the kept lock keeps the crash recovery from starting the daemon on a broken store
         absorbed = recover_daemon_crash(settings=env)
         assert absorbed["outcome"] == "absorbed" and absorbed["incident_id"] is None
         assert running_pid(cfg, "backtest") is None and len(all_incidents(cfg)) == 1
+
+    def test_a_dead_daemon_on_a_corrupt_store_is_handed_to_the_corruption_recovery(
+        self, env: dict[str, Any], simulator: Simulator, keeper: Keeper, inbox: Receiver
+    ) -> None:
+        cfg = settings_of(env)
+        db = Path(cfg.db_path)
+        backup_lacking_newest_hours(cfg, simulator, hours=6)
+        checkpoint(db)
+        kill_and_wait(keeper.start(process.service_spec("backtest", cfg), cfg).pid)
+        smash_page(db, leaf_page(db, "ohlcv_h4"))
+        result = recover_daemon_crash(settings=env, event=event("crypto-agent.service.dead",
+                                                                "crypto-agent.service.backtest-daemon"))
+
+        assert result["outcome"] == "recovered", result
+        crash = incident_of(cfg, result)
+        store_incident = incident_of(cfg, {"incident_id": result["handed_to"]})
+        assert crash.scenario == "daemon-crash" and store_incident.scenario == "db-corruption"
+        assert crash.status == store_incident.status == "resolved"
+        assert "handing over to recover-db-corruption" in action(crash, "integrity-check")["detail"]
+        assert f"handed over to incident #{store_incident.id}" in crash.summary
+        assert "restore" in steps(store_incident) and check_integrity(db, full=True).ok
+        healthy(cfg, "trader")
+        healthy(cfg, "backtest")
 
     def test_a_sound_store_is_a_false_alarm_and_nothing_is_stopped(
         self, env: dict[str, Any], keeper: Keeper, inbox: Receiver
@@ -293,7 +323,7 @@ class TestStaleData:
         self, env: dict[str, Any], inbox: Receiver
     ) -> None:
         cfg = settings_of(env)
-        btc, gap = self._make_stale(Path(cfg.db_path))
+        _, gap = self._make_stale(Path(cfg.db_path))
         windows = [{"symbol": "ETHUSDT", "timeframe": "1h", "start_ms": gap[0], "end_ms": gap[-1] + HOUR_MS},
                    {"symbol": "bad symbol!", "timeframe": "1h", "start_ms": 0, "end_ms": 1}]
         stale = event(STORE_STALE, STORE, failing_windows=windows, windows_total=2)

@@ -1,0 +1,561 @@
+"""`crypto-agent chaos <scenario>`: rehearse an incident of the runbook on the running stack and follow its recovery.
+
+A drill injects one failure into the stack `crypto-agent up` started (found through its home:
+the settings, run/stack.json with the Prefect API the stack recorded, the pidfiles, the simulator's
+/_sim/ fault API), then follows what the product does about it: the event and the automation that
+detect it, the recovery flow run and its incident, and finally its own probe that everything is
+back. It prints the timeline (injected, detected, recovered, verified) and where to see it in the
+Prefect UI. Every wait is bounded; a drill that does not recover in time fails with what was
+missing, and the command exits 1. `crypto-agent chaos all` runs every drill in turn, restoring a
+clean state between them, and prints the MTTR of each against the runbook's ETA.
+
+Where a scheduled check would find the fault, the drill runs that deployment now, as if its
+schedule had fired (data-validation at 01:00, the hourly integrity-check, the health monitor every
+5 minutes): the detection path is the product's, only the wait for the clock is skipped.
+
+The injections themselves (no Prefect) are in crypto_agent/chaos.py.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import httpx
+import typer
+
+from crypto_agent import chaos
+from crypto_agent.chaos import DAEMON, DRILLS, ChaosError, DrillResult, Injection
+from crypto_agent.errors import ConfigError, CryptoAgentError, InputError
+from crypto_agent.incidents import RECOVERED, RESOLVED, Incident
+from crypto_agent.settings import Settings, load_settings
+
+MONITOR = "health-monitor/scheduled"
+VALIDATION = "data-validation/daily"
+INTEGRITY = "integrity-check/quick"
+PERSISTENT_FAILURES = "crypto-agent/persistent-failures"
+DAEMON_RESOURCE = "crypto-agent.service.backtest-daemon"
+STORE_RESOURCE = "crypto-agent.store.main"
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+POLL_S = 1.0
+SETTLE_S = 180.0  # before a drill, the stack must be verified within this
+VERIFY_S = 180.0  # after the recovery, the probe must verify it within this
+FLOW_RUN_S = 180.0  # a check the drill runs (monitor, validation, integrity) must end within this
+DETECT_MARGIN_S = 90.0
+RECOVER_MARGIN_S = 180.0
+EXCHANGE_DOWN_S = 20.0  # the simulator answers 503 this long: the recovery's retries ride it out
+STORM_429 = 3  # requests answered 429 (Retry-After 1 s) in the data-gap drill
+CRASH_AFTER_STEPS = 2
+EVENTS_SETTLE_S = 3.0
+
+
+class ChaosFailed(CryptoAgentError):
+    """A drill did not recover (or was not even detected) in time."""
+
+
+# --- the stack a drill acts on ---
+
+
+@dataclass(frozen=True)
+class StackTarget:
+    """The running stack: its settings and what `up` recorded (Prefect API and UI, project folder)."""
+
+    settings: Settings
+    api_url: str
+    ui_url: str
+    project_dir: Path
+
+    def flow_run_url(self, flow_run_id: str | UUID) -> str:
+        """A flow run's page in the Prefect UI."""
+        return f"{self.ui_url}/runs/flow-run/{flow_run_id}"
+
+    def artifact_url(self, key: str) -> str:
+        """An artifact's page (its latest version) in the Prefect UI."""
+        return f"{self.ui_url}/artifacts/key/{key}"
+
+
+def find_stack(settings: Settings) -> StackTarget:
+    """The stack `crypto-agent up` started for these settings; ConfigError when there is none or it does not answer."""
+    from deployments.stack import read_record
+
+    record = read_record(settings)
+    if record is None:
+        raise ConfigError(
+            f"no running stack here: {Path(settings.run_dir) / 'stack.json'} does not exist",
+            hint="bring it up first (`crypto-agent up --detach`), with the same CRYPTO_AGENT_HOME and settings",
+        )
+    if Path(record.get("db_path", "")) != Path(settings.db_path):
+        raise ConfigError(
+            f"the stack recorded in {Path(settings.run_dir) / 'stack.json'} uses the store {record.get('db_path')}, "
+            f"these settings {settings.db_path}",
+            hint="run `crypto-agent chaos` with the settings (environment, crypto-agent.toml) `up` was run with",
+        )
+    api_url = str(record["api_url"])
+    try:
+        healthy = httpx.get(f"{api_url}/health", timeout=5.0).status_code == 200
+    except httpx.HTTPError:
+        healthy = False
+    if not healthy:
+        raise ConfigError(f"the stack's Prefect server at {api_url} does not answer",
+                          hint="`crypto-agent up --detach` brings the stack (back) up")
+    return StackTarget(settings, api_url, str(record.get("ui_url") or api_url.removesuffix("/api")),
+                       Path(record.get("project_dir") or Path(__file__).resolve().parent.parent))
+
+
+@contextmanager
+def prefect_api(target: StackTarget) -> Iterator[Any]:
+    """A sync Prefect client on the stack's API (whatever PREFECT_API_URL this terminal has)."""
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: target.api_url}), get_client(sync_client=True) as client:
+        yield client
+
+
+def _clock(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).strftime("%H:%M:%S")
+
+
+# --- the drills ---
+
+
+class Rehearsal:
+    """Runs drills against one stack, printing as it goes; each drill returns its DrillResult."""
+
+    def __init__(self, target: StackTarget, client: Any, say: Callable[[str], None],
+                 max_wait_s: float | None = None) -> None:
+        self.target = target
+        self.cfg = target.settings
+        self.client = client
+        self.say = say
+        self.max_wait_s = max_wait_s
+        self._deployment_ids: dict[str, UUID] = {}
+
+    # --- plumbing ---
+
+    def limit(self, seconds: float) -> float:
+        """A wait's bound, capped by --max-wait."""
+        return seconds if self.max_wait_s is None else min(seconds, self.max_wait_s)
+
+    def mark(self, result: DrillResult, phase: str, at: float, text: str) -> None:
+        """One line of the timeline."""
+        offset = result.after(at)
+        line = f"  {_clock(at)}  {phase:<9} {'' if offset is None else f'+{offset:.1f} s':>9}  {text}"
+        result.lines.append(line)
+        self.say(line)
+
+    def note(self, text: str) -> None:
+        """A line that is not a point of the timeline."""
+        self.say(f"  {'':8}  {'':9} {'':>9}  {text}")
+
+    def run_deployment(self, name: str, parameters: dict[str, Any] | None = None) -> UUID:
+        """Create a flow run of deployment `name` now (the serving process picks it up); its id."""
+        if name not in self._deployment_ids:
+            from prefect.exceptions import ObjectNotFound
+
+            try:
+                self._deployment_ids[name] = self.client.read_deployment_by_name(name).id
+            except ObjectNotFound:
+                raise ChaosFailed(f"deployment {name} is not on the stack's server",
+                                  hint="`crypto-agent up` deploys every deployment of prefect.yaml") from None
+        run = self.client.create_flow_run_from_deployment(self._deployment_ids[name], parameters=parameters or {},
+                                                          tags=["chaos-drill"])
+        return run.id
+
+    def flow_run_state(self, flow_run_id: UUID) -> str:
+        """The state type of a flow run (SCHEDULED, RUNNING, COMPLETED ...)."""
+        run = self.client.read_flow_run(flow_run_id)
+        return run.state_type.value if run.state_type is not None else "PENDING"
+
+    def wait_flow_run(self, flow_run_id: UUID, what: str) -> str:
+        """Wait until a flow run the drill started ends; its final state type."""
+        deadline = time.monotonic() + FLOW_RUN_S
+        while True:
+            state = self.flow_run_state(flow_run_id)
+            if state in TERMINAL:
+                return state
+            if time.monotonic() > deadline:
+                raise ChaosFailed(f"{what} (flow run {self.target.flow_run_url(flow_run_id)}) did not end within "
+                                  f"{FLOW_RUN_S:g} s (still {state})",
+                                  hint="is the serving process running? its log is logs/serve.log")
+            time.sleep(POLL_S)
+
+    def flow_run_label(self, flow_run_id: str | None) -> str:
+        """"<flow>/<deployment> run '<name>'" for the flow run an incident names."""
+        if not flow_run_id:
+            return "(no flow run recorded)"
+        try:
+            run = self.client.read_flow_run(UUID(flow_run_id))
+            flow = self.client.read_flow(run.flow_id)
+            return f"{flow.name} run '{run.name}'"
+        except Exception:  # the label is a nicety; the URL below is what matters
+            return f"flow run {flow_run_id}"
+
+    # --- the phases of a drill ---
+
+    def settle(self, result: DrillResult, paused: tuple[str, ...] = ()) -> None:
+        """Before injecting: the stack must be verified (services healthy, checks pass, nothing open)."""
+        deadline = time.monotonic() + self.limit(SETTLE_S)
+        while True:
+            check = chaos.verify(self.cfg, paused)
+            if check.ok:
+                return
+            if time.monotonic() > deadline:
+                raise ChaosFailed(f"the stack is not healthy before the drill: {'; '.join(check.problems)}",
+                                  hint="`crypto-agent incidents --open` and `crypto-agent status` tell what is wrong")
+            time.sleep(2.0)
+
+    def injected(self, result: DrillResult, injection: Injection) -> None:
+        """Record the injection (the first one sets the clock)."""
+        if result.injected_at is None:
+            result.injected_at = injection.at
+        self.mark(result, "injected", injection.at, injection.what)
+
+    def wait_incident(
+        self,
+        result: DrillResult,
+        scenarios: tuple[str, ...],
+        resource: str | None,
+        since: float,
+        timeout_s: float,
+        *,
+        poke: tuple[str, float] | None = None,
+        missing: str = "",
+    ) -> Incident:
+        """Wait for the incident the fault should open; `poke` = (deployment, every_s) runs that check meanwhile."""
+        timeout_s = self.limit(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        poked: UUID | None = None
+        next_poke = time.monotonic()
+        while True:
+            found = chaos.incidents_since(self.cfg, since, scenarios, resource)
+            if found:
+                return found[0]
+            now = time.monotonic()
+            if poke is not None and now >= next_poke and (poked is None or self.flow_run_state(poked) in TERMINAL):
+                poked = self.run_deployment(poke[0])
+                next_poke = now + poke[1]
+            if now > deadline:
+                raise ChaosFailed(
+                    f"not detected within {timeout_s:.0f} s: no {'/'.join(scenarios)} incident "
+                    f"was opened{' for ' + resource if resource else ''}" + (f"; {missing}" if missing else ""),
+                    hint="`crypto-agent incidents` and the serving process's log (logs/serve.log) tell what ran",
+                )
+            time.sleep(POLL_S)
+
+    def detected(self, result: DrillResult, inc: Incident) -> None:
+        """Record the detection: the incident opened by the recovery the automation ran."""
+        at = inc.opened_at / 1000
+        if result.detected_at is None:
+            result.detected_at = at
+            result.incident_id = inc.id
+        self.mark(result, "detected", at, f"incident #{inc.id} {inc.scenario} opened by "
+                  f"{self.flow_run_label(inc.flow_run_id)}; trigger: {self.describe_trigger(inc)}")
+
+    def describe_trigger(self, inc: Incident) -> str:
+        """What set the recovery off, in words."""
+        event = str(inc.trigger.get("event") or "")
+        payload = inc.trigger.get("payload") or {}
+        when = f" at {_clock(inc.detected_at / 1000)}"
+        if not event:
+            return "a manual run (no event)"
+        if event.endswith(".heartbeat"):
+            return (f"no heartbeat event since {_clock(inc.detected_at / 1000)} for {self.cfg.heartbeat_missing_s:g} s "
+                    "(proactive automation crypto-agent/heartbeat-missing)")
+        if event.endswith(".crashed"):
+            return (f"{event}{when}: {self.cfg.persistent_failures} crash events within "
+                    f"{self.cfg.persistent_window_hours:g} h (threshold automation {PERSISTENT_FAILURES})")
+        reasons = payload.get("reasons") or payload.get("problems") or []
+        detail = f" ({'; '.join(str(r) for r in reasons[:2])})" if reasons else ""
+        return f"{event}{when}{detail}"
+
+    def wait_closed(self, result: DrillResult, inc: Incident, timeout_s: float, *, final: bool = True) -> Incident:
+        """Wait until the incident closes; ChaosFailed unless it ends resolved and recovered."""
+        timeout_s = self.limit(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            current = chaos.incident(self.cfg, inc.id)
+            if not current.is_open:
+                break
+            if time.monotonic() > deadline:
+                last = current.actions[-1] if current.actions else None
+                raise ChaosFailed(
+                    f"incident #{inc.id} ({inc.scenario}) not recovered within {timeout_s:.0f} s"
+                    + (f"; its last step: {last['step']}: {str(last['detail']).splitlines()[0][:200]}" if last else ""),
+                    hint=f"follow it in the UI: {self.target.flow_run_url(inc.flow_run_id or '')}",
+                )
+            time.sleep(POLL_S)
+        at = (current.resolved_at or time.time() * 1000) / 1000
+        if current.status != RESOLVED or current.outcome != RECOVERED:
+            self.mark(result, "closed", at, f"incident #{current.id} {current.status} ({current.outcome}): "
+                      f"{current.summary}")
+            raise ChaosFailed(f"incident #{current.id} ended {current.status} "
+                              f"({current.outcome}): {current.summary}",
+                              hint=f"its report: `crypto-agent incidents --report {current.id}`")
+        if final:
+            result.recovered_at = at
+        self.mark(result, "recovered", at, f"incident #{current.id} resolved in "
+                  f"{current.recovery_time_s or 0:.1f} s: {current.summary}")
+        return current
+
+    def wait_verified(self, result: DrillResult, paused: tuple[str, ...] = ()) -> None:
+        """Probe until the stack is back (services, quick_check, data checks, nothing open); ChaosFailed otherwise."""
+        timeout_s = self.limit(VERIFY_S)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            check = chaos.verify(self.cfg, paused)
+            if check.ok:
+                result.verified_at = time.time()
+                self.mark(result, "verified", result.verified_at, check.summary)
+                return
+            if time.monotonic() > deadline:
+                raise ChaosFailed(f"recovered, but not verified within {timeout_s:.0f} s: "
+                                  f"{'; '.join(check.problems)}",
+                                  hint="`crypto-agent status --service backtest` and `crypto-agent check-data`")
+            time.sleep(2.0)
+
+    def where(self, result: DrillResult) -> None:
+        """Where the drill shows in the Prefect UI."""
+        if result.incident_id is None:
+            return
+        inc = chaos.incident(self.cfg, result.incident_id)
+        self.say("  see it in the UI:")
+        if inc.flow_run_id:
+            self.say(f"    recovery flow run  {self.target.flow_run_url(inc.flow_run_id)}")
+        self.say(f"    incident report    {self.target.artifact_url(f'incident-{inc.id}')}"
+                 f"   (or `crypto-agent incidents --report {inc.id}`)")
+
+    # --- the drills, one method each ---
+
+    def run(self, name: str, *, resume_after: bool = False) -> DrillResult:
+        """Run one drill; its result (error set, never raised, when it did not recover)."""
+        d = chaos.drill(name)
+        result = DrillResult(d)
+        self.say(f"\n== chaos {d.name}: runbook scenario {d.runbook} ({d.title}, ETA {d.eta_min:g} min)")
+        self.say(f"   fault: {d.fault}")
+        self.say(f"   detection: {d.detection}")
+        body = getattr(self, "drill_" + d.name.replace("-", "_"))
+        try:
+            body(result, resume_after=resume_after)
+        except CryptoAgentError as exc:
+            result.error = f"{d.name}: {exc.message}"
+            self.say(f"  FAILED: {exc.message}")
+            if exc.hint:
+                self.say(f"  hint: {exc.hint}")
+        self.where(result)
+        if result.ok:
+            self.say(f"  MTTR {result.mttr_s:.1f} s (runbook ETA {d.eta_min:g} min)")
+        return result
+
+    def drill_daemon_killed(self, result: DrillResult, **_: Any) -> None:
+        """SIGKILL of the daemon: heartbeat-missing -> recover-daemon-crash restarts it."""
+        self.settle(result)
+        self.injected(result, chaos.signal_service(self.cfg, DAEMON, signal.SIGKILL))
+        inc = self.wait_incident(result, ("daemon-crash",), DAEMON_RESOURCE, result.injected_at,
+                                 self.cfg.heartbeat_missing_s + DETECT_MARGIN_S,
+                                 missing="is the heartbeat relay running (logs/relay.log), and the automation "
+                                 "crypto-agent/heartbeat-missing enabled (`prefect automation ls`)?")
+        self.detected(result, inc)
+        self.wait_closed(result, inc, self.cfg.crash_restart_grace_s + RECOVER_MARGIN_S)
+        self.wait_verified(result)
+
+    def drill_daemon_hung(self, result: DrillResult, **_: Any) -> None:
+        """SIGSTOP of the daemon: heartbeat-missing -> recover-daemon-crash triages it hung -> recover-process-hang."""
+        self.settle(result)
+        try:
+            self.injected(result, chaos.signal_service(self.cfg, DAEMON, signal.SIGSTOP))
+            inc = self.wait_incident(result, ("daemon-crash", "process-hang"), DAEMON_RESOURCE, result.injected_at,
+                                     self.cfg.heartbeat_missing_s + DETECT_MARGIN_S,
+                                     missing="is the heartbeat relay running (logs/relay.log)?")
+            self.detected(result, inc)
+            self.wait_closed(result, inc, self.cfg.stop_grace_s + RECOVER_MARGIN_S)
+        except CryptoAgentError:
+            if chaos.continue_if_stopped(self.cfg, DAEMON):
+                self.note("cleanup: the daemon was still stopped: SIGCONT sent")
+            raise
+        self.wait_verified(result)
+
+    def drill_cpu_spike(self, result: DrillResult, **_: Any) -> None:
+        """A CPU-burning daemon: health-monitor sees CPU over the limit for the spike window -> recover-process-hang."""
+        self.settle(result)
+        spike_s = self.cfg.cpu_spike_minutes * 60
+        # each monitor run starts a Python process: a faster pace would starve the very CPU burner it measures
+        every_s = max(10.0, min(60.0, spike_s / 3))
+        try:
+            self.injected(result, chaos.restart_with_fault(self.cfg, DAEMON, "burn-cpu"))
+            result.symptom_at = result.injected_at + spike_s
+            self.note(f"running {MONITOR} every {every_s:g} s (a faster cron) until CPU over "
+                      f"{self.cfg.cpu_max_pct:g}% has lasted {self.cfg.cpu_spike_minutes:g} min")
+            inc = self.wait_incident(result, ("process-hang",), DAEMON_RESOURCE, result.injected_at,
+                                     spike_s + 2 * every_s + DETECT_MARGIN_S, poke=(MONITOR, every_s),
+                                     missing=f"the monitor's samples (table probe_samples) must stay over "
+                                     f"cpu_max_pct={self.cfg.cpu_max_pct:g} for cpu_spike_minutes="
+                                     f"{self.cfg.cpu_spike_minutes:g}; a busy machine can keep a niced daemon under it")
+            self.detected(result, inc)
+            self.wait_closed(result, inc, self.cfg.stop_grace_s + RECOVER_MARGIN_S)
+        except CryptoAgentError:
+            if chaos.fault_of(self.cfg, DAEMON):
+                self.note("cleanup: " + chaos.restart_clean(self.cfg, DAEMON))
+            raise
+        self.wait_verified(result)
+
+    def _stale_drill(self, result: DrillResult, inject: Callable[[chaos.SimulatorControl], list[Injection]]) -> None:
+        """Damage the store (and the exchange), run data-validation as its schedule would -> recover-stale-data."""
+        sim = chaos.SimulatorControl.of(self.cfg)
+        self.settle(result)
+        try:
+            for injection in inject(sim):
+                self.injected(result, injection)
+            inc = self.wait_incident(result, ("stale-data",), STORE_RESOURCE, result.injected_at, DETECT_MARGIN_S * 2,
+                                     poke=(VALIDATION, 60.0))
+            self.detected(result, inc)
+            self.wait_closed(result, inc, result.drill.eta_s)
+        finally:
+            sim.heal()
+        self.wait_verified(result)
+
+    def drill_exchange_down(self, result: DrillResult, **_: Any) -> None:
+        """The exchange answers 503 for a while and the newest candles are missing: the recovery rides out the outage."""
+        def inject(sim: chaos.SimulatorControl) -> list[Injection]:
+            sim.down_503(EXCHANGE_DOWN_S)
+            down = Injection(time.time(), f"the exchange simulator answers 503 for {EXCHANGE_DOWN_S:g} s "
+                             f"({sim.base_url}/_sim/down)")
+            gone = chaos.delete_newest_candles(self.cfg, chaos.stale_symbols(self.cfg), "1h",
+                                               self.cfg.stale_h1_hours + 2)
+            return [down, gone]
+
+        self._stale_drill(result, inject)
+
+    def drill_data_gap(self, result: DrillResult, **_: Any) -> None:
+        """A hole in the candles and a throttling exchange: the recovery backfills exactly the hole."""
+        def inject(sim: chaos.SimulatorControl) -> list[Injection]:
+            symbols = list(self.cfg.symbols)
+            symbol = symbols[1] if len(symbols) > 1 else symbols[0]
+            hole = chaos.punch_gap(self.cfg, symbol, "1h", self.cfg.max_gap_candles + 2,
+                                   self.cfg.continuity_window_hours / 2)
+            sim.set_faults(storm_429=STORM_429, retry_after_s=1)
+            storm = Injection(time.time(), f"the exchange simulator answers the next {STORM_429} requests with "
+                              "429, Retry-After 1 s (API throttle)")
+            return [hole, storm]
+
+        self._stale_drill(result, inject)
+
+    def drill_db_corrupt(self, result: DrillResult, **_: Any) -> None:
+        """A damaged page: the hourly integrity-check (run now) -> recover-db-corruption restores a good backup."""
+        self.settle(result)
+        ready = chaos.ensure_backup(self.cfg)
+        self.note(f"backup: {ready.note}")
+        self.injected(result, chaos.corrupt_page(self.cfg))
+        inc = self.wait_incident(result, ("db-corruption",), STORE_RESOURCE, result.injected_at, DETECT_MARGIN_S * 2,
+                                 poke=(INTEGRITY, 60.0))
+        self.detected(result, inc)
+        self.wait_closed(result, inc, result.drill.eta_s)
+        self.wait_verified(result)
+
+    def rearm_rollback(self) -> None:
+        """Start the crash count from zero: report the crashes of earlier drills, then re-apply the automations.
+
+        The threshold trigger counts crash events in a 24 h window, and once it fired it ignores the
+        rest of that window; re-applying the automation gives it a fresh trigger, hence a fresh window.
+        """
+        from deployments.automations import apply_automations
+
+        state = self.wait_flow_run(self.run_deployment(MONITOR), MONITOR)
+        self.note(f"{MONITOR} run to report the crashes of earlier drills: {state.lower()}")
+        time.sleep(EVENTS_SETTLE_S)  # the server evaluates those events before the trigger is replaced
+        done = apply_automations(self.cfg, self.target.project_dir)
+        if PERSISTENT_FAILURES not in done.updated + done.created:
+            raise ChaosFailed(f"the automation {PERSISTENT_FAILURES} is not on the stack's server",
+                              hint="`crypto-agent up` (or `crypto-agent deploy`) creates it")
+        self.note(f"automation {PERSISTENT_FAILURES} re-applied: its crash count starts from zero")
+
+    def drill_crash_loop(self, result: DrillResult, *, resume_after: bool = False, **_: Any) -> None:
+        """Three crashes in a row, each recovered; the threshold automation then rolls the store back 48 h."""
+        self.settle(result)
+        ready = chaos.ensure_backup(self.cfg, self.cfg.rollback_hours)
+        self.note(f"backup: {ready.note}")
+        self.rearm_rollback()
+        self.settle(result)
+        crashes = self.cfg.persistent_failures
+        for n in range(1, crashes + 1):
+            injection = chaos.restart_with_fault(self.cfg, DAEMON, f"crash-after:{CRASH_AFTER_STEPS}")
+            self.injected(result, Injection(injection.at, f"crash {n} of {crashes}: {injection.what}", injection.pid))
+            result.symptom_at = injection.at  # the runbook's symptom: the third crash in a row
+            inc = self.wait_incident(result, ("daemon-crash",), DAEMON_RESOURCE, injection.at,
+                                     self.cfg.heartbeat_missing_s + DETECT_MARGIN_S,
+                                     missing="is the heartbeat relay running (logs/relay.log)?")
+            self.mark(result, "detected", inc.opened_at / 1000, f"crash {n}: incident #{inc.id} {inc.scenario} "
+                      f"opened by {self.flow_run_label(inc.flow_run_id)}")
+            self.wait_closed(result, inc, self.cfg.crash_restart_grace_s + RECOVER_MARGIN_S, final=False)
+            if n < crashes:
+                # the monitor reports each crash as an event, as its schedule would (it keeps the count honest)
+                self.wait_flow_run(self.run_deployment(MONITOR), MONITOR)
+        inc = self.wait_incident(result, ("persistent-failures",), None, result.injected_at, DETECT_MARGIN_S,
+                                 poke=(MONITOR, 30.0),
+                                 missing=f"health-monitor reports the crashes (crypto-agent.service.crashed); the "
+                                 f"automation {PERSISTENT_FAILURES} needs {crashes} of them")
+        self.detected(result, inc)
+        self.wait_closed(result, inc, result.drill.eta_s)
+        self.wait_verified(result, paused=(DAEMON,))
+        self.note("the backtest stays paused after a rollback, for a person to investigate; resume it with: "
+                  "crypto-agent service resume backtest")
+        if resume_after:
+            self.note("resuming it for the next drill: " + chaos.resume_service(self.cfg, DAEMON))
+
+
+def run_drills(names: list[str], settings: Settings, *, max_wait_s: float | None = None,
+               say: Callable[[str], None] = print) -> list[DrillResult]:
+    """Run the drills `names` in turn against the running stack; their results (the MTTR table is printed for several)."""
+    target = find_stack(settings)
+    say(f"stack: Prefect UI {target.ui_url}, store {settings.db_path}")
+    results = []
+    with prefect_api(target) as client:
+        rehearsal = Rehearsal(target, client, say, max_wait_s)
+        for i, name in enumerate(names):
+            more = i < len(names) - 1
+            results.append(rehearsal.run(name, resume_after=more))
+            if more and not results[-1].ok and name == "crash-loop":
+                say("  " + chaos.resume_service(settings, DAEMON))
+    if len(results) > 1:
+        say("\n== MTTR per scenario (from the fault, or the runbook's symptom, to verified recovery) "
+            "against the runbook's ETA")
+        for line in chaos.mttr_table(results):
+            say(line)
+    return results
+
+
+def add_chaos_command(app: typer.Typer) -> None:
+    """Register `crypto-agent chaos` on the CLI."""
+
+    @app.command("chaos")
+    def chaos_command(
+        scenario: str = typer.Argument(..., help=f"One of: {', '.join(DRILLS)}; or all (every one, in that order); "
+                                       "or list."),
+        max_wait: float | None = typer.Option(None, "--max-wait", min=10,
+                                              help="Cap, in seconds, on every wait (detection, recovery, verify)."),
+    ) -> None:
+        """Rehearse a runbook incident on the running stack: inject it, follow the recovery, print the timeline.
+
+        Exit 1 when a drill is not detected, recovered and verified in time. `all` prints the MTTR table.
+        """
+        if scenario == "list":
+            for d in DRILLS.values():
+                print(f"{d.name:<14} runbook {d.runbook} ({d.title}, ETA {d.eta_min:g} min): {d.fault}")
+            return
+        names = list(DRILLS) if scenario == "all" else [chaos.drill(scenario).name]
+        results = run_drills(names, load_settings(), max_wait_s=max_wait,
+                             say=lambda line: print(line, flush=True))
+        failed = [r for r in results if not r.ok]
+        if failed:
+            print(f"error: {len(failed)} of {len(results)} drill(s) did not recover: "
+                  + "; ".join(r.error or r.drill.name for r in failed), file=sys.stderr)
+            raise typer.Exit(1)

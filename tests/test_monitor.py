@@ -1,0 +1,196 @@
+"""What monitoring concludes without Prefect (crypto_agent.monitor, crypto_agent.holds): holds on the pause
+marker, the conditions a probe shows, crashes claimed once in a real store, heartbeats seen once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from crypto_agent import health, process
+from crypto_agent.errors import InputError
+from crypto_agent.health import HealthStatus, ProbeReport
+from crypto_agent.holds import HOLD_PAUSED, HOLD_STOPPED, place_hold, read_hold, release_hold
+from crypto_agent.monitor import Condition, HeartbeatWatch, assess, claim_crashes
+from crypto_agent.service import instance_id, record_event, write_heartbeat
+from crypto_agent.store import Store
+
+try:
+    from service_kit import keeper, make_settings, wait_until  # noqa: F401
+except ImportError:  # tests/ became a package
+    from tests.service_kit import keeper, make_settings, wait_until  # noqa: F401
+
+
+def report(*, alive: bool = True, age: float | None = 1.0, cpu: float = 5.0, rss: float = 100.0,
+           process_status: str = "sleeping", reasons: list[str] | None = None) -> ProbeReport:
+    """A probe report of the backtest with these figures (as health.probe builds them)."""
+    status = HealthStatus.DEAD if not alive else (HealthStatus.DEGRADED if reasons else HealthStatus.HEALTHY)
+    return ProbeReport(
+        service="backtest", status=status, pid=4321 if alive else None, alive=alive, zombie=False,
+        process_status=process_status if alive else None, heartbeat_age_s=age, heartbeat_state="running",
+        cpu_pct=cpu if alive else None, rss_mb=rss if alive else None, log_errors_per_min=0.0, niceness=10,
+        reasons=reasons or ([] if alive else ["No PID file"]),
+    )
+
+
+class TestHolds:
+    def test_place_read_release(self, tmp_path) -> None:
+        settings = make_settings(tmp_path)
+        assert read_hold("backtest", settings) is None
+        placed = place_hold("backtest", settings, kind=HOLD_STOPPED, by="rollback #3", reason="under investigation")
+        read = read_hold("backtest", settings)
+        assert read is not None and (read.kind, read.by, read.reason) == (HOLD_STOPPED, "rollback #3",
+                                                                         "under investigation")
+        assert read.since == int(placed.since or 0)
+        assert "stopped by rollback #3: under investigation" == read.description
+        assert release_hold("backtest", settings, by="someone else") is None
+        assert read_hold("backtest", settings) is not None  # only its owner (or anyone, by=None) releases it
+        assert release_hold("backtest", settings) is not None and read_hold("backtest", settings) is None
+
+    def test_it_is_the_pause_marker_that_process_control_honours(self, tmp_path) -> None:
+        settings = make_settings(tmp_path)
+        spec = process.service_spec("backtest", settings)
+        process.pause(spec, reason="by hand", by="an operator")  # no kind, no end: a stopped hold for good
+        hold = read_hold("backtest", settings)
+        assert hold is not None and (hold.kind, hold.by, hold.until) == (HOLD_STOPPED, "an operator", None)
+        place_hold("backtest", settings, kind=HOLD_STOPPED, by="backtest-window-guard", reason="x")
+        assert process.paused(spec)["by"] == "backtest-window-guard"
+
+    def test_a_hold_ends_by_itself_at_its_until(self, tmp_path) -> None:
+        settings = make_settings(tmp_path)
+        until = time.time() + 60
+        place_hold("backtest", settings, kind=HOLD_STOPPED, by="guard", reason="window", until=until)
+        assert read_hold("backtest", settings) is not None
+        assert read_hold("backtest", settings, now=until + 1) is None
+        ended = read_hold("backtest", settings, now=until + 1, include_ended=True)
+        assert ended is not None and ended.until == int(until)
+
+    def test_bad_holds_are_refused_and_nothing_is_written(self, tmp_path) -> None:
+        settings = make_settings(tmp_path)
+        for kwargs in ({"kind": "frozen", "by": "x"}, {"kind": HOLD_PAUSED, "by": "x"}, {"kind": HOLD_STOPPED, "by": " "}):
+            with pytest.raises(InputError):
+                place_hold("backtest", settings, reason="r", **kwargs)
+        with pytest.raises(InputError):
+            place_hold("main.py", settings, kind=HOLD_STOPPED, by="x", reason="r")
+        assert read_hold("backtest", settings) is None
+
+    def test_an_unreadable_marker_still_holds(self, tmp_path) -> None:
+        settings = make_settings(tmp_path)
+        marker = process.pause_marker(process.service_spec("backtest", settings))
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text("not json")
+        hold = read_hold("backtest", settings)
+        assert hold is not None and hold.kind == HOLD_STOPPED and hold.reason == "not json"
+
+
+class TestAssess:
+    def test_healthy(self, tmp_path) -> None:
+        assert assess(report(), make_settings(tmp_path)).conditions == (Condition.HEALTHY,)
+
+    def test_dead(self, tmp_path) -> None:
+        found = assess(report(alive=False), make_settings(tmp_path))
+        assert found.conditions == (Condition.DEAD,) and found.payload()["status"] == "DEAD"
+
+    def test_hung_when_stopped_or_stale_or_silent(self, tmp_path) -> None:
+        settings = make_settings(tmp_path)  # heartbeat limit 3 s
+        assert assess(report(process_status="stopped"), settings).conditions == (Condition.HUNG,)
+        stale = assess(report(age=10.0, reasons=["Heartbeat stale 10s"]), settings)
+        assert stale.conditions == (Condition.HUNG,) and "heartbeat stale 10s > 3s" in stale.reasons[0]
+        assert assess(report(age=None, reasons=["No heartbeat file"]), settings).conditions == (Condition.HUNG,)
+
+    def test_cpu_high_comes_from_history_and_memory_high_from_the_sample(self, tmp_path) -> None:
+        settings = make_settings(tmp_path)
+        assert assess(report(cpu=99.0, reasons=["CPU 99% > 90%"]), settings).conditions == (Condition.DEGRADED,)
+        assert assess(report(cpu=99.0), settings, cpu_high=True).conditions == (Condition.CPU_HIGH,)
+        both = assess(report(rss=900.0), settings, cpu_high=True)
+        assert both.conditions == (Condition.CPU_HIGH, Condition.MEMORY_HIGH)
+
+    def test_a_hold_that_covers_the_service_wins(self, tmp_path) -> None:
+        settings = make_settings(tmp_path)
+        place_hold("backtest", settings, kind=HOLD_STOPPED, by="rollback", reason="investigation")
+        found = assess(report(alive=False), settings, hold=read_hold("backtest", settings))
+        assert found.conditions == (Condition.HELD,) and found.payload()["hold"]["by"] == "rollback"
+
+    def test_a_paused_hold_covers_only_the_instance_it_paused(self, tmp_path, keeper) -> None:
+        settings = make_settings(tmp_path)
+        spec = process.service_spec("backtest", settings)
+        daemon = psutil.Process(keeper.start(spec, settings).pid)
+        daemon.send_signal(signal.SIGSTOP)
+        mine = place_hold("backtest", settings, kind=HOLD_PAUSED, by="guard", reason="x",
+                          instance=instance_id(daemon.pid, daemon.create_time()))
+        probed = health.probe(spec, settings, cpu_sample_s=0.05)
+        assert assess(probed, settings, hold=mine).conditions == (Condition.HELD,)
+        other = place_hold("backtest", settings, kind=HOLD_PAUSED, by="guard", reason="x", instance="1@1.00")
+        assert assess(probed, settings, hold=other).conditions == (Condition.HUNG,)
+        # a stopped hold does not cover a service that runs
+        stopped = place_hold("backtest", settings, kind=HOLD_STOPPED, by="x", reason="x")
+        assert assess(probed, settings, hold=stopped).conditions == (Condition.HUNG,)
+
+
+class TestClaimCrashes:
+    def test_each_crash_is_claimed_once(self, tmp_path) -> None:
+        settings = make_settings(tmp_path)
+        with Store(settings.database_url) as store:
+            for pid in (101, 102):
+                record_event(store, "backtest", "crashed", pid=pid, instance=f"{pid}@1.00", source="probe")
+            record_event(store, "backtest", "stopped", pid=103, instance="103@1.00", source="service")
+            record_event(store, "trader", "crashed", pid=104, instance="104@1.00", source="probe")
+            first = claim_crashes(store, ["backtest"])
+            assert [c["pid"] for c in first] == [101, 102]
+            assert claim_crashes(store, ["backtest"]) == []
+            record_event(store, "backtest", "crashed", pid=105, instance="105@1.00", source="process-control")
+            assert [c["pid"] for c in claim_crashes(store)] == [104, 105]
+
+    def test_old_crashes_and_a_locked_store_claim_nothing(self, tmp_path) -> None:
+        settings = make_settings(tmp_path)
+        with Store(settings.database_url) as store:
+            record_event(store, "backtest", "crashed", pid=101, instance="101@1.00", source="probe",
+                         at=time.time() - 25 * 3600)
+            assert claim_crashes(store, window_hours=24) == []
+            record_event(store, "backtest", "crashed", pid=102, instance="102@1.00", source="probe")
+            lock = settings.db_path.parent / "LOCKED"
+            lock.write_text(json.dumps({"owner": "test"}))
+            assert claim_crashes(store) == []
+            lock.unlink()
+            assert [c["pid"] for c in claim_crashes(store)] == [102]
+
+
+class TestHeartbeatWatch:
+    def test_a_heartbeat_is_signalled_once_per_advance(self, tmp_path) -> None:
+        settings = make_settings(tmp_path)
+        spec = process.service_spec("backtest", settings)
+        spec.heartbeat.parent.mkdir(parents=True, exist_ok=True)
+        watch = HeartbeatWatch(settings, ("backtest",), vouch_every_s=5.0)
+        assert watch.poll(now=1000.0) == []
+        write_heartbeat(spec.heartbeat, "running: unit 1", pid=4321, now=1000.0)
+        [beat] = watch.poll(now=1000.5)
+        assert (beat.epoch, beat.state, beat.pid, beat.vouched) == (1000, "running: unit 1", 4321, False)
+        assert watch.poll(now=1001.0) == [] and watch.poll(now=1020.0) == []
+        write_heartbeat(spec.heartbeat, "running: unit 2", pid=4321, now=1021.0)
+        assert [b.state for b in watch.poll(now=1021.2)] == ["running: unit 2"]
+        spec.heartbeat.write_text("garbage")
+        assert watch.poll(now=1030.0) == []
+
+    def test_a_held_service_is_vouched_for_and_an_unheld_silent_one_is_not(self, tmp_path) -> None:
+        settings = make_settings(tmp_path)
+        watch = HeartbeatWatch(settings, ("backtest", "trader"), vouch_every_s=5.0)
+        place_hold("backtest", settings, kind=HOLD_STOPPED, by="rollback", reason="investigation")
+        [vouch] = watch.poll(now=time.time())
+        assert vouch.service == "backtest" and vouch.vouched and vouch.state.startswith("held: stopped by rollback")
+        assert watch.poll(now=time.time() + 1) == []  # not before vouch_every_s
+        assert [b.service for b in watch.poll(now=time.time() + 6)] == ["backtest"]
+
+    def test_a_stopped_hold_does_not_vouch_for_a_running_process(self, tmp_path, keeper) -> None:
+        settings = make_settings(tmp_path)
+        spec = process.service_spec("backtest", settings)
+        pid = keeper.start(spec, settings).pid
+        os.kill(pid, signal.SIGSTOP)
+        wait_until(lambda: psutil.Process(pid).status() == psutil.STATUS_STOPPED, timeout=10, what="SIGSTOP")
+        watch = HeartbeatWatch(settings, ("backtest",), vouch_every_s=0.0)
+        watch.poll()  # the last heartbeat it wrote
+        place_hold("backtest", settings, kind=HOLD_STOPPED, by="x", reason="x")
+        assert [b for b in watch.poll(now=time.time() + 1) if b.vouched] == []
