@@ -595,7 +595,7 @@ def _minutes(seconds: float | None) -> str:
     if seconds is None:
         return "unknown"
     if seconds < 120:
-        return f"{seconds / 60:.1f} min ({seconds:.0f} s)"
+        return f"{seconds:.0f} s ({seconds / 60:.2f} min)"
     return f"{seconds / 60:.1f} min"
 
 

@@ -128,7 +128,7 @@ def _clock(at: float) -> str:
 # --- the drills ---
 
 
-class Rehearsal:
+class DrillRunner:
     """Runs drills against one stack, printing as it goes; each drill returns its DrillResult."""
 
     def __init__(self, target: StackTarget, client: Any, say: Callable[[str], None],
@@ -519,10 +519,10 @@ def run_drills(names: list[str], settings: Settings, *, max_wait_s: float | None
     say(f"stack: Prefect UI {target.ui_url}, store {settings.db_path}")
     results = []
     with prefect_api(target) as client:
-        rehearsal = Rehearsal(target, client, say, max_wait_s)
+        runner = DrillRunner(target, client, say, max_wait_s)
         for i, name in enumerate(names):
             more = i < len(names) - 1
-            results.append(rehearsal.run(name, resume_after=more))
+            results.append(runner.run(name, resume_after=more))
             if more and not results[-1].ok and name == "crash-loop":
                 say("  " + chaos.resume_service(settings, DAEMON))
     if len(results) > 1:

@@ -100,6 +100,7 @@ class Rehearsal:
     history_days: int = 20
     extra_settings: dict[str, Any] = field(default_factory=dict)
     deployments: tuple[str, ...] = DEPLOYMENTS
+    pad_db_mb: int = 0  # grow the store to about this size with old candles of symbols outside the universe
     simulator: Simulator | None = field(init=False, default=None)
     receiver: Receiver | None = field(init=False, default=None)
     settings: Settings = field(init=False)
@@ -186,6 +187,8 @@ class Rehearsal:
         with Store(self.settings.database_url) as store, BinanceClient.from_settings(self.settings) as client:
             collect(store, client, list(self.symbols), list(self.settings.timeframes),
                     initial_history_days=self.history_days)
+        if self.pad_db_mb:
+            pad_store(self.settings.db_path, self.pad_db_mb)
         for days in (2, 1):
             backup.create(self.settings.db_path, self.settings.backup_dir, now=now - timedelta(days=days))
 
@@ -280,11 +283,22 @@ class Rehearsal:
         got = self.receiver.messages(f"/{level}" if level else None)
         return [m for m in got if since is None or m["received_at"] >= since]
 
-    def run_monitor(self) -> str:
-        """Run the health monitor now, as its schedule would (through its deployment); the flow run id."""
+    def run_monitor(self, wait_s: float = 0.0) -> str:
+        """Run the health monitor now, as its schedule would (through its deployment); the flow run id.
+
+        With wait_s, return once that run has ended (RehearsalError after wait_s).
+        """
+        from prefect import get_client
         from prefect.deployments import run_deployment
 
-        return str(run_deployment(MONITOR_DEPLOYMENT, timeout=0).id)
+        run_id = run_deployment(MONITOR_DEPLOYMENT, timeout=0).id
+        if wait_s:
+            def ended() -> bool:
+                with get_client(sync_client=True) as client:
+                    state = client.read_flow_run(run_id).state
+                return state is not None and state.is_final()
+            self.wait(ended, wait_s, "the health monitor's run to end", alive="serve")
+        return str(run_id)
 
     def flow_runs(self, flow_name: str) -> list[Any]:
         """The flow runs of a flow, newest first."""
@@ -417,6 +431,32 @@ class Rehearsal:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+PAD_START_MS = 1_300_000_000_000 // 3_600_000 * 3_600_000  # 2011: older than any backup, never resynced
+
+
+def pad_store(db_path: Path, target_mb: int, per_symbol: int = 50_000) -> int:
+    """Grow the database to about target_mb MB with H1 candles of made-up symbols (X00000USDT ...); rows written."""
+    conn = sqlite3.connect(db_path, isolation_level=None, timeout=60)
+    try:
+        sql = "INSERT OR IGNORE INTO ohlcv_h1 VALUES (?,?,?,?,?,?,?,?,?,?)"
+        rows = n = 0
+        while db_path.stat().st_size < target_mb * 1_000_000:
+            symbol, price = f"X{n:05d}USDT", 100.0 + n
+            conn.execute("BEGIN")
+            conn.executemany(sql, (
+                (symbol, PAD_START_MS + i * 3_600_000, price + i % 7, price + 1 + i % 5, price - 1, price + i % 3,
+                 1000.0 + i % 97, PAD_START_MS + i * 3_600_000 + 3_599_999, 123456.7 + i, 100 + i % 50)
+                for i in range(per_symbol)
+            ))
+            conn.execute("COMMIT")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            rows += per_symbol
+            n += 1
+        return rows
+    finally:
+        conn.close()
 
 
 def _alive(proc: psutil.Process) -> bool:

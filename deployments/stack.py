@@ -275,10 +275,8 @@ def serve_child(plan: StackPlan) -> Child:
                  SERVE_STOP_GRACE_S, "serving process (runs the flows of every deployment)")
 
 
-def relay_child(plan: StackPlan) -> Child | None:
+def relay_child(plan: StackPlan) -> Child:
     """The heartbeat relay (deployments/relay.py): the services' heartbeat files as Prefect events."""
-    if not (plan.project_dir / "deployments" / "relay.py").is_file():
-        return None
     spec = process.child_spec(RELAY, (), plan.settings)
     return Child(RELAY, _python_m("deployments.relay"), None, running_for(spec, RELAY_SETTLE_S), CHILD_READY_S,
                  plan.settings.stop_grace_s, "heartbeat relay (heartbeat files -> Prefect events)")
@@ -724,11 +722,7 @@ def bring_up(plan: StackPlan, out: Console, err: Console, interrupts: Interrupts
                       f"served by PID {serve.pid}")
             automations(plan, out)
             checkpoint()
-            relay = relay_child(plan)
-            if relay is not None:
-                add(RELAY, lambda: ensure_child(relay, plan, env, out, checkpoint=checkpoint))
-            else:
-                out.print(f"{RELAY}: deployments/relay.py does not exist yet; no heartbeat relay")
+            add(RELAY, lambda: ensure_child(relay_child(plan), plan, env, out, checkpoint=checkpoint))
             stack.record()
     except BaseException:
         if stack.started:

@@ -1092,6 +1092,22 @@ def recover_stale_data(
 # --- scenario 5: persistent failures, rollback ---
 
 
+def _failure_count(run: Recovery) -> str:
+    """How often the daemon failed in the window, from the store's service events and the incident log."""
+    hours = run.cfg.persistent_window_hours
+    crash_incidents = incidents.recent_count(run.log_store, "daemon-crash", hours)
+    store = _sound_store(run.cfg)
+    try:
+        failures = health.failures_within(store, "backtest", hours) if store is not None else None
+    except Exception:  # noqa: BLE001 (a damaged store only costs this detail of the report)
+        failures = None
+    finally:
+        if store is not None:
+            store.close()
+    counted = f"{failures} crashes, kills or failed starts and " if failures is not None else ""
+    return f"{counted}{crash_incidents} daemon-crash incident(s) in {hours:g} h"
+
+
 @flow(
     name="rollback-persistent-failures",
     description="Runbook scenario 5 (3+ crashes in 24 h): stop everything, restore the 48 h backup (the current "
@@ -1117,9 +1133,7 @@ def rollback_persistent_failures(
         return run.result or {}
     owner = f"{LOCK_OWNERS['persistent-failures']} #{run.id}"
     with run.guard([STORE_RESOURCE, resource_of("backtest"), resource_of("trader")]):
-        crashes = incidents.recent_count(run.log_store, "daemon-crash", cfg.persistent_window_hours)
-        root_cause = (f"Other: persistent failures of the backtest daemon ({crashes} crash incident(s) in "
-                      f"{cfg.persistent_window_hours:g} h)")
+        root_cause = f"Other: persistent failures of the backtest daemon ({_failure_count(run)})"
         marker = recovery.keep_stopped("backtest", cfg, by=owner,
                                        reason=f"rollback incident #{run.id}: persistent failures, under investigation")
         run.act("pause-backtest", f"{marker}: nothing restarts the backtest until `crypto-agent service resume backtest`")

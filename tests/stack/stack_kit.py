@@ -26,7 +26,7 @@ if str(PROJECT_DIR) not in sys.path:
 CRYPTO_AGENT = str(Path(sys.executable).parent / "crypto-agent")
 PREFECT = str(Path(sys.executable).parent / "prefect")
 STACK_SYMBOLS = "BTCUSDT,ETHUSDT,SOLUSDT"
-UP_TIMEOUT_S = 300.0
+UP_TIMEOUT_S = 240.0
 DOWN_TIMEOUT_S = 240.0
 FLOW_RUN_TIMEOUT_S = 120.0
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}

@@ -36,7 +36,10 @@ def test_ctrl_c_stops_everything_up_started_in_reverse_order(tmp_path: Path) -> 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
-        assert holding.wait(UP_TIMEOUT_S), "\n".join(lines)
+        deadline = time.monotonic() + UP_TIMEOUT_S
+        while not holding.wait(0.5):
+            assert up.poll() is None, f"`crypto-agent up` exited with {up.returncode}:\n" + "\n".join(lines)
+            assert time.monotonic() < deadline, "`crypto-agent up` not up in time:\n" + "\n".join(lines)
         parts = json.loads((tmp_path / "run" / "stack.json").read_text())["parts"]
         procs = {name: psutil.Process(part["pid"]) for name, part in parts.items()}
         assert set(procs) == set(STOP_ORDER)

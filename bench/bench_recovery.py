@@ -1,0 +1,287 @@
+"""MTTR per runbook scenario on the local stack: time from an injected fault to its verified recovery, with
+no person in the loop, next to the runbook's ETA (2, 15, 30, 5 and 60 minutes) and the issue's p95 targets.
+
+One rehearsal stack (deployments/rehearsal.py: a real Prefect server, the serving process, the heartbeat
+relay, the automations, the simulator, the receiver, the trader and the daemon, 60 symbols) takes each
+fault a few times; the clock starts when the fault is injected and stops when this benchmark has
+verified the recovery itself (probe HEALTHY with a new PID, data checks pass, quick_check ok, ...):
+
+- daemon-crash: SIGKILL of the daemon; found by the "heartbeat missing" automation. Target p95 30 s.
+- process-hang: the daemon hangs in its main loop (CRYPTO_AGENT_DAEMON_FAULT=hang-after, SIGTERM ignored);
+  the clock starts at its last heartbeat. Target: recovered within 60 s after the heartbeat limit
+  (heartbeat_max_age_s); printed as "vs limit" (negative: before the limit was even reached).
+- stale-data: the newest 72 h of candles of all 60 symbols deleted; the health monitor's next round
+  (run at once here instead of waiting up to 5 min) reports it. Target p95 60 s.
+- db-corruption: a page in the middle of a database of CRYPTO_AGENT_BENCH_DB_MB (default 1024) MB
+  overwritten; the monitor's quick_check reports it; restore, resync, salvage. Target p95 2 min.
+- persistent-failures: the daemon SIGKILLed three times (each restarted by the automation, each crash
+  reported by a monitor round run at once); the clock starts at the third kill. Target p95 3 min.
+
+Run: python -m bench.bench_recovery [--reps 3] [--scenarios daemon-crash,stale-data,...]
+Env: CRYPTO_AGENT_BENCH_DB_MB (database size of the corruption scenario; the size used is printed),
+CRYPTO_AGENT_BENCH_REPS (repetitions, default 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crypto_agent import process
+from crypto_agent.daemon import FAULT_ENV
+from crypto_agent.quality import check_data
+from crypto_agent.service import read_heartbeat
+from crypto_agent.store import Store
+from crypto_agent.universe import UNIVERSE
+from deployments.rehearsal import PROJECT_DIR, Rehearsal
+
+DB_MB_ENV = "CRYPTO_AGENT_BENCH_DB_MB"
+REPS_ENV = "CRYPTO_AGENT_BENCH_REPS"
+WAIT_S = 600.0  # a recovery that takes longer than this is reported as not recovered
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A runbook scenario: its runbook ETA and the issue's p95 target."""
+
+    name: str
+    eta_min: float
+    target_s: float
+    target_note: str
+
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
+    Scenario("daemon-crash", 2, 30, "p95 30 s"),
+    Scenario("stale-data", 15, 60, "p95 60 s (72 h x 60 symbols)"),
+    Scenario("db-corruption", 30, 120, "p95 2 min"),
+    Scenario("process-hang", 5, 60, "p95 60 s after the heartbeat limit"),
+    Scenario("persistent-failures", 60, 180, "p95 3 min"),
+)}
+
+
+@dataclass
+class Result:
+    """The measurements of one scenario."""
+
+    scenario: Scenario
+    seconds: list[float] = field(default_factory=list)
+    vs_limit: list[float] = field(default_factory=list)  # process-hang: seconds after fault + heartbeat limit
+    detection: list[float] = field(default_factory=list)  # the incident's detection delay, when known
+    failures: list[str] = field(default_factory=list)
+
+
+def percentile(values: list[float], pct: float) -> float:
+    """The pct-th percentile (nearest rank) of values."""
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered) - 1, round(pct / 100 * len(ordered) + 0.5) - 1))]
+
+
+def settle(stack: Rehearsal) -> None:
+    """Wait until no recovery runs and both services are healthy (or the backtest held): a clean start."""
+    def quiet() -> bool:
+        if any(i.is_open for i in stack.incidents()):
+            return False
+        if not stack.probe("trader").healthy:
+            return False
+        return stack.probe("backtest").healthy or process.paused(process.service_spec("backtest", stack.settings))
+    stack.wait(quiet, WAIT_S, "a quiet stack")
+    time.sleep(stack.settings.heartbeat_missing_s + 2)  # let any late proactive firing pass
+
+
+def incident_after(stack: Rehearsal, scenario: str, since_ms: int) -> Any:
+    return stack.wait(lambda: stack.closed_incident(scenario, since_ms), WAIT_S, f"the {scenario} incident")
+
+
+def daemon_crash(stack: Rehearsal) -> tuple[float, float | None, float | None]:
+    old = stack.pid("backtest")
+    started, since = time.time(), int(time.time() * 1000)
+    stack.kill("backtest", signal.SIGKILL)
+    stack.wait(lambda: stack.healthy_other_than("backtest", old), WAIT_S, "the daemon back")
+    took = time.time() - started
+    incident = incident_after(stack, "daemon-crash", since)
+    return took, incident.detection_delay_s, None
+
+
+def process_hang(stack: Rehearsal) -> tuple[float, float | None, float | None]:
+    spec = process.service_spec("backtest", stack.settings)
+    process.stop(spec)
+    restart_with_fault(stack, "hang-after:2")
+    old = stack.pid("backtest")
+    last = {"epoch": 0}
+
+    def hung() -> bool:
+        beat = read_heartbeat(spec.heartbeat)
+        if beat is None:
+            return False
+        last["epoch"] = beat.epoch
+        return beat.age_s() > 2.5  # no beat for longer than the relay's heartbeat interval: it hangs
+    since = int(time.time() * 1000)
+    stack.wait(hung, 120, "the daemon to hang")
+    fault_at = float(last["epoch"])
+    stack.wait(lambda: stack.healthy_other_than("backtest", old), WAIT_S, "the daemon back")
+    took = time.time() - fault_at
+    incident = stack.wait(lambda: stack.closed_incident("daemon-crash", since)
+                          or stack.closed_incident("process-hang", since), WAIT_S, "the hang incident")
+    return took, incident.detection_delay_s, took - stack.settings.heartbeat_max_age_s
+
+
+def restart_with_fault(stack: Rehearsal, fault: str) -> None:
+    env = {**stack.env(), FAULT_ENV: fault}
+    done = subprocess.run([sys.executable, "-m", "crypto_agent.cli", "service", "start", "backtest"], env=env,
+                          cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        raise RuntimeError(f"cannot start the daemon with {fault}: {done.stderr[-500:]}")
+
+
+def fresh(stack: Rehearsal) -> bool:
+    with Store(stack.settings.database_url) as store:
+        return check_data(store, stack.settings).ok
+
+
+def stale_data(stack: Rehearsal) -> tuple[float, float | None, float | None]:
+    started, since = time.time(), int(time.time() * 1000)
+    stack.make_stale(list(stack.symbols), hours=72)
+    stack.run_monitor()
+    incident = incident_after(stack, "stale-data", since)
+    stack.wait(lambda: fresh(stack), WAIT_S, "the data checks to pass")
+    took = time.time() - started
+    if incident.outcome != "recovered":
+        raise RuntimeError(f"stale-data incident #{incident.id} ended {incident.outcome}: {incident.summary}")
+    return took, incident.detection_delay_s, None
+
+
+def db_corruption(stack: Rehearsal) -> tuple[float, float | None, float | None]:
+    started, since = time.time(), int(time.time() * 1000)
+    stack.corrupt_page()
+    stack.run_monitor()
+    incident = incident_after(stack, "db-corruption", since)
+    stack.wait(lambda: stack.integrity_ok() and stack.probe("trader").healthy and stack.probe("backtest").healthy,
+               WAIT_S, "the store checked and both services HEALTHY")
+    took = time.time() - started
+    if incident.outcome != "recovered":
+        raise RuntimeError(f"db-corruption incident #{incident.id} ended {incident.outcome}: {incident.summary}")
+    return took, incident.detection_delay_s, None
+
+
+def persistent_failures(stack: Rehearsal) -> tuple[float, float | None, float | None]:
+    stack.run_monitor(wait_s=120)  # report the crashes of earlier scenarios first: they must not count here
+    reset_threshold(stack)  # the threshold fires once per 24 h window: a fresh automation per repetition
+    spec = process.service_spec("backtest", stack.settings)
+    if process.paused(spec) is not None:  # the previous rollback left it paused: a person resumes it
+        process.resume(spec)
+        stack.start_service("backtest")
+    since = int(time.time() * 1000)
+    started = time.time()
+    for _ in range(3):
+        old = stack.pid("backtest")
+        started = time.time()
+        stack.kill("backtest", signal.SIGKILL)
+        stack.wait(lambda: stack.healthy_other_than("backtest", old) or stack.closed_incident("persistent-failures", since)
+                   or any(i.scenario == "persistent-failures" for i in stack.incidents() if i.opened_at >= since),
+                   WAIT_S, "the daemon back, or the rollback")
+        stack.run_monitor()
+        time.sleep(1.0)
+    incident = incident_after(stack, "persistent-failures", since)
+    stack.wait(lambda: stack.probe("trader").healthy and stack.integrity_ok() and stack.pid("backtest") is None,
+               WAIT_S, "live trading back, the backtest paused")
+    return time.time() - started, incident.detection_delay_s, None
+
+
+def reset_threshold(stack: Rehearsal) -> None:
+    from prefect import get_client
+
+    from deployments.automations import PREFIX, apply_automations
+
+    with get_client(sync_client=True) as client:
+        for automation in client.read_automations():
+            if automation.name == f"{PREFIX}persistent-failures":
+                client.delete_automation(automation.id)
+    apply_automations(stack.settings, PROJECT_DIR)
+
+
+RUNS: dict[str, Callable[[Rehearsal], tuple[float, float | None, float | None]]] = {
+    "daemon-crash": daemon_crash,
+    "process-hang": process_hang,
+    "stale-data": stale_data,
+    "db-corruption": db_corruption,
+    "persistent-failures": persistent_failures,
+}
+
+
+def print_table(results: list[Result], db_mb: float) -> None:
+    print(f"\n{'scenario':<20} {'runbook ETA':>11} {'target':>34} {'n':>2} {'p50 s':>7} {'p95 s':>7} "
+          f"{'max s':>7} {'detect s':>9}  verdict")
+    for r in results:
+        sc = r.scenario
+        if not r.seconds:
+            print(f"{sc.name:<20} {sc.eta_min:>8g} min {sc.target_note:>34} {0:>2} {'-':>7} {'-':>7} {'-':>7} "
+                  f"{'-':>9}  NOT RECOVERED: {'; '.join(r.failures)[:200]}")
+            continue
+        p95 = percentile(r.seconds, 95)
+        judged = percentile(r.vs_limit, 95) if r.vs_limit else p95
+        verdict = "meets target" if judged <= sc.target_s and not r.failures else "MISSES target"
+        if r.failures:
+            verdict += f" ({len(r.failures)} failed: {r.failures[0][:120]})"
+        detect = f"{statistics.median(r.detection):.1f}" if r.detection else "-"
+        print(f"{sc.name:<20} {sc.eta_min:>8g} min {sc.target_note:>34} {len(r.seconds):>2} "
+              f"{statistics.median(r.seconds):>7.1f} {p95:>7.1f} {max(r.seconds):>7.1f} {detect:>9}  {verdict}"
+              + (f"; vs heartbeat limit p95 {judged:+.1f} s" if r.vs_limit else ""))
+    print(f"\ndb-corruption database: {db_mb:.0f} MB ({DB_MB_ENV}); p50/p95 by nearest rank over the repetitions")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print MTTR per scenario next to the runbook's ETA and the targets."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=int(os.environ.get(REPS_ENV, "3")))
+    parser.add_argument("--scenarios", default=",".join(RUNS), help="comma-separated, of: " + ", ".join(RUNS))
+    args = parser.parse_args(argv or [])
+    wanted = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = [s for s in wanted if s not in RUNS]
+    if unknown:
+        raise SystemExit(f"error: unknown scenario(s) {', '.join(unknown)}; use {', '.join(RUNS)}")
+    db_mb = int(os.environ.get(DB_MB_ENV, "1024")) if "db-corruption" in wanted else 0
+    results = [Result(SCENARIOS[name]) for name in wanted]
+    with tempfile.TemporaryDirectory(prefix="bench-recovery-") as tmp:
+        began = time.perf_counter()
+        stack = Rehearsal(Path(tmp), symbols=tuple(UNIVERSE), history_days=10, pad_db_mb=db_mb)
+        stack.start()
+        try:
+            size = stack.settings.db_path.stat().st_size / 1e6
+            print(f"stack up in {time.perf_counter() - began:.0f} s: {len(stack.symbols)} symbols, "
+                  f"database {size:.0f} MB, heartbeat limit {stack.settings.heartbeat_max_age_s:g} s, "
+                  f"heartbeat-missing after {stack.settings.heartbeat_missing_s:g} s", flush=True)
+            for result in results:
+                for rep in range(args.reps):
+                    settle(stack)
+                    try:
+                        took, detect, vs_limit = RUNS[result.scenario.name](stack)
+                    except Exception as exc:  # one failed recovery is a figure too, not the end of the bench
+                        result.failures.append(f"{type(exc).__name__}: {exc}")
+                        print(f"  {result.scenario.name} #{rep + 1}: FAILED {exc}", flush=True)
+                        continue
+                    result.seconds.append(took)
+                    if detect is not None:
+                        result.detection.append(detect)
+                    if vs_limit is not None:
+                        result.vs_limit.append(vs_limit)
+                    print(f"  {result.scenario.name} #{rep + 1}: {took:.1f} s"
+                          + (f" (detection {detect:.1f} s)" if detect is not None else ""), flush=True)
+        finally:
+            left = stack.close()
+            if left:
+                print(f"warning: processes left and killed: {left}")
+    print_table(results, size if db_mb else 0.0)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
