@@ -138,7 +138,8 @@ def process_hang(stack: Rehearsal) -> tuple[float, float | None, float | None]:
 def restart_with_fault(stack: Rehearsal, fault: str) -> None:
     env = {**stack.env(), FAULT_ENV: fault}
     done = subprocess.run([sys.executable, "-m", "crypto_agent.cli", "service", "start", "backtest"], env=env,
-                          cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+                          cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+                          check=False)
     if done.returncode != 0:
         raise RuntimeError(f"cannot start the daemon with {fault}: {done.stderr[-500:]}")
 
@@ -165,12 +166,19 @@ def db_corruption(stack: Rehearsal) -> tuple[float, float | None, float | None]:
     stack.corrupt_page()
     stack.run_monitor()
     incident = incident_after(stack, "db-corruption", since)
-    stack.wait(lambda: stack.integrity_ok() and stack.probe("trader").healthy and stack.probe("backtest").healthy,
-               WAIT_S, "the store checked and both services HEALTHY")
-    took = time.time() - started
     if incident.outcome != "recovered":
-        raise RuntimeError(f"db-corruption incident #{incident.id} ended {incident.outcome}: {incident.summary}")
-    return took, incident.detection_delay_s, None
+        raise RuntimeError(f"db-corruption incident #{incident.id} ended {incident.outcome}: {incident.summary}; "
+                           + "; ".join(f"{a['step']}: {str(a['detail'])[:120]}" for a in incident.actions[-6:]))
+    try:
+        stack.wait(lambda: stack.integrity_ok() and stack.probe("trader").healthy and stack.probe("backtest").healthy,
+                   120, "the store checked and both services HEALTHY")
+    except Exception as exc:
+        raise RuntimeError(f"{exc}: quick_check ok {stack.integrity_ok()}, {stack.probe('trader').summary}, "
+                           f"backtest {stack.probe('backtest').summary}; incident #{incident.id}: "
+                           f"{incident.summary}; later incidents: "
+                           f"{[(i.id, i.scenario, i.outcome, i.summary) for i in stack.incidents() if i.id > incident.id]}"
+                           ) from None
+    return time.time() - started, incident.detection_delay_s, None
 
 
 def persistent_failures(stack: Rehearsal) -> tuple[float, float | None, float | None]:
@@ -186,7 +194,8 @@ def persistent_failures(stack: Rehearsal) -> tuple[float, float | None, float | 
         old = stack.pid("backtest")
         started = time.time()
         stack.kill("backtest", signal.SIGKILL)
-        stack.wait(lambda: stack.healthy_other_than("backtest", old) or stack.closed_incident("persistent-failures", since)
+        stack.wait(lambda old=old: stack.healthy_other_than("backtest", old)
+                   or stack.closed_incident("persistent-failures", since)
                    or any(i.scenario == "persistent-failures" for i in stack.incidents() if i.opened_at >= since),
                    WAIT_S, "the daemon back, or the rollback")
         stack.run_monitor()

@@ -78,12 +78,13 @@ DRILLS: dict[str, Drill] = {d.name: d for d in (
           "the backtest daemon restarted with CRYPTO_AGENT_DAEMON_FAULT=burn-cpu (it spins, heart-beating)",
           "health-monitor: CPU over cpu_max_pct in every sample for cpu_spike_minutes (the drill runs the "
           "monitor as a fast cron)", ("process-hang",), 5),
-    Drill("exchange-down", 2, "Data staleness (exchange down)",
+    Drill("exchange-down", 2, "Stale data: exchange down",
           "the simulator answers 503 for a while and the newest H1 candles of some symbols are gone, "
           "as if the collector had failed while it was down",
-          "data-validation (run now, as at 01:00) or health-monitor: staleness and coverage",
+          "data-validation (run now, as at 01:00, and every 30 s while the store is stale) or health-monitor; "
+          "a recovery that finds the exchange still down tells L2, the next one backfills",
           ("stale-data",), 15),
-    Drill("data-gap", 2, "Data staleness (gap, API throttle)",
+    Drill("data-gap", 2, "Stale data: gap, throttled",
           "a run of H1 candles deleted inside the continuity window, and the simulator answering 429 "
           "(Retry-After) to the next requests",
           "data-validation (run now) or health-monitor: continuity", ("stale-data",), 15),
@@ -92,7 +93,7 @@ DRILLS: dict[str, Drill] = {d.name: d for d in (
           "first when there is none)",
           "integrity-check/quick (run now, as every hour) or health-monitor: quick_check",
           ("db-corruption",), 30),
-    Drill("crash-loop", 5, "Persistent failures (rollback)",
+    Drill("crash-loop", 5, "Persistent failures: rollback",
           "the backtest daemon restarted with CRYPTO_AGENT_DAEMON_FAULT=crash-after:N, three times in a row "
           "(each crash recovered by recover-daemon-crash)",
           "health-monitor reports each crash; the threshold automation crypto-agent/persistent-failures "
@@ -193,7 +194,7 @@ class SimulatorControl:
     base_url: str
 
     @classmethod
-    def of(cls, settings: Settings) -> "SimulatorControl":
+    def of(cls, settings: Settings) -> SimulatorControl:
         """The simulator the settings' exchange_url points at; ChaosError when it is not a local one."""
         url = settings.exchange_url.rstrip("/")
         if urlsplit(url).hostname not in LOCAL_HOSTS:
@@ -404,6 +405,11 @@ def verify(settings: Settings, paused: tuple[str, ...] = ()) -> Verification:
             else:
                 problems.append(f"{service} should stay paused, but it is "
                                 f"{'running' if alive else 'not paused'}")
+            continue
+        held = process.paused(spec)
+        if held is not None and not process.inspect(spec).alive:
+            problems.append(f"{service} is paused (by {held.get('by', '?')}): resume it with "
+                            f"`crypto-agent service resume {service}`")
             continue
         report = health.probe(spec, settings)
         (passed if report.healthy else problems).append(f"{service} {report.summary}")

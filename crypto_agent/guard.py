@@ -24,8 +24,22 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from crypto_agent.health import HealthStatus, ProbeReport
-from crypto_agent.holds import HOLD_PAUSED, HOLD_STOPPED, Hold, place_hold, read_hold, release_hold
-from crypto_agent.process import NotOurProcess, ServiceNotRunning, StopResult, owned_process, service_spec, stop
+from crypto_agent.holds import (
+    HOLD_PAUSED,
+    HOLD_STOPPED,
+    Hold,
+    place_hold,
+    read_hold,
+    release_hold,
+)
+from crypto_agent.process import (
+    NotOurProcess,
+    ServiceNotRunning,
+    StopResult,
+    owned_process,
+    service_spec,
+    stop,
+)
 from crypto_agent.service import instance_id
 from crypto_agent.settings import Settings
 from crypto_agent.store import Store

@@ -17,12 +17,17 @@ Where each automation of DESIGN.md's table lives (one place each):
 Flapping: an automation cannot deduplicate its runs. Each recovery flow serialises itself per
 resource (a Prefect global concurrency limit) and joins the incident already open for its resource
 (`incidents.open_or_join`), so an event arriving during a recovery ends as an "absorbed" run.
-The proactive triggers fire once per outage, not once per missing beat.
+The proactive triggers fire once per outage, not once per missing beat. A deployment concurrency
+limit in prefect.yaml (`concurrency_limit: {limit: 1, collision_strategy: ENQUEUE | CANCEL_NEW}`,
+both supported by prefect 3.9.1) is deliberately not used: it is per deployment, not per resource
+(the trader's recovery would queue behind the daemon's), and CANCEL_NEW drops the late event
+instead of counting it in the open incident.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import pairwise
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,7 +35,13 @@ from uuid import UUID
 
 import yaml
 from prefect import get_client
-from prefect.automations import AutomationCore, EventTrigger, Posture, RunDeployment, SendNotification
+from prefect.automations import (
+    AutomationCore,
+    EventTrigger,
+    Posture,
+    RunDeployment,
+    SendNotification,
+)
 from prefect.events.schemas.automations import Automation
 from prefect.exceptions import ObjectNotFound
 
@@ -190,7 +201,7 @@ def monitor_interval(project_dir: Path = PROJECT_DIR) -> timedelta:
             cron = CronSchedule(cron=sched["cron"], timezone=sched.get("timezone", "UTC"))
             dates = run_coro_as_sync(cron.get_dates(n=3, start=datetime(2026, 1, 1, tzinfo=UTC)))
             # plain seconds: Prefect's DateTime subtracts into its own Interval type
-            return timedelta(seconds=max(b.timestamp() - a.timestamp() for a, b in zip(dates, dates[1:])))
+            return timedelta(seconds=max(b.timestamp() - a.timestamp() for a, b in pairwise(dates)))
     raise ConfigError(
         f"prefect.yaml in {project_dir} has no scheduled health-monitor deployment",
         hint="add the health-monitor deployment with its cron schedule (e.g. '*/5 * * * *')",

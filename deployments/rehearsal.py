@@ -193,7 +193,7 @@ class Rehearsal:
             backup.create(self.settings.db_path, self.settings.backup_dir, now=now - timedelta(days=days))
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
-        log = open(self.home / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps it
+        log = open(self.home / "logs" / f"{name}.log", "ab")
         try:
             proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     cwd=PROJECT_DIR, env=self.env(), start_new_session=True)
@@ -218,7 +218,7 @@ class Rehearsal:
         """Start a service through the CLI in a subprocess (so it is not our child); its PID."""
         done = subprocess.run([sys.executable, "-m", "crypto_agent.cli", "service", "start", service],
                               env=self.env(), cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120,
-                              stdin=subprocess.DEVNULL)
+                              stdin=subprocess.DEVNULL, check=False)
         if done.returncode != 0:
             raise RehearsalError(f"`service start {service}` failed: {done.stderr.strip()[-2000:]}")
         check = process.inspect(process.service_spec(service, self.settings))

@@ -30,7 +30,13 @@ from crypto_agent.errors import ConfigError, CryptoAgentError
 from crypto_agent.monitor import HeartbeatWatch
 from crypto_agent.service import SERVICE_NAMES
 from crypto_agent.settings import Settings, load_settings
-from flows.events import MONITOR_TICK, RELAY_RESOURCE, SERVICE_HEARTBEAT, emit, resource_of_service
+from flows.events import (
+    MONITOR_TICK,
+    RELAY_RESOURCE,
+    SERVICE_HEARTBEAT,
+    emit,
+    resource_of_service,
+)
 
 log = logging.getLogger("deployments.relay")
 

@@ -22,6 +22,9 @@ SERVICE_HUNG = "crypto-agent.service.hung"
 SERVICE_CPU_HIGH = "crypto-agent.service.cpu-high"
 SERVICE_MEMORY_HIGH = "crypto-agent.service.memory-high"
 SERVICE_CRASHED = "crypto-agent.service.crashed"
+# issue 5: SERVICE_CRASHED is emitted by the health monitor only, once per crash recorded in the store
+# (crypto_agent.monitor.claim_crashes), so the persistent-failures threshold counts each crash once.
+# SERVICE_HEARTBEAT is emitted by the heartbeat relay (deployments/relay.py).
 
 # --- the store ---
 STORE_RESOURCE = "crypto-agent.store.main"

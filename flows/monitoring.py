@@ -11,6 +11,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
 from sqlalchemy.exc import SQLAlchemyError
 
 from crypto_agent import health
@@ -59,6 +60,8 @@ from flows.events import (
 )
 from flows.maintenance import check_store_integrity, integrity_event_payload
 from flows.notify import CRASH_HOOKS, FAILURE_HOOKS, notify_level
+
+# Tasks that look at or act on live processes never reuse a result (NO_CACHE): the world moves.
 
 # The event each condition of a service is reported with; HELD and DEGRADED have none.
 CONDITION_EVENTS: dict[Condition, str] = {
@@ -114,7 +117,7 @@ def end_guard_hold(cfg: Settings) -> str:
     return "backtest resumed (SIGCONT)" if resumed else "the guard's hold released (no paused process left)"
 
 
-@task(name="end-expired-guard-hold", timeout_seconds=120)
+@task(name="end-expired-guard-hold", cache_policy=NO_CACHE, timeout_seconds=120)
 def end_expired_guard_hold(settings: dict[str, Any] | None) -> str | None:
     """End a window-guard throttle whose hold is past its end (the guard's last run of the window was missed)."""
     cfg = run_settings(settings)
@@ -126,7 +129,7 @@ def end_expired_guard_hold(settings: dict[str, Any] | None) -> str | None:
     return done
 
 
-@task(name="probe-service", timeout_seconds=300)
+@task(name="probe-service", cache_policy=NO_CACHE, timeout_seconds=300)
 def probe_service(service: str, settings: dict[str, Any] | None) -> Assessment:
     """Probe a service, keep the sample in the store, and assess it (with its CPU history and hold)."""
     logger = get_run_logger()
@@ -162,7 +165,7 @@ def emit_assessment(assessment: Assessment) -> list[str]:
     return emitted
 
 
-@task(name="report-crashes", timeout_seconds=120)
+@task(name="report-crashes", cache_policy=NO_CACHE, timeout_seconds=120)
 def report_crashes(services: list[str], settings: dict[str, Any] | None) -> list[dict[str, Any]]:
     """Emit crypto-agent.service.crashed once for each crash recorded and not yet reported."""
     cfg = run_settings(settings)
@@ -257,14 +260,14 @@ def health_monitor(
 # --- backtest-window-guard ---
 
 
-@task(name="measure-window-usage", timeout_seconds=120)
+@task(name="measure-window-usage", cache_policy=NO_CACHE, timeout_seconds=120)
 def measure_window_usage(settings: dict[str, Any] | None) -> WindowUsage:
     """Probe the trader and the backtest daemon: CPU, memory, log errors, health."""
     cfg = run_settings(settings)
     return WindowUsage(trader=health.probe("trader", cfg), backtest=health.probe(BACKTEST, cfg))
 
 
-@task(name="throttle-backtest", timeout_seconds=120)
+@task(name="throttle-backtest", cache_policy=NO_CACHE, timeout_seconds=120)
 def throttle_backtest(
     decision: GuardDecision, until: float | None, settings: dict[str, Any] | None
 ) -> str:
@@ -298,8 +301,8 @@ def _message(decision: GuardDecision, usage: WindowUsage, done: str) -> tuple[st
         f"live trading: {usage.trader.summary}" + (f" ({'; '.join(decision.trader_problems)})" if decision.trader_problems else ""),
         f"backtest: {usage.backtest.summary}, CPU {usage.backtest_cpu_pct:.0f}%, RSS {usage.backtest.rss_mb or 0:.0f} MB",
         f"done: {done}",
-        "live trading was not touched; the backtest resumes when the window ends "
-        "(or: crypto-agent service start backtest, after removing run/backtest.hold.json)",
+        ("live trading was not touched; the backtest resumes when the window ends "
+         "(or by hand: crypto-agent service resume backtest)"),
     ])
     return subject, body
 

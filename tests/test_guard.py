@@ -32,7 +32,7 @@ from crypto_agent.process import NotOurProcess, ServicePaused
 from crypto_agent.service import instance_id
 
 try:
-    from service_kit import keeper, make_settings, wait_until  # noqa: F401
+    from service_kit import keeper, make_settings, wait_until
 except ImportError:  # tests/ became a package
     from tests.service_kit import keeper, make_settings, wait_until  # noqa: F401
 

@@ -14,13 +14,19 @@ import pytest
 from crypto_agent import health, process
 from crypto_agent.errors import InputError
 from crypto_agent.health import HealthStatus, ProbeReport
-from crypto_agent.holds import HOLD_PAUSED, HOLD_STOPPED, place_hold, read_hold, release_hold
+from crypto_agent.holds import (
+    HOLD_PAUSED,
+    HOLD_STOPPED,
+    place_hold,
+    read_hold,
+    release_hold,
+)
 from crypto_agent.monitor import Condition, HeartbeatWatch, assess, claim_crashes
 from crypto_agent.service import instance_id, record_event, write_heartbeat
 from crypto_agent.store import Store
 
 try:
-    from service_kit import keeper, make_settings, wait_until  # noqa: F401
+    from service_kit import keeper, make_settings, wait_until
 except ImportError:  # tests/ became a package
     from tests.service_kit import keeper, make_settings, wait_until  # noqa: F401
 

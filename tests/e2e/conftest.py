@@ -15,7 +15,7 @@ PROJECT_DIR = Path(__file__).resolve().parents[2]
 if str(PROJECT_DIR) not in sys.path:
     sys.path.insert(0, str(PROJECT_DIR))
 
-from deployments.rehearsal import Rehearsal  # noqa: E402
+from deployments.rehearsal import Rehearsal
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -138,7 +138,8 @@ def test_three_crashes_in_a_row_roll_back_to_the_48h_backup_with_the_backtest_pa
         if old is None or stack.flow_runs("rollback-persistent-failures"):
             break
         stack.kill("backtest", signal.SIGKILL)
-        stack.wait(lambda: stack.healthy_other_than("backtest", old) or stack.flow_runs("rollback-persistent-failures"),
+        stack.wait(lambda old=old: stack.healthy_other_than("backtest", old)
+                   or stack.flow_runs("rollback-persistent-failures"),
                    RECOVERY_S, "the daemon back, or the rollback")
         stack.run_monitor()  # reports the new crash: the threshold automation counts crash events
         time.sleep(2)

@@ -5,6 +5,7 @@ and when the monitoring deployments fire."""
 from __future__ import annotations
 
 import asyncio
+from itertools import pairwise
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -218,8 +219,13 @@ class TestMonitoringSchedules:
     def test_the_health_monitor_runs_every_5_minutes(self) -> None:
         times = fire_times("health_monitor", 1)
         assert len(times) == 24 * 12
-        assert {b - a for a, b in zip(times, times[1:])} == {timedelta(minutes=5)}
+        assert {b - a for a, b in pairwise(times)} == {timedelta(minutes=5)}
         assert monitor_interval(PROJECT_DIR) == timedelta(minutes=5)
+
+    def test_a_one_minute_monitor_makes_a_three_minute_dead_mans_switch(self, tmp_path: Path) -> None:
+        text = (PROJECT_DIR / "prefect.yaml").read_text().replace('cron: "*/5 * * * *"', 'cron: "* * * * *"')
+        (tmp_path / "prefect.yaml").write_text(text)
+        assert monitor_interval(tmp_path) == timedelta(minutes=1)
 
     def test_the_window_guard_runs_every_minute_from_2330_to_0130_and_never_else(self) -> None:
         times = fire_times("backtest_window_guard", 2)

@@ -9,7 +9,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,25 +18,29 @@ import psutil
 import pytest
 from flow_kit import flow_run_events, wait_for_messages
 from prefect.client.orchestration import get_client
-from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
+from prefect.events.filters import (
+    EventFilter,
+    EventNameFilter,
+    EventOccurredFilter,
+    EventResourceFilter,
+)
 from prefect.events.schemas.events import ReceivedEvent
 from prefect.settings import PREFECT_API_URL
 from prefect.states import State
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for service_kit
-from service_kit import FAST, keeper, make_settings, seed_store, wait_until  # noqa: E402,F401
+from service_kit import FAST, keeper, make_settings, seed_store, wait_until  # noqa: F401
 
-import flows.daily as daily  # noqa: E402
-from crypto_agent import process  # noqa: E402
-from crypto_agent.daemon import FAULT_ENV  # noqa: E402
-from crypto_agent.guard import GUARD_NAME  # noqa: E402
-from crypto_agent.holds import HOLD_PAUSED, HOLD_STOPPED, place_hold, read_hold  # noqa: E402
-from crypto_agent.receiver import Receiver  # noqa: E402
-from crypto_agent.settings import Settings, load_settings  # noqa: E402
-from crypto_agent.simulator import Simulator  # noqa: E402
-from crypto_agent.store import Store  # noqa: E402
-from deployments.relay import run_relay  # noqa: E402
-from flows.events import (  # noqa: E402
+import flows.daily as daily
+from crypto_agent import process
+from crypto_agent.daemon import FAULT_ENV
+from crypto_agent.guard import GUARD_NAME
+from crypto_agent.holds import HOLD_PAUSED, HOLD_STOPPED, place_hold, read_hold
+from crypto_agent.receiver import Receiver
+from crypto_agent.settings import Settings, load_settings
+from crypto_agent.simulator import Simulator
+from deployments.relay import run_relay
+from flows.events import (
     BACKTEST_DAEMON_RESOURCE,
     MONITOR_RESOURCE,
     MONITOR_TICK,
@@ -48,12 +51,13 @@ from flows.events import (  # noqa: E402
     SERVICE_HEALTHY,
     SERVICE_HEARTBEAT,
     SERVICE_HUNG,
+    SERVICE_MEMORY_HIGH,
     STORE_CORRUPT,
     STORE_OK,
     STORE_STALE,
     TRADER_RESOURCE,
 )
-from flows.monitoring import backtest_window_guard, health_monitor  # noqa: E402
+from flows.monitoring import backtest_window_guard, health_monitor
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 
@@ -189,10 +193,20 @@ class TestHealthMonitor:
         assert high["pid"] == pid and high["cpu_pct"] > 40.0
         assert not flow_run_events(first_id, SERVICE_CPU_HIGH, timeout_s=1)
 
+    def test_a_daemon_over_its_memory_limit_is_memory_high(self, tmp_path: Path, keeper: Any) -> None:
+        settings = make_settings(tmp_path, rss_max_mb=20.0)  # a Python process uses more than this at rest
+        pid = start(keeper, "backtest", settings)
+        result, run_id = run(health_monitor, services=["backtest"], store_checks=False,
+                             settings=overrides(tmp_path, rss_max_mb=20.0))
+        assert result["services"]["backtest"]["conditions"] == ["memory-high"]
+        [high] = payloads(run_id, SERVICE_MEMORY_HIGH)
+        assert high["pid"] == pid and high["rss_mb"] > 20.0
+
     def test_a_held_service_raises_no_alarm(self, tmp_path: Path) -> None:
         settings = make_settings(tmp_path)
-        place_hold("backtest", settings, kind=HOLD_STOPPED, by="rollback-persistent-failures",
-                   reason="paused for investigation")
+        # what a rollback leaves behind: the pause marker process control and the recoveries honour
+        process.pause(process.service_spec("backtest", settings), reason="paused for investigation",
+                      by="rollback-persistent-failures")
         result, run_id = run(health_monitor, services=["backtest"], store_checks=False, settings=overrides(tmp_path))
         assert result["services"]["backtest"]["conditions"] == ["held"]
         assert "stopped by rollback-persistent-failures" in result["services"]["backtest"]["reasons"][0]
@@ -393,6 +407,6 @@ def test_the_relay_process_runs_until_sigterm(tmp_path: Path, keeper: Any) -> No
 def test_the_relay_refuses_an_unknown_service(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(PROJECT_DIR), "PREFECT_API_URL": str(PREFECT_API_URL.value())}
     done = subprocess.run([sys.executable, "-m", "deployments.relay", "--services", "backtest,nope"],
-                          env=env, cwd=PROJECT_DIR, capture_output=True, text=True, timeout=60)
+                          env=env, cwd=PROJECT_DIR, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2
     assert "unknown service(s) nope" in done.stderr
