@@ -8,8 +8,9 @@ verified the recovery itself (probe HEALTHY with a new PID, data checks pass, qu
 
 - daemon-crash: SIGKILL of the daemon; found by the "heartbeat missing" automation. Target p95 30 s.
 - process-hang: the daemon hangs in its main loop (CRYPTO_AGENT_DAEMON_FAULT=hang-after, SIGTERM ignored);
-  the clock starts at its last heartbeat. Target: recovered within 60 s after the heartbeat limit
-  (heartbeat_max_age_s); printed as "vs limit" (negative: before the limit was even reached).
+  the clock starts at its last heartbeat; the "heartbeat stale" automation fires at the heartbeat
+  limit (heartbeat_max_age_s, 20 s here for the runbook's 120 s). Target: recovered within 60 s after
+  that limit; printed as "vs heartbeat limit".
 - stale-data: the newest 72 h of candles of all 60 symbols deleted; the health monitor's next round
   (run at once here instead of waiting up to 5 min) reports it. Target p95 60 s.
 - db-corruption: a page in the middle of a database of CRYPTO_AGENT_BENCH_DB_MB (default 1024) MB
@@ -130,8 +131,11 @@ def process_hang(stack: Rehearsal) -> tuple[float, float | None, float | None]:
     fault_at = float(last["epoch"])
     stack.wait(lambda: stack.healthy_other_than("backtest", old), WAIT_S, "the daemon back")
     took = time.time() - fault_at
-    incident = stack.wait(lambda: stack.closed_incident("daemon-crash", since)
-                          or stack.closed_incident("process-hang", since), WAIT_S, "the hang incident")
+    def restarted() -> Any:
+        found = [i for i in stack.incidents() if i.opened_at >= since and not i.is_open
+                 and any(a["step"] == "start" for a in i.actions)]
+        return found[0] if found else None
+    incident = stack.wait(restarted, WAIT_S, "the incident that restarted the hung daemon")
     return took, incident.detection_delay_s, took - stack.settings.heartbeat_max_age_s
 
 

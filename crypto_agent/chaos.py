@@ -447,7 +447,8 @@ class DrillResult:
     detected_at: float | None = None
     recovered_at: float | None = None
     verified_at: float | None = None
-    incident_id: int | None = None
+    incident_id: int | None = None  # the first incident the fault opened
+    incident_ids: list[int] = field(default_factory=list)  # every incident of the drill's recovery, in order
     error: str | None = None
     lines: list[str] = field(default_factory=list)
 

@@ -10,6 +10,7 @@ Where each automation of DESIGN.md's table lives (one place each):
 | store stale -> recover-stale-data | prefect.yaml, recover-stale-data/auto | run it |
 | store corrupt -> recover-db-corruption | prefect.yaml, recover-db-corruption/auto | run it |
 | heartbeat missing (proactive, `heartbeat_missing_s`) | here: `crypto-agent/heartbeat-missing` | recover-daemon-crash/auto |
+| heartbeat over the runbook's limit (proactive, `heartbeat_max_age_s`) | here: `crypto-agent/heartbeat-stale` | recover-daemon-crash/auto |
 | 3 crashes of the daemon within 24 h (threshold, settings) | here: `crypto-agent/persistent-failures` | rollback-persistent-failures/auto |
 | dead man's switch of health-monitor (3 of its cron intervals) | here: `crypto-agent/dead-mans-switch/health-monitor` | notify L2 |
 | dead man's switch of the heartbeat relay (3 x `relay_tick_s`) | here: `crypto-agent/dead-mans-switch/heartbeat-relay` | notify L2 |
@@ -84,11 +85,15 @@ EVENT_PARAMETER: dict[str, str] = {
 # of events, so it names that detection, dated by the firing; id, resource and payload are of the
 # last heartbeat seen (payload.pid and payload.epoch say which instance fell silent, and when).
 HEARTBEAT_MISSING = "crypto-agent.service.heartbeat-missing"
-HEARTBEAT_MISSING_PARAMETER: dict[str, str] = {
-    **EVENT_PARAMETER,
-    "event": HEARTBEAT_MISSING,
-    "occurred": "{{ firing.triggered | string }}",
-}
+HEARTBEAT_STALE = "crypto-agent.service.heartbeat-stale"
+
+
+def silence_parameter(name: str) -> dict[str, str]:
+    """The `event` parameter of a proactive heartbeat automation: the detection `name`, dated by the firing."""
+    return {**EVENT_PARAMETER, "event": name, "occurred": "{{ firing.triggered | string }}"}
+
+
+HEARTBEAT_MISSING_PARAMETER = silence_parameter(HEARTBEAT_MISSING)
 
 
 class AutomationsFailed(CryptoAgentError):
@@ -130,6 +135,34 @@ def heartbeat_missing(settings: Settings, deployment_id: UUID) -> AutomationCore
         actions=[RunDeployment(
             source="selected", deployment_id=deployment_id,
             parameters={"service": "{{ event.payload.service }}", "event": dict(HEARTBEAT_MISSING_PARAMETER)},
+        )],
+    )
+
+
+def heartbeat_stale(settings: Settings, deployment_id: UUID) -> AutomationCore:
+    """Proactive: no heartbeat event for heartbeat_max_age_s (the runbook's 2 min) runs recover-daemon-crash again.
+
+    The first automation fires after heartbeat_missing_s: a dead service is restarted then, but a
+    live one is not yet over the runbook's heartbeat limit, so its triage says "running". This one
+    fires at the limit, when the same triage finds a live process hung and hands it to
+    recover-process-hang: a hang is recovered seconds after the limit, not at the next monitor round.
+    """
+    return AutomationCore(
+        name=f"{PREFIX}heartbeat-stale",
+        description=f"No heartbeat event of a service for {settings.heartbeat_max_age_s:g} s (the heartbeat limit): "
+        "run the daemon-crash recovery, which finds a live one hung and recovers it (runbook scenario 4).",
+        trigger=EventTrigger(
+            posture=Posture.Proactive,
+            match={"prefect.resource.id": f"{SERVICE_RESOURCE_PREFIX}*"},
+            after={SERVICE_HEARTBEAT},
+            expect={SERVICE_HEARTBEAT},
+            for_each={"prefect.resource.id"},
+            threshold=1,
+            within=timedelta(seconds=max(MIN_PROACTIVE_WITHIN_S, settings.heartbeat_max_age_s)),
+        ),
+        actions=[RunDeployment(
+            source="selected", deployment_id=deployment_id,
+            parameters={"service": "{{ event.payload.service }}", "event": silence_parameter(HEARTBEAT_STALE)},
         )],
     )
 
@@ -262,6 +295,8 @@ def desired_automations(
         heartbeat_missing(settings, ids[DAEMON_CRASH_DEPLOYMENT]),
         persistent_failures(settings, ids[ROLLBACK_DEPLOYMENT]),
     ]
+    if settings.heartbeat_max_age_s > settings.heartbeat_missing_s:  # else the first one covers it
+        wanted.append(heartbeat_stale(settings, ids[DAEMON_CRASH_DEPLOYMENT]))
     try:
         l2 = escalation_block_id("l2")
     except AutomationsFailed as exc:

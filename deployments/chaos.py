@@ -262,10 +262,12 @@ class DrillRunner:
     def detected(self, result: DrillResult, inc: Incident) -> None:
         """Record the detection: the incident opened by the recovery the automation ran."""
         at = inc.opened_at / 1000
-        if result.detected_at is None:
+        again = result.detected_at is not None
+        if not again:
             result.detected_at = at
             result.incident_id = inc.id
-        self.mark(result, "detected", at, f"incident #{inc.id} {inc.scenario} opened by "
+        result.incident_ids.append(inc.id)
+        self.mark(result, "detected", at, f"{'again: ' if again else ''}incident #{inc.id} {inc.scenario} opened by "
                   f"{self.flow_run_label(inc.flow_run_id)}; trigger: {self.describe_trigger(inc)}")
 
     def describe_trigger(self, inc: Incident) -> str:
@@ -305,6 +307,8 @@ class DrillRunner:
             time.sleep(POLL_S)
         at = (current.resolved_at or time.time() * 1000) / 1000
         if current.status != RESOLVED or current.outcome != RECOVERED:
+            time.sleep(2.0)  # the recovery tells the levels just after it closes the incident
+            current = chaos.incident(self.cfg, inc.id)
             told = ", ".join(level.upper() for level in current.levels_told) or "nobody"
             self.mark(result, "closed", at, f"incident #{current.id} {current.status} ({current.outcome}; told "
                       f"{told}): {current.summary}")
@@ -336,15 +340,16 @@ class DrillRunner:
             time.sleep(2.0)
 
     def where(self, result: DrillResult) -> None:
-        """Where the drill shows in the Prefect UI."""
-        if result.incident_id is None:
+        """Where the drill shows in the Prefect UI: the flow run and the report of each incident of its recovery."""
+        if not result.incident_ids:
             return
-        inc = chaos.incident(self.cfg, result.incident_id)
         self.say("  see it in the UI:")
-        if inc.flow_run_id:
-            self.say(f"    recovery flow run  {self.target.flow_run_url(inc.flow_run_id)}")
-        self.say(f"    incident report    {self.target.artifact_url(f'incident-{inc.id}')}"
-                 f"   (or `crypto-agent incidents --report {inc.id}`)")
+        for incident_id in result.incident_ids:
+            inc = chaos.incident(self.cfg, incident_id)
+            if inc.flow_run_id:
+                self.say(f"    recovery flow run  {self.target.flow_run_url(inc.flow_run_id)}")
+            self.say(f"    incident report    {self.target.artifact_url(f'incident-{inc.id}')}"
+                     f"   (or `crypto-agent incidents --report {inc.id}`)")
 
     # --- the drills, one method each ---
 
@@ -446,8 +451,7 @@ class DrillRunner:
                 inc = self.wait_incident(result, ("stale-data",), STORE_RESOURCE, (inc.resolved_at or 0) / 1000,
                                          deadline - time.monotonic(), poke=(VALIDATION, STALE_POKE_S),
                                          first_poke_s=STALE_POKE_S)
-                self.mark(result, "detected", inc.opened_at / 1000, f"again: incident #{inc.id} {inc.scenario} "
-                          f"opened by {self.flow_run_label(inc.flow_run_id)}; trigger: {self.describe_trigger(inc)}")
+                self.detected(result, inc)
         finally:
             sim.heal()
         self.wait_verified(result)

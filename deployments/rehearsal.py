@@ -61,7 +61,7 @@ MONITOR_DEPLOYMENT = "health-monitor/scheduled"
 # Limits short enough to rehearse in seconds what the runbook counts in minutes.
 FAST_SETTINGS: dict[str, Any] = {
     "heartbeat_interval_s": 1.0,
-    "heartbeat_max_age_s": 10.0,
+    "heartbeat_max_age_s": 20.0,  # the runbook's limit (120 s), shortened; over heartbeat_missing_s, as there
     "heartbeat_missing_s": 10.0,
     "relay_poll_s": 0.5,
     "relay_tick_s": 4.0,

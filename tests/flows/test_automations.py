@@ -23,6 +23,7 @@ from deployments.automations import (
     DEAD_MANS_SWITCHES,
     EVENT_PARAMETER,
     HEARTBEAT_MISSING,
+    HEARTBEAT_STALE,
     PREFIX,
     apply_automations,
     escalation_block_id,
@@ -73,7 +74,8 @@ class TestApplyAutomations:
         first = apply_automations(settings, PROJECT_DIR)
         assert first.skipped == []
         assert set(first.created) | set(first.updated) == {
-            f"{PREFIX}heartbeat-missing", f"{PREFIX}persistent-failures", *DEAD_MANS_SWITCHES,
+            f"{PREFIX}heartbeat-missing", f"{PREFIX}heartbeat-stale", f"{PREFIX}persistent-failures",
+            *DEAD_MANS_SWITCHES,
         }
         ids = {name: [a.id for a in group] for name, group in ours().items()}
         assert all(len(group) == 1 for group in ids.values())
@@ -84,6 +86,15 @@ class TestApplyAutomations:
         assert {name: [a.id for a in group] for name, group in now.items()} == ids  # the same automations
         [missing] = now[f"{PREFIX}heartbeat-missing"]
         assert missing.trigger.within == timedelta(seconds=20)  # updated in place
+
+    def test_the_heartbeat_stale_automation_goes_when_the_missing_one_covers_the_limit(
+        self, recovery_deployments: dict[str, Any], receiver: Receiver
+    ) -> None:
+        apply_automations(load_settings(receiver_url=receiver.url), PROJECT_DIR)
+        assert f"{PREFIX}heartbeat-stale" in ours()
+        done = apply_automations(load_settings(receiver_url=receiver.url, heartbeat_max_age_s=15.0), PROJECT_DIR)
+        assert done.deleted == [f"{PREFIX}heartbeat-stale"] and f"{PREFIX}heartbeat-stale" not in ours()
+        apply_automations(load_settings(receiver_url=receiver.url), PROJECT_DIR)
 
     def test_duplicates_and_stale_automations_of_ours_are_deleted_and_others_left_alone(
         self, recovery_deployments: dict[str, Any], receiver: Receiver
@@ -125,6 +136,12 @@ class TestApplyAutomations:
         assert run.parameters["service"] == "{{ event.payload.service }}"
         assert run.parameters["event"]["event"] == HEARTBEAT_MISSING
         assert run.parameters["event"]["occurred"] == "{{ firing.triggered | string }}"
+
+        stale = found[f"{PREFIX}heartbeat-stale"]  # the runbook's limit: a live but silent service is hung
+        assert stale.trigger.after == stale.trigger.expect == {SERVICE_HEARTBEAT}
+        assert stale.trigger.within == timedelta(seconds=settings.heartbeat_max_age_s)
+        assert stale.actions[0].deployment_id == recovery_deployments["recover-daemon-crash/auto"]
+        assert stale.actions[0].parameters["event"]["event"] == HEARTBEAT_STALE
 
         rollback = found[f"{PREFIX}persistent-failures"]
         assert rollback.trigger.posture == Posture.Reactive and rollback.trigger.expect == {SERVICE_CRASHED}
