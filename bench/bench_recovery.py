@@ -103,6 +103,21 @@ def incident_after(stack: Rehearsal, scenario: str, since_ms: int) -> Any:
     return stack.wait(lambda: stack.closed_incident(scenario, since_ms), WAIT_S, f"the {scenario} incident")
 
 
+def monitor_until_opened(stack: Rehearsal, scenario: str, since_ms: int, rounds: int = 5) -> None:
+    """Run monitor rounds until one opens the scenario's incident (a round skips the store while a recovery
+    holds its lock, as the scheduled one would); RuntimeError after `rounds`."""
+    def opened() -> bool:
+        return any(i.scenario == scenario and i.opened_at >= since_ms for i in stack.incidents())
+    for _ in range(rounds):
+        stack.run_monitor(wait_s=WAIT_S)
+        try:
+            stack.wait(opened, 15, f"a {scenario} incident")
+            return
+        except Exception:  # not reported this round (store locked): the next round will
+            continue
+    raise RuntimeError(f"{rounds} monitor rounds opened no {scenario} incident")
+
+
 def daemon_crash(stack: Rehearsal) -> tuple[float, float | None, float | None]:
     old = stack.pid("backtest")
     started, since = time.time(), int(time.time() * 1000)
@@ -156,7 +171,7 @@ def fresh(stack: Rehearsal) -> bool:
 def stale_data(stack: Rehearsal) -> tuple[float, float | None, float | None]:
     started, since = time.time(), int(time.time() * 1000)
     stack.make_stale(list(stack.symbols), hours=72)
-    stack.run_monitor()
+    monitor_until_opened(stack, "stale-data", since)
     incident = incident_after(stack, "stale-data", since)
     stack.wait(lambda: fresh(stack), WAIT_S, "the data checks to pass")
     took = time.time() - started
@@ -168,7 +183,7 @@ def stale_data(stack: Rehearsal) -> tuple[float, float | None, float | None]:
 def db_corruption(stack: Rehearsal) -> tuple[float, float | None, float | None]:
     started, since = time.time(), int(time.time() * 1000)
     stack.corrupt_page()
-    stack.run_monitor()
+    monitor_until_opened(stack, "db-corruption", since)
     incident = incident_after(stack, "db-corruption", since)
     if incident.outcome != "recovered":
         raise RuntimeError(f"db-corruption incident #{incident.id} ended {incident.outcome}: {incident.summary}; "
@@ -210,15 +225,23 @@ def persistent_failures(stack: Rehearsal) -> tuple[float, float | None, float | 
     return time.time() - started, incident.detection_delay_s, None
 
 
-def reset_threshold(stack: Rehearsal) -> None:
+def drop_threshold() -> None:
+    """Delete the persistent-failures automation (and so its count of crashes)."""
     from prefect import get_client
 
-    from deployments.automations import PREFIX, apply_automations
+    from deployments.automations import PREFIX
 
     with get_client(sync_client=True) as client:
         for automation in client.read_automations():
             if automation.name == f"{PREFIX}persistent-failures":
                 client.delete_automation(automation.id)
+
+
+def reset_threshold(stack: Rehearsal) -> None:
+    """A fresh persistent-failures automation: it counts only the crashes from now on."""
+    from deployments.automations import apply_automations
+
+    drop_threshold()
     apply_automations(stack.settings, PROJECT_DIR)
 
 
@@ -273,6 +296,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"stack up in {time.perf_counter() - began:.0f} s: {len(stack.symbols)} symbols, "
                   f"database {size:.0f} MB, heartbeat limit {stack.settings.heartbeat_max_age_s:g} s, "
                   f"heartbeat-missing after {stack.settings.heartbeat_missing_s:g} s", flush=True)
+            # The crash and hang scenarios crash the daemon again and again on purpose: their crashes must
+            # not roll the store back in the middle of the others. The rollback scenario brings it back.
+            drop_threshold()
             for result in results:
                 for rep in range(args.reps):
                     settle(stack)
