@@ -81,9 +81,9 @@ EVENT_PARAMETER: dict[str, str] = {
 }
 
 
-# The `event` parameter of the heartbeat-missing automation: a proactive trigger fires on the absence
-# of events, so it names that detection, dated by the firing; id, resource and payload are of the
-# last heartbeat seen (payload.pid and payload.epoch say which instance fell silent, and when).
+# The `event` parameter of the proactive heartbeat automations: a proactive trigger fires on the
+# absence of events, so it names that detection, dated by the firing; id, resource and payload are of
+# the last heartbeat seen (payload.pid and payload.epoch say which instance fell silent, and when).
 HEARTBEAT_MISSING = "crypto-agent.service.heartbeat-missing"
 HEARTBEAT_STALE = "crypto-agent.service.heartbeat-stale"
 
