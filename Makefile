@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/crypto-agent up
 
+# Two pytest processes: the end-to-end suites (real Prefect servers, the whole stack) run apart from the
+# unit and flow tests, so no process-wide Prefect state (settings, event workers) leaks between them.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --ignore=tests/e2e --ignore=tests/stack
+	$(BIN)/python -m pytest -q tests/e2e tests/stack
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
