@@ -20,6 +20,7 @@ run: $(STAMP)
 # Two pytest processes: the end-to-end suites (real Prefect servers, the whole stack) run apart from the
 # unit and flow tests, so no process-wide Prefect state (settings, event workers) leaks between them.
 test: $(STAMP)
+	./.ci/system-deps
 	$(BIN)/python -m pytest -q --ignore=tests/e2e --ignore=tests/stack
 	$(BIN)/python -m pytest -q tests/e2e tests/stack
 
