@@ -85,19 +85,27 @@ class TestOpenOrJoin:
 
     def test_many_processes_at_once_open_exactly_one(self, settings: Settings, tmp_path: Path) -> None:
         incidents.open_incident_store(settings).close()
-        go = time.time() + 1.5
+        go = time.time() + 5  # every process imported and waiting, even on a loaded machine
+        # Each process stays alive (as a recovery does while it runs) until the test has read every
+        # answer: an owner that already exited would rightly have its incident abandoned, not joined.
         code = textwrap.dedent(f"""
-            import time, json
+            import sys, time, json
             from crypto_agent import incidents
             from crypto_agent.settings import load_settings
             store = incidents.open_incident_store(load_settings(home={str(tmp_path)!r}))
             time.sleep(max(0, {go} - time.time()))
             inc, joined = incidents.open_or_join(store, "daemon-crash", {DAEMON!r}, {{}}, time.time())
-            print(json.dumps([inc.id, joined]))
+            print(json.dumps([inc.id, joined]), flush=True)
+            sys.stdin.read()
         """)
-        procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(6)]
-        results = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
-        assert all(p.returncode == 0 for p in procs)
+        procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  text=True) for _ in range(6)]
+        try:
+            results = [json.loads(p.stdout.readline()) for p in procs]
+        finally:
+            for p in procs:
+                p.stdin.close()
+        assert all(p.wait(timeout=60) == 0 for p in procs)
         assert len({r[0] for r in results}) == 1
         assert sorted(r[1] for r in results) == [False] + [True] * 5
         with incidents.open_incident_store(settings) as log:
