@@ -348,20 +348,27 @@ class Rehearsal:
             return sum(conn.execute(f"DELETE FROM {table} WHERE symbol IN ({marks}) AND timestamp >= ?",
                                     (*symbols, cutoff)).rowcount for table in ("ohlcv_h1", "ohlcv_h4"))
 
-    def corrupt_page(self) -> int:
-        """Overwrite the start of a page in the middle of the live database (WAL folded in first); the page."""
+    def corrupt_page(self, attempts: int = 20) -> int:
+        """Overwrite the start of a page in the middle of the live database (WAL folded in first); the page.
+
+        A free page holds nothing that a check reads, so pages next to the middle are tried until
+        quick_check reports the damage.
+        """
         path = self.settings.db_path
         with sqlite3.connect(path, timeout=30) as conn:
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             page_size = conn.execute("PRAGMA page_size").fetchone()[0]
             pages = conn.execute("PRAGMA page_count").fetchone()[0]
-        page = pages // 2
-        with path.open("r+b") as f:
-            f.seek((page - 1) * page_size)
-            f.write(b"\xff" * 64)
-            f.flush()
-            os.fsync(f.fileno())
-        return page
+        middle = pages // 2
+        for page in sorted(range(2, pages + 1), key=lambda p: abs(p - middle))[:attempts]:
+            with path.open("r+b") as f:
+                f.seek((page - 1) * page_size)
+                f.write(b"\xff" * 64)
+                f.flush()
+                os.fsync(f.fileno())
+            if not self.integrity_ok():
+                return page
+        raise RehearsalError(f"{attempts} overwritten pages of {path} and quick_check still says ok")
 
     # --- stopping ---
 

