@@ -24,7 +24,7 @@ def main(argv: list[str]) -> int:
         started = time.perf_counter()
         try:
             importlib.import_module(f"bench.{name}").main()
-        except Exception as exc:  # one broken benchmark must not hide the others' figures
+        except Exception as exc:  # noqa: BLE001 (one broken benchmark must not hide the others' figures)
             failed.append(name)
             print(f"{name} failed: {type(exc).__name__}: {exc}", flush=True)
         print(f"--- {name}: {time.perf_counter() - started:.1f} s", flush=True)

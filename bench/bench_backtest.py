@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     ppy = bt.periods_per_year("1h")
 
     # vectorized: every strategy on every symbol, default parameters; best of REPEATS passes
-    per_strategy: dict[str, float] = {name: math.inf for name in bt.STRATEGIES}
+    per_strategy: dict[str, float] = dict.fromkeys(bt.STRATEGIES, math.inf)
     engine_sma: dict[str, bt.BacktestResult] = {}
     for _ in range(REPEATS):
         for name in bt.STRATEGIES:

@@ -1,10 +1,12 @@
 """MTTR per runbook scenario on the local stack: time from an injected fault to its verified recovery, with
 no person in the loop, next to the runbook's ETA (2, 15, 30, 5 and 60 minutes) and the issue's p95 targets.
 
-One rehearsal stack (deployments/rehearsal.py: a real Prefect server, the serving process, the heartbeat
-relay, the automations, the simulator, the receiver, the trader and the daemon, 60 symbols) takes each
-fault a few times; the clock starts when the fault is injected and stops when this benchmark has
-verified the recovery itself (probe HEALTHY with a new PID, data checks pass, quick_check ok, ...):
+One rehearsal stack (tests/stack_kit.py's start_rehearsal: `crypto-agent up --detach --only` the monitor
+and the five recoveries, as an operator starts it: a real Prefect server, the serving process, the
+heartbeat relay, the automations, the simulator, the receiver, the trader and the daemon, 60 symbols)
+takes each fault (crypto_agent.faults) a few times; the clock starts when the fault is injected and
+stops when this benchmark has verified the recovery itself (probe HEALTHY with a new PID, data checks
+pass, quick_check ok, ...):
 
 - daemon-crash: SIGKILL of the daemon; found by the "heartbeat missing" automation. Target p95 30 s.
 - process-hang: the daemon hangs in its main loop (CRYPTO_AGENT_DAEMON_FAULT=hang-after, SIGTERM ignored);
@@ -13,8 +15,8 @@ verified the recovery itself (probe HEALTHY with a new PID, data checks pass, qu
   that limit; printed as "vs heartbeat limit".
 - stale-data: the newest 72 h of candles of all 60 symbols deleted; the health monitor's next round
   (run at once here instead of waiting up to 5 min) reports it. Target p95 60 s.
-- db-corruption: a page in the middle of a database of CRYPTO_AGENT_BENCH_DB_MB (default 1024) MB
-  overwritten; the monitor's quick_check reports it; restore, resync, salvage. Target p95 2 min.
+- db-corruption: a leaf page of ohlcv_h1 (faults.corrupt_pages) in a database of CRYPTO_AGENT_BENCH_DB_MB
+  (default 1024) MB overwritten; the monitor's quick_check reports it; restore, resync, salvage. Target p95 2 min.
 - persistent-failures: the daemon SIGKILLed three times (each restarted by the automation, each crash
   reported by a monitor round run at once); the clock starts at the third kill. Target p95 3 min.
 
@@ -28,8 +30,8 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,35 +40,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crypto_agent import process
-from crypto_agent.daemon import FAULT_ENV
+from crypto_agent import faults, incidents, process
 from crypto_agent.quality import check_data
 from crypto_agent.service import read_heartbeat
+from crypto_agent.settings import Settings
 from crypto_agent.store import Store
 from crypto_agent.universe import UNIVERSE
-from deployments.rehearsal import PROJECT_DIR, Rehearsal
+from tests.stack_kit import PROJECT_DIR, RunningStack, StackKitError, start_rehearsal
 
 DB_MB_ENV = "CRYPTO_AGENT_BENCH_DB_MB"
 REPS_ENV = "CRYPTO_AGENT_BENCH_REPS"
 WAIT_S = 600.0  # a recovery that takes longer than this is reported as not recovered
+UP_TIMEOUT_S = 900.0  # `crypto-agent up` of 60 symbols (and the padded store's backups after it)
 
 
 @dataclass(frozen=True)
-class Scenario:
-    """A runbook scenario: its runbook ETA and the issue's p95 target."""
+class Target:
+    """The issue's p95 target of a runbook scenario; its ETA is the runbook's (crypto_agent.incidents.SCENARIOS)."""
 
     name: str
-    eta_min: float
     target_s: float
     target_note: str
 
+    @property
+    def eta_min(self) -> float:
+        """The runbook's Quick Reference ETA, in minutes."""
+        return incidents.scenario(self.name).eta_s / 60.0
 
-SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
-    Scenario("daemon-crash", 2, 30, "p95 30 s"),
-    Scenario("stale-data", 15, 60, "p95 60 s (72 h x 60 symbols)"),
-    Scenario("db-corruption", 30, 120, "p95 2 min"),
-    Scenario("process-hang", 5, 60, "p95 60 s after the heartbeat limit"),
-    Scenario("persistent-failures", 60, 180, "p95 3 min"),
+
+TARGETS: dict[str, Target] = {t.name: t for t in (
+    Target("daemon-crash", 30, "p95 30 s"),
+    Target("stale-data", 60, "p95 60 s (72 h x 60 symbols)"),
+    Target("db-corruption", 120, "p95 2 min"),
+    Target("process-hang", 60, "p95 60 s after the heartbeat limit"),
+    Target("persistent-failures", 180, "p95 3 min"),
 )}
 
 
@@ -74,7 +81,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
 class Result:
     """The measurements of one scenario."""
 
-    scenario: Scenario
+    scenario: Target
     seconds: list[float] = field(default_factory=list)
     vs_limit: list[float] = field(default_factory=list)  # process-hang: seconds after fault + heartbeat limit
     detection: list[float] = field(default_factory=list)  # the incident's detection delay, when known
@@ -87,7 +94,7 @@ def percentile(values: list[float], pct: float) -> float:
     return ordered[max(0, min(len(ordered) - 1, round(pct / 100 * len(ordered) + 0.5) - 1))]
 
 
-def settle(stack: Rehearsal) -> None:
+def settle(stack: RunningStack) -> None:
     """Wait until no recovery runs and both services are healthy (or the backtest held): a clean start."""
     def quiet() -> bool:
         if any(i.is_open for i in stack.incidents()):
@@ -99,11 +106,11 @@ def settle(stack: Rehearsal) -> None:
     time.sleep(stack.settings.heartbeat_missing_s + 2)  # let any late proactive firing pass
 
 
-def incident_after(stack: Rehearsal, scenario: str, since_ms: int) -> Any:
+def incident_after(stack: RunningStack, scenario: str, since_ms: int) -> Any:
     return stack.wait(lambda: stack.closed_incident(scenario, since_ms), WAIT_S, f"the {scenario} incident")
 
 
-def monitor_until_opened(stack: Rehearsal, scenario: str, since_ms: int, rounds: int = 5) -> None:
+def monitor_until_opened(stack: RunningStack, scenario: str, since_ms: int, rounds: int = 5) -> None:
     """Run monitor rounds until one opens the scenario's incident (a round skips the store while a recovery
     holds its lock, as the scheduled one would); RuntimeError after `rounds`."""
     def opened() -> bool:
@@ -113,25 +120,24 @@ def monitor_until_opened(stack: Rehearsal, scenario: str, since_ms: int, rounds:
         try:
             stack.wait(opened, 15, f"a {scenario} incident")
             return
-        except Exception:  # not reported this round (store locked): the next round will
+        except StackKitError:  # not reported this round (store locked): the next round will
             continue
     raise RuntimeError(f"{rounds} monitor rounds opened no {scenario} incident")
 
 
-def daemon_crash(stack: Rehearsal) -> tuple[float, float | None, float | None]:
+def daemon_crash(stack: RunningStack) -> tuple[float, float | None, float | None]:
     old = stack.pid("backtest")
     started, since = time.time(), int(time.time() * 1000)
-    stack.kill("backtest", signal.SIGKILL)
+    faults.kill(stack.settings, "backtest", signal.SIGKILL)
     stack.wait(lambda: stack.healthy_other_than("backtest", old), WAIT_S, "the daemon back")
     took = time.time() - started
     incident = incident_after(stack, "daemon-crash", since)
     return took, incident.detection_delay_s, None
 
 
-def process_hang(stack: Rehearsal) -> tuple[float, float | None, float | None]:
+def process_hang(stack: RunningStack) -> tuple[float, float | None, float | None]:
     spec = process.service_spec("backtest", stack.settings)
-    process.stop(spec)
-    restart_with_fault(stack, "hang-after:2")
+    faults.hang(stack.settings, after_steps=2)
     old = stack.pid("backtest")
     last = {"epoch": 0}
 
@@ -154,23 +160,14 @@ def process_hang(stack: Rehearsal) -> tuple[float, float | None, float | None]:
     return took, incident.detection_delay_s, took - stack.settings.heartbeat_max_age_s
 
 
-def restart_with_fault(stack: Rehearsal, fault: str) -> None:
-    env = {**stack.env(), FAULT_ENV: fault}
-    done = subprocess.run([sys.executable, "-m", "crypto_agent.cli", "service", "start", "backtest"], env=env,
-                          cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
-                          check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"cannot start the daemon with {fault}: {done.stderr[-500:]}")
-
-
-def fresh(stack: Rehearsal) -> bool:
+def fresh(stack: RunningStack) -> bool:
     with Store(stack.settings.database_url) as store:
         return check_data(store, stack.settings).ok
 
 
-def stale_data(stack: Rehearsal) -> tuple[float, float | None, float | None]:
+def stale_data(stack: RunningStack) -> tuple[float, float | None, float | None]:
     started, since = time.time(), int(time.time() * 1000)
-    stack.make_stale(list(stack.symbols), hours=72)
+    faults.delete_candles(stack.settings, stack.settings.symbols, hours=72)
     monitor_until_opened(stack, "stale-data", since)
     incident = incident_after(stack, "stale-data", since)
     stack.wait(lambda: fresh(stack), WAIT_S, "the data checks to pass")
@@ -180,9 +177,9 @@ def stale_data(stack: Rehearsal) -> tuple[float, float | None, float | None]:
     return took, incident.detection_delay_s, None
 
 
-def db_corruption(stack: Rehearsal) -> tuple[float, float | None, float | None]:
+def db_corruption(stack: RunningStack) -> tuple[float, float | None, float | None]:
     started, since = time.time(), int(time.time() * 1000)
-    stack.corrupt_page()
+    faults.corrupt_pages(stack.settings)
     monitor_until_opened(stack, "db-corruption", since)
     incident = incident_after(stack, "db-corruption", since)
     if incident.outcome != "recovered":
@@ -191,7 +188,7 @@ def db_corruption(stack: Rehearsal) -> tuple[float, float | None, float | None]:
     try:
         stack.wait(lambda: stack.integrity_ok() and stack.probe("trader").healthy and stack.probe("backtest").healthy,
                    120, "the store checked and both services HEALTHY")
-    except Exception as exc:
+    except StackKitError as exc:
         raise RuntimeError(f"{exc}: quick_check ok {stack.integrity_ok()}, {stack.probe('trader').summary}, "
                            f"backtest {stack.probe('backtest').summary}; incident #{incident.id}: "
                            f"{incident.summary}; later incidents: "
@@ -200,7 +197,7 @@ def db_corruption(stack: Rehearsal) -> tuple[float, float | None, float | None]:
     return time.time() - started, incident.detection_delay_s, None
 
 
-def persistent_failures(stack: Rehearsal) -> tuple[float, float | None, float | None]:
+def persistent_failures(stack: RunningStack) -> tuple[float, float | None, float | None]:
     stack.run_monitor(wait_s=120)  # report the crashes of earlier scenarios first: they must not count here
     reset_threshold(stack)  # the threshold fires once per 24 h window: a fresh automation per repetition
     spec = process.service_spec("backtest", stack.settings)
@@ -212,7 +209,7 @@ def persistent_failures(stack: Rehearsal) -> tuple[float, float | None, float | 
     for _ in range(3):
         old = stack.pid("backtest")
         started = time.time()
-        stack.kill("backtest", signal.SIGKILL)
+        faults.kill(stack.settings, "backtest", signal.SIGKILL)
         stack.wait(lambda old=old: stack.healthy_other_than("backtest", old)
                    or stack.closed_incident("persistent-failures", since)
                    or any(i.scenario == "persistent-failures" for i in stack.incidents() if i.opened_at >= since),
@@ -237,7 +234,7 @@ def drop_threshold() -> None:
                 client.delete_automation(automation.id)
 
 
-def reset_threshold(stack: Rehearsal) -> None:
+def reset_threshold(stack: RunningStack) -> None:
     """A fresh persistent-failures automation: it counts only the crashes from now on."""
     from deployments.automations import apply_automations
 
@@ -245,7 +242,7 @@ def reset_threshold(stack: Rehearsal) -> None:
     apply_automations(stack.settings, PROJECT_DIR)
 
 
-RUNS: dict[str, Callable[[Rehearsal], tuple[float, float | None, float | None]]] = {
+RUNS: dict[str, Callable[[RunningStack], tuple[float, float | None, float | None]]] = {
     "daemon-crash": daemon_crash,
     "process-hang": process_hang,
     "stale-data": stale_data,
@@ -275,6 +272,58 @@ def print_table(results: list[Result], db_mb: float) -> None:
     print(f"\ndb-corruption database: {db_mb:.0f} MB ({DB_MB_ENV}); p50/p95 by nearest rank over the repetitions")
 
 
+def run_all(stack: RunningStack, results: list[Result], reps: int) -> None:
+    """Each scenario `reps` times on the stack, each from a quiet start; the figures into `results`."""
+    # The crash and hang scenarios crash the daemon again and again on purpose: their crashes must
+    # not roll the store back in the middle of the others. The rollback scenario brings it back.
+    drop_threshold()
+    for result in results:
+        for rep in range(reps):
+            settle(stack)
+            try:
+                took, detect, vs_limit = RUNS[result.scenario.name](stack)
+            except Exception as exc:  # noqa: BLE001 (one failed recovery is a figure too, not the end of the bench)
+                result.failures.append(f"{type(exc).__name__}: {exc}")
+                print(f"  {result.scenario.name} #{rep + 1}: FAILED {exc}", flush=True)
+                continue
+            result.seconds.append(took)
+            if detect is not None:
+                result.detection.append(detect)
+            if vs_limit is not None:
+                result.vs_limit.append(vs_limit)
+            print(f"  {result.scenario.name} #{rep + 1}: {took:.1f} s"
+                  + (f" (detection {detect:.1f} s)" if detect is not None else ""), flush=True)
+
+
+PAD_START_MS = 1_300_000_000_000 // 3_600_000 * 3_600_000  # 2011: older than any backup, never resynced
+
+
+def pad_store(settings: Settings, target_mb: int, per_symbol: int = 50_000) -> int:
+    """Before `up`: grow the store to about target_mb MB with H1 candles of made-up symbols (X00000USDT ...),
+    outside the universe, so the corruption scenario restores a database of that size; rows written."""
+    Store(settings.database_url).close()  # the schema
+    db_path = settings.db_path
+    conn = sqlite3.connect(db_path, isolation_level=None, timeout=60)
+    try:
+        sql = "INSERT OR IGNORE INTO ohlcv_h1 VALUES (?,?,?,?,?,?,?,?,?,?)"
+        rows = n = 0
+        while db_path.stat().st_size < target_mb * 1_000_000:
+            symbol, price = f"X{n:05d}USDT", 100.0 + n
+            conn.execute("BEGIN")
+            conn.executemany(sql, (
+                (symbol, PAD_START_MS + i * 3_600_000, price + i % 7, price + 1 + i % 5, price - 1, price + i % 3,
+                 1000.0 + i % 97, PAD_START_MS + i * 3_600_000 + 3_599_999, 123456.7 + i, 100 + i % 50)
+                for i in range(per_symbol)
+            ))
+            conn.execute("COMMIT")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            rows += per_symbol
+            n += 1
+        return rows
+    finally:
+        conn.close()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Print MTTR per scenario next to the runbook's ETA and the targets."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -286,35 +335,19 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"error: unknown scenario(s) {', '.join(unknown)}; use {', '.join(RUNS)}")
     db_mb = int(os.environ.get(DB_MB_ENV, "1024")) if "db-corruption" in wanted else 0
-    results = [Result(SCENARIOS[name]) for name in wanted]
+    results = [Result(TARGETS[name]) for name in wanted]
     with tempfile.TemporaryDirectory(prefix="bench-recovery-") as tmp:
         began = time.perf_counter()
-        stack = Rehearsal(Path(tmp), symbols=tuple(UNIVERSE), history_days=10, pad_db_mb=db_mb)
-        stack.start()
+        stack = start_rehearsal(Path(tmp), symbols=tuple(UNIVERSE), history_days=10, timeout_s=UP_TIMEOUT_S,
+                                before_up=(lambda settings: pad_store(settings, db_mb)) if db_mb else None)
         try:
             size = stack.settings.db_path.stat().st_size / 1e6
-            print(f"stack up in {time.perf_counter() - began:.0f} s: {len(stack.symbols)} symbols, "
-                  f"database {size:.0f} MB, heartbeat limit {stack.settings.heartbeat_max_age_s:g} s, "
-                  f"heartbeat-missing after {stack.settings.heartbeat_missing_s:g} s", flush=True)
-            # The crash and hang scenarios crash the daemon again and again on purpose: their crashes must
-            # not roll the store back in the middle of the others. The rollback scenario brings it back.
-            drop_threshold()
-            for result in results:
-                for rep in range(args.reps):
-                    settle(stack)
-                    try:
-                        took, detect, vs_limit = RUNS[result.scenario.name](stack)
-                    except Exception as exc:  # one failed recovery is a figure too, not the end of the bench
-                        result.failures.append(f"{type(exc).__name__}: {exc}")
-                        print(f"  {result.scenario.name} #{rep + 1}: FAILED {exc}", flush=True)
-                        continue
-                    result.seconds.append(took)
-                    if detect is not None:
-                        result.detection.append(detect)
-                    if vs_limit is not None:
-                        result.vs_limit.append(vs_limit)
-                    print(f"  {result.scenario.name} #{rep + 1}: {took:.1f} s"
-                          + (f" (detection {detect:.1f} s)" if detect is not None else ""), flush=True)
+            print(f"stack up in {time.perf_counter() - began:.0f} s (`crypto-agent up` {stack.up_seconds:.0f} s): "
+                  f"{len(stack.settings.symbols)} symbols, database {size:.0f} MB, heartbeat limit "
+                  f"{stack.settings.heartbeat_max_age_s:g} s, heartbeat-missing after "
+                  f"{stack.settings.heartbeat_missing_s:g} s", flush=True)
+            with stack.using_api():
+                run_all(stack, results, args.reps)
         finally:
             left = stack.close()
             if left:

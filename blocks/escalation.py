@@ -34,13 +34,14 @@ def level_name(level: str | int) -> Level:
     key = f"l{level}" if isinstance(level, int) else str(level).strip().lower()
     if key not in LEVELS:
         raise ValueError(f"unknown escalation level {level!r}; use one of {', '.join(LEVELS)}")
-    return key  # type: ignore[return-value]
+    return key
 
 
 def _send(block: NotificationBlock, body: str, subject: str) -> None:
     """Call a notification block's notify() synchronously, whether it is dispatching, sync or async."""
     if hasattr(type(block).notify, "aio"):  # Prefect's own blocks dispatch on `_sync`
-        block.notify(body, subject, _sync=True)  # type: ignore[call-arg]
+        # With `_sync=True` the dispatching notify() runs to the end and returns None, no coroutine.
+        block.notify(body, subject, _sync=True)  # type: ignore[call-arg, unused-coroutine]
         return
     result = block.notify(body, subject)
     if inspect.isawaitable(result):

@@ -5,15 +5,17 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from prefect.blocks.core import Block
 from prefect.blocks.notifications import CustomWebhookNotificationBlock
 from prefect.blocks.system import Secret
 
+from blocks import load_block
 from blocks.escalation import DEFAULT_ESCALATION, LEVELS, Escalation
 from crypto_agent.settings import Settings, load_settings
 
 FRED_SECRET = "fred-api-key"
 FRED_KEY_ENV = "CRYPTO_AGENT_FRED_API_KEY"
-BLOCK_TYPES: tuple[type, ...] = (Escalation,)
+BLOCK_TYPES: tuple[type[Block], ...] = (Escalation,)
 
 
 @dataclass
@@ -56,7 +58,7 @@ def register_defaults(settings: Settings | None = None, fred_api_key: str | None
         webhook = receiver_webhook(settings, level)
         name = f"{DEFAULT_ESCALATION}-{level}"
         webhook.save(name, overwrite=True)
-        levels[level] = CustomWebhookNotificationBlock.load(name, _sync=True)
+        levels[level] = load_block(CustomWebhookNotificationBlock, name)
         done.documents.append(f"{CustomWebhookNotificationBlock.get_block_type_slug()}/{name}")
     Escalation(**levels).save(DEFAULT_ESCALATION, overwrite=True)
     done.documents.append(f"{Escalation.get_block_type_slug()}/{DEFAULT_ESCALATION}")

@@ -37,6 +37,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from crypto_agent.errors import InputError, StoreError, StoreLocked
 from crypto_agent.schema import backtest_results
 from crypto_agent.store import Store, store_locked
+from crypto_agent.storelock import locked_error
 from crypto_agent.universe import timeframe as parse_timeframe
 from crypto_agent.universe import validate_symbol
 
@@ -253,7 +254,8 @@ def _target_positions(candles: pd.DataFrame, strat: Strategy, params: dict[str, 
     """The strategy's target positions as a float array of 0.0 / 1.0, checked."""
     missing = [c for c in ("close", "high", "low") if c not in candles.columns]
     if missing:
-        raise InputError(f"candles lack column(s) {', '.join(missing)}", hint="pass the DataFrame Store.candles() returns")
+        raise InputError(f"candles lack column(s) {', '.join(missing)}",
+                         hint="pass the DataFrame Store.candles() returns")
     targets = strat.positions(candles, **params)
     values = np.asarray(targets, dtype=float)
     if values.shape != (len(candles),) or not np.isin(values, (0.0, 1.0)).all():
@@ -381,11 +383,7 @@ def latest_signal(
 
 
 def _locked_error(store: Store) -> StoreLocked:
-    lock = store.path.parent / "LOCKED" if store.path is not None else "LOCKED"
-    return StoreLocked(
-        f"the store is locked by a recovery ({lock} exists); no backtest result was written",
-        hint="wait for the recovery to finish (it removes the file), then run again",
-    )
+    return locked_error(store.path, "no backtest result was written", "run again")
 
 
 def _check_run_id(run_id: str) -> None:

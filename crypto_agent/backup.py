@@ -20,9 +20,9 @@ import re
 import socket
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -30,14 +30,21 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from crypto_agent.errors import CryptoAgentError, StoreLocked
+from crypto_agent.errors import CryptoAgentError
+from crypto_agent.storelock import (  # noqa: F401 (backup.lock_holder etc. stay importable)
+    LOCK_FILE_NAME,
+    RecoveryLocked,
+    describe_holder,
+    lock_holder,
+    lock_path,
+    recovery_lock,
+)
 from crypto_agent.universe import UNIVERSE
 
 if TYPE_CHECKING:
     from crypto_agent.settings import Settings
 
 BACKUP_NAME_RE = re.compile(r"^db_backup_(\d{8})\.db$")
-LOCK_FILE_NAME = "LOCKED"
 SQLITE_HEADER = b"SQLite format 3\x00"
 BUSY_TIMEOUT_S = 30.0
 COPY_CHUNK = 4 * 1024 * 1024
@@ -67,10 +74,6 @@ class BackupVerificationFailed(BackupError):
 
 class RestoreRefused(BackupError):
     """A restore would harm a running service or use a bad backup; nothing was changed."""
-
-
-class RecoveryLocked(StoreLocked):
-    """The recovery lock `<db folder>/LOCKED` is held by someone else."""
 
 
 # --- values ---
@@ -223,11 +226,6 @@ def backup_name(day: date) -> str:
 def manifest_path(backup_path: Path) -> Path:
     """The manifest of a backup: db_backup_YYYYMMDD.json beside it."""
     return backup_path.with_suffix(".json")
-
-
-def lock_path(db_path: Path | str) -> Path:
-    """The recovery lock of a database: `<db folder>/LOCKED`."""
-    return Path(db_path).parent / LOCK_FILE_NAME
 
 
 def _fsync_file(path: Path) -> None:
@@ -393,7 +391,7 @@ def _read_manifest(path: Path) -> tuple[dict | None, str | None]:
         return None, f"manifest {mp.name} unreadable: {exc}"
 
 
-def _parse_time(value) -> datetime | None:
+def _parse_time(value: object) -> datetime | None:
     if not value:
         return None
     try:
@@ -411,7 +409,7 @@ def backup_info(path: Path | str) -> BackupInfo:
             f"{p.name} is not a backup file name (db_backup_YYYYMMDD.db)",
             hint="list the backups with `crypto-agent backups`",
         )
-    day = datetime.strptime(m.group(1), "%Y%m%d").date()
+    day = datetime.strptime(m.group(1), "%Y%m%d").date()  # noqa: DTZ007 (only the calendar day is kept)
     if not p.is_file():
         raise BackupError(f"backup not found: {p}", hint="list the backups with `crypto-agent backups`")
     manifest, problem = _read_manifest(p)
@@ -493,7 +491,7 @@ def create(
                           hint="check db_path (`crypto-agent config`); nothing was written")
     if respect_lock and lock_path(db).exists():
         raise RecoveryLocked(
-            f"not backing up {db}: a recovery holds {lock_path(db)} ({_describe_holder(lock_path(db))})",
+            f"not backing up {db}: a recovery holds {lock_path(db)} ({describe_holder(db)})",
             hint="back up after the recovery ends (the lock file goes away)",
         )
     try:
@@ -731,84 +729,6 @@ def retention(backup_dir: Path | str, policy: RetentionPolicy | None = None,
     return removed
 
 
-# --- the recovery lock ---
-
-
-def _read_holder(path: Path) -> dict | None:
-    try:
-        text = path.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        return None
-    except OSError:
-        return {}
-    if not text:
-        return {}
-    try:
-        data = json.loads(text)
-        return data if isinstance(data, dict) else {"owner": text[:200]}
-    except ValueError:
-        return {"owner": text[:200]}
-
-
-def _describe_holder(path: Path) -> str:
-    holder = _read_holder(path)
-    if holder is None:
-        return "released"
-    if not holder:
-        return "held by an unknown owner (empty file, perhaps `touch`ed by an operator)"
-    parts = [f"held by {holder.get('owner', 'unknown')}"]
-    pid = holder.get("pid")
-    if isinstance(pid, int):
-        alive = psutil.pid_exists(pid)
-        parts.append(f"pid {pid}{'' if alive else ' (not running)'}")
-    if holder.get("host"):
-        parts.append(f"on {holder['host']}")
-    if holder.get("since"):
-        parts.append(f"since {holder['since']}")
-    return ", ".join(parts)
-
-
-def lock_holder(db_path: Path | str) -> dict | None:
-    """Who holds the recovery lock of a database: {owner, pid, host, since}, {} if unknown, None if free."""
-    return _read_holder(lock_path(db_path))
-
-
-@contextmanager
-def recovery_lock(db_path: Path | str, owner: str) -> Iterator[Path]:
-    """Hold `<db folder>/LOCKED` (owner, pid, time) for a recovery; refuse when someone else holds it.
-
-    Re-entrant for the same owner: a flow that took the lock can call restore/compact with its
-    owner name, and only the outermost holder removes the file.
-    """
-    if not owner or not owner.strip():
-        raise BackupError("the recovery lock needs an owner name", hint="pass e.g. owner='recover-db-corruption'")
-    path = lock_path(db_path)
-    holder = _read_holder(path)
-    if holder is not None and holder.get("owner") == owner:
-        yield path
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    content = json.dumps({"owner": owner, "pid": os.getpid(), "host": socket.gethostname(),
-                          "since": _utcnow().isoformat(timespec="seconds")})
-    # Write then hard-link: the lock appears atomically, complete, and only if nobody holds it.
-    tmp = path.with_name(f".{LOCK_FILE_NAME}.{os.getpid()}.{time.monotonic_ns()}")
-    tmp.write_text(content + "\n", encoding="utf-8")
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        raise RecoveryLocked(
-            f"the recovery lock {path} is {_describe_holder(path)}",
-            hint=f"wait for that recovery to end; if its process is gone and nothing is running, delete {path}",
-        ) from None
-    finally:
-        _unlink(tmp)
-    try:
-        yield path
-    finally:
-        if _read_holder(path) == json.loads(content):
-            _unlink(path)
-
-
 def db_users(db_path: Path | str) -> list[tuple[int, str]]:
     """Processes other than this one that have the database (or its WAL) open: (pid, name)."""
     db = Path(db_path).resolve()
@@ -984,14 +904,12 @@ def salvage(
                 result[t] = 0
                 result.unreadable[t] = [f"cannot open {src_path}: {exc}"]
             return result
-        try:
+        with closing(src):
             for table in tables:
                 copied, unreadable = _salvage_table(src, dst, table, since_ms, time_column)
                 result[table] = copied
                 if unreadable:
                     result.unreadable[table] = unreadable
-        finally:
-            src.close()
     finally:
         dst.close()
     return result
@@ -1054,7 +972,7 @@ def _salvage_table(src: sqlite3.Connection, dst: sqlite3.Connection, table: str,
 
 
 def _walk_key(src: sqlite3.Connection, sql: str, params: tuple, key_pos: int, lo: int, hi: int,
-              keep, what: str, unreadable: list[str]) -> None:
+              keep: Callable[[tuple], None], what: str, unreadable: list[str]) -> None:
     """Read rows of key range [lo, hi) in key order, stepping over unreadable pages.
 
     `sql` takes (*params, start, hi) and orders by the key. When a read fails after key k, an

@@ -23,6 +23,7 @@ from crypto_agent.exchange import (
     MalformedResponse,
 )
 from crypto_agent.store import Store, store_locked
+from crypto_agent.storelock import locked_error
 from crypto_agent.universe import timeframe, validate_symbol
 
 MODES = ("update", "update-all")
@@ -171,11 +172,7 @@ def _check_args(mode: str, lookback_hours: float, initial_history_days: int, wor
 
 
 def _locked_error(store: Store) -> StoreLocked:
-    lock = store.path.parent / "LOCKED" if store.path is not None else "LOCKED"
-    return StoreLocked(
-        f"the store is locked by a recovery ({lock} exists); the collector wrote nothing more",
-        hint="wait for the recovery to finish (it removes the file), then collect again",
-    )
+    return locked_error(store.path, "the collector wrote nothing more", "collect again")
 
 
 # --- running ---

@@ -205,7 +205,8 @@ def decide(
     if not found:
         return GuardDecision(GuardAction.NONE, stage, True, reason="within budget")
     if stage is Stage.RUNNING:
-        return GuardDecision(GuardAction.RENICE, stage, True, found, reason="over budget: lower the backtest's priority")
+        return GuardDecision(GuardAction.RENICE, stage, True, found,
+                             reason="over budget: lower the backtest's priority")
     if stage is Stage.RENICED:
         return GuardDecision(GuardAction.PAUSE, stage, True, found, page="l1",
                              reason="still over budget at the lowest priority: pause the backtest")

@@ -250,6 +250,7 @@ def record(store: Store, report: ProbeReport, busy_timeout_s: float = 2.0) -> bo
         return False
     with store.engine.connect() as conn:
         raw = conn.connection.driver_connection  # a PRAGMA on the driver: no SQLAlchemy transaction begun
+        assert raw is not None  # an open connection always has its driver's
         raw.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
         try:
             with conn.begin():

@@ -1,12 +1,14 @@
 """Holds: a service kept stopped or paused on purpose, so monitoring does not take it for a failure.
 
-A hold is the service's pause marker (`run/<name>.paused`, crypto_agent.process.pause): the one
-file that says "leave it as it is", honoured by process control (`start` refuses a paused service),
-by the recoveries (they do not restart it) and by monitoring (the health monitor emits no dead or
-hung event for it; the heartbeat relay vouches for it, so no automation restarts it). A rollback
-writes one so the backtest stays stopped until a person resumes it (`crypto-agent service resume`).
+A hold is the service's hold marker (`run/<name>.paused`, `ServicePaths.hold_marker`): the one
+file that says "leave it as it is". This module is its only writer and `read_hold` its only reader,
+honoured by process control (`start` refuses a service with a hold in force), by the recoveries
+(they do not restart it), by monitoring (the health monitor emits no dead or hung event for it; the
+heartbeat relay vouches for it, so no automation restarts it) and by the backtest-window guard. A
+rollback or `crypto-agent service pause` keeps a service stopped until a person resumes it
+(`crypto-agent service resume`).
 
-This module reads that marker as a `Hold` and writes two richer kinds of it:
+There are two kinds of hold:
 
 - "stopped": no instance runs (the rollback's, an operator's, the window guard's stop);
 - "paused": a live instance stopped with SIGSTOP by the backtest-window guard; the marker names
@@ -23,17 +25,24 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from crypto_agent.errors import InputError
-from crypto_agent.process import ProcessCheck, pause_marker, paused, service_spec
-from crypto_agent.service import write_atomic
+from crypto_agent.errors import CryptoAgentError, InputError
+from crypto_agent.service import ServicePaths, service_paths, write_atomic
 from crypto_agent.settings import Settings
+
+if TYPE_CHECKING:
+    from crypto_agent.process import ProcessCheck
 
 HOLD_PAUSED = "paused"
 HOLD_STOPPED = "stopped"
 HOLD_KINDS = (HOLD_PAUSED, HOLD_STOPPED)
-STAMP = "%Y-%m-%dT%H:%M:%SZ"  # the pause marker's time format
+STAMP = "%Y-%m-%dT%H:%M:%SZ"  # the hold marker's time format
+
+
+class ServicePaused(CryptoAgentError):
+    """The service has a hold in force (`run/<name>.paused`); nothing starts it until it ends or a person resumes it."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,16 @@ class Hold:
         """A JSON-ready dict."""
         return asdict(self)
 
+    def marker(self) -> dict[str, Any]:
+        """The hold as its marker file says it: service, reason, by, since, kind, and until/instance when set."""
+        data: dict[str, Any] = {"service": self.service, "reason": self.reason, "by": self.by,
+                                "since": _stamp(self.since or 0), "kind": self.kind}
+        if self.until is not None:
+            data["until"] = _stamp(self.until)
+        if self.instance is not None:
+            data["instance"] = self.instance
+        return data
+
 
 def _stamp(epoch: float) -> str:
     return time.strftime(STAMP, time.gmtime(epoch))
@@ -87,9 +106,27 @@ def _epoch(value: Any) -> float | None:
             return None
 
 
+def _paths(service: str | ServicePaths, settings: Settings | None) -> ServicePaths:
+    return service if isinstance(service, ServicePaths) else service_paths(service, settings)
+
+
+def _read_marker(marker: Path) -> dict[str, Any] | None:
+    try:
+        text = marker.read_text(encoding="utf-8")
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError:
+        return {}
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return {"reason": text.strip()[:200]}
+    return data if isinstance(data, dict) else {}
+
+
 def place_hold(
-    service: str,
-    settings: Settings,
+    service: str | ServicePaths,
+    settings: Settings | None = None,
     *,
     kind: str,
     by: str,
@@ -98,40 +135,38 @@ def place_hold(
     instance: str | None = None,
     now: float | None = None,
 ) -> Hold:
-    """Write (or replace) the pause marker of a service as a hold; InputError for a bad kind or a nameless one."""
+    """Write (or replace) the hold marker of a service; InputError for a bad kind or service, or a nameless hold."""
     if kind not in HOLD_KINDS:
         raise InputError(f"unknown hold kind {kind!r}", hint=f"use one of: {', '.join(HOLD_KINDS)}")
     if kind == HOLD_PAUSED and not instance:
-        raise InputError("a paused hold must name the paused process instance", hint="pass instance=<pid>@<create time>")
+        raise InputError("a paused hold must name the paused process instance",
+                         hint="pass instance=<pid>@<create time>")
     if not by.strip():
         raise InputError("a hold must say who placed it", hint="pass by=<flow or operator name>")
-    hold = Hold(service, kind, by.strip(), reason, time.time() if now is None else now, until, instance)
-    marker = pause_marker(service_spec(service, settings))
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    data: dict[str, Any] = {"service": service, "reason": reason, "by": hold.by, "since": _stamp(hold.since or 0),
-                            "kind": kind}
-    if until is not None:
-        data["until"] = _stamp(until)
-    if instance is not None:
-        data["instance"] = instance
-    write_atomic(marker, json.dumps(data) + "\n")
+    paths = _paths(service, settings)
+    hold = Hold(paths.name, kind, by.strip(), reason, time.time() if now is None else now, until, instance)
+    paths.hold_marker.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(paths.hold_marker, json.dumps(hold.marker()) + "\n")
     return hold
 
 
 def read_hold(
-    service: str, settings: Settings, now: float | None = None, *, include_ended: bool = False
+    service: str | ServicePaths, settings: Settings | None = None, now: float | None = None,
+    *, include_ended: bool = False,
 ) -> Hold | None:
-    """The hold on a service (its pause marker), or None: no marker, or one whose `until` has passed.
+    """The hold on a service (its marker), or None: no marker, or one whose `until` has passed.
 
-    With include_ended, an ended hold is returned too (to undo what it did). A marker written by
-    `crypto-agent service pause` or a rollback is a "stopped" hold without an end.
+    The one reader of the marker. With include_ended, an ended hold is returned too (to undo what
+    it did). A marker without a kind (older, or written by hand) is a "stopped" hold; an unreadable
+    one still holds.
     """
-    data = paused(service_spec(service, settings))
+    paths = _paths(service, settings)
+    data = _read_marker(paths.hold_marker)
     if data is None:
         return None
     kind = data.get("kind") if data.get("kind") in HOLD_KINDS else HOLD_STOPPED
     hold = Hold(
-        service=service,
+        service=paths.name,
         kind=str(kind),
         by=str(data.get("by") or "unknown"),
         reason=str(data.get("reason") or ""),
@@ -144,10 +179,38 @@ def read_hold(
     return hold
 
 
-def release_hold(service: str, settings: Settings, by: str | None = None) -> Hold | None:
-    """Remove the hold of a service (only one placed by `by`, when given); the hold removed, or None."""
-    hold = read_hold(service, settings, include_ended=True)
+def release_hold(service: str | ServicePaths, settings: Settings | None = None, by: str | None = None) -> Hold | None:
+    """Remove the hold of a service, ended or not (only one placed by `by`, when given); the hold removed, or None."""
+    paths = _paths(service, settings)
+    hold = read_hold(paths, include_ended=True)
     if hold is None or (by is not None and hold.by != by):
         return None
-    pause_marker(service_spec(service, settings)).unlink(missing_ok=True)
+    paths.hold_marker.unlink(missing_ok=True)
     return hold
+
+
+def keep_stopped(service: str | ServicePaths, settings: Settings | None = None, *, by: str, reason: str) -> Path:
+    """Keep a service stopped until a person resumes it: a stopped hold without end; its marker's path."""
+    paths = _paths(service, settings)
+    place_hold(paths, kind=HOLD_STOPPED, by=by, reason=reason)
+    return paths.hold_marker
+
+
+def covering_hold(service: str | ServicePaths, settings: Settings | None, check: ProcessCheck,
+                  now: float | None = None) -> Hold | None:
+    """The hold in force that accounts for what process control sees (`check`), or None."""
+    hold = read_hold(service, settings, now)
+    return hold if hold is not None and hold.covers(check) else None
+
+
+def refuse_start(paths: ServicePaths, now: float | None = None) -> None:
+    """ServicePaused when the service has a hold in force (so nothing starts it); nothing otherwise."""
+    hold = read_hold(paths, now=now)
+    if hold is None:
+        return
+    since = "unknown" if hold.since is None else _stamp(hold.since)
+    raise ServicePaused(
+        f"the {paths.name} service is paused ({hold.reason or 'no reason given'}, by "
+        f"{hold.by} since {since}); it was not started",
+        hint=f"a person resumes it with `crypto-agent service resume {paths.name}`",
+    )

@@ -14,7 +14,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,9 +25,13 @@ from pydantic_settings import NoDecode
 from sqlalchemy.exc import SQLAlchemyError
 
 from crypto_agent.errors import CryptoAgentError
+from crypto_agent.holds import ServicePaused as ServicePaused  # raised by start, caught as process.ServicePaused
+from crypto_agent.holds import keep_stopped, read_hold, refuse_start, release_hold
 from crypto_agent.service import (
+    SERVICE_MODULES,
     PidRecord,
     ServiceAlreadyRunning,
+    ServicePaths,
     ensure_state_dirs,
     instance_id,
     read_heartbeat,
@@ -41,9 +44,6 @@ from crypto_agent.service import (
 )
 from crypto_agent.settings import Settings, get_settings
 from crypto_agent.store import Store
-
-# The module each service runs as: `python -m <module>`, with the same interpreter as ours.
-SERVICE_MODULES: dict[str, str] = {"backtest": "crypto_agent.daemon", "trader": "crypto_agent.trader"}
 
 log = logging.getLogger("crypto_agent.process")
 
@@ -70,43 +70,9 @@ class StackDumpTimeout(CryptoAgentError):
     """The service did not write its stacks after SIGUSR1 within the time allowed."""
 
 
-@dataclass(frozen=True)
-class ServiceSpec:
-    """One service as process control sees it: its command, state files, log and priority."""
-
-    name: str
-    command: tuple[str, ...]
-    pidfile: Path
-    pid_record: Path
-    heartbeat: Path
-    log: Path
-    logs_dir: Path
-    niceness: int
-    stop_grace_s: float
-    start_timeout_s: float
-
-    @property
-    def stacks_glob(self) -> str:
-        """Glob (in logs_dir) of the service's stack dumps."""
-        return f"{self.name}_stacks_*.txt"
-
-
-def service_spec(name: str, settings: Settings | None = None) -> ServiceSpec:
-    """The spec of service "backtest" or "trader" under `settings`; InputError for another name."""
-    settings = settings or get_settings()
-    paths = service_paths(name, settings)
-    return ServiceSpec(
-        name=name,
-        command=(sys.executable, "-m", SERVICE_MODULES[name]),
-        pidfile=paths.pidfile,
-        pid_record=paths.pid_record,
-        heartbeat=paths.heartbeat,
-        log=paths.log,
-        logs_dir=paths.logs_dir,
-        niceness=settings.daemon_niceness if name == "backtest" else 0,
-        stop_grace_s=settings.stop_grace_s,
-        start_timeout_s=settings.start_timeout_s,
-    )
+# Process control's names for the one description of a service's files (crypto_agent.service).
+ServiceSpec = ServicePaths
+service_spec = service_paths
 
 
 # --- what the pidfile points at ---
@@ -299,26 +265,21 @@ def start(
 ) -> StartResult:
     """Start the service detached (own session, output to its log); return once it wrote its pidfile and a heartbeat.
 
-    ServiceAlreadyRunning when it runs; the state files of a dead instance are cleaned first (and its
+    ServiceAlreadyRunning when it runs; ServicePaused when a hold is in force (crypto_agent.holds; an
+    ended one does not count); the state files of a dead instance are cleaned first (and its
     crash recorded when `store` is given). ServiceStartError, with the end of its log, when it exits
     or stays silent past the timeout (it is then killed: it is our child).
     """
     settings = settings or get_settings()
     timeout_s = spec.start_timeout_s if timeout_s is None else timeout_s
-    ensure_state_dirs(service_paths(spec.name, settings))
+    ensure_state_dirs(spec)
     check = inspect(spec)
     if check.alive:
         raise ServiceAlreadyRunning(
             f"the {spec.name} service is already running (PID {check.pid})",
             hint=f"`crypto-agent service restart {spec.name}` to restart it",
         )
-    pause = paused(spec)
-    if pause is not None:
-        raise ServicePaused(
-            f"the {spec.name} service is paused ({pause.get('reason') or 'no reason given'}, by "
-            f"{pause.get('by') or 'unknown'} since {pause.get('since') or 'unknown'}); it was not started",
-            hint=f"a person resumes it with `crypto-agent service resume {spec.name}`",
-        )
+    refuse_start(spec)  # a hold in force (a rollback's, an operator's, the window guard's) keeps it down
     cleaned = _clean_files(spec, check, store) if check.state is not Liveness.NO_PIDFILE else []
     started = time.monotonic()
     with open(spec.log, "ab") as out:
@@ -576,6 +537,7 @@ def child_spec(
         pidfile=run_dir / f"{name}.pid",
         pid_record=run_dir / f"{name}.pid.json",
         heartbeat=run_dir / f"{name}.heartbeat",  # never written: readiness is the caller's check
+        lock=run_dir / f"{name}.lock",  # never taken: start_child records the PID itself
         log=logs_dir / f"{name}.log",
         logs_dir=logs_dir,
         niceness=0,
@@ -705,48 +667,28 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
-# --- a service paused until a person resumes it (issue 5: after a rollback, the backtest stays paused) ---
+# --- compat: the old pause API over crypto_agent.holds, for callers not yet moved ---
 
 
-class ServicePaused(CryptoAgentError):
-    """The service is paused (`run/<name>.paused`); nothing starts it until a person resumes it."""
+# compat: removed by the lead after flows/recovery moves
+def pause_marker(spec: ServicePaths) -> Path:
+    """The service's hold marker, run/<name>.paused."""
+    return spec.hold_marker
 
 
-def pause_marker(spec: ServiceSpec) -> Path:
-    """The file that keeps a service paused: run/<name>.paused, beside its pidfile."""
-    return spec.pidfile.with_name(f"{spec.name}.paused")
+# compat: removed by the lead after flows/recovery moves
+def pause(spec: ServicePaths, reason: str, by: str) -> Path:
+    """Keep the service stopped (a stopped hold without end); the marker's path."""
+    return keep_stopped(spec, by=by, reason=reason)
 
 
-def pause(spec: ServiceSpec, reason: str, by: str) -> Path:
-    """Mark the service paused (who, why, since when), so `start` refuses it; signals nothing. The marker's path."""
-    marker = pause_marker(spec)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    write_atomic(marker, json.dumps({"service": spec.name, "reason": reason, "by": by, "since": since}) + "\n")
-    return marker
+# compat: removed by the lead after flows/recovery moves
+def paused(spec: ServicePaths) -> dict[str, Any] | None:
+    """The hold in force on the service as its marker says it ({reason, by, since, ...}), None when there is none."""
+    return None if (hold := read_hold(spec)) is None else hold.marker()
 
 
-def paused(spec: ServiceSpec) -> dict[str, Any] | None:
-    """Why the service is paused ({reason, by, since}; {} when the marker is unreadable), None when it is not."""
-    marker = pause_marker(spec)
-    try:
-        text = marker.read_text(encoding="utf-8")
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError:
-        return {}
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return {"reason": text.strip()[:200]}
-    return data if isinstance(data, dict) else {}
-
-
-def resume(spec: ServiceSpec) -> dict[str, Any] | None:
-    """Lift a pause (remove the marker); what the pause said, None when the service was not paused."""
-    was = paused(spec)
-    try:
-        pause_marker(spec).unlink()
-    except FileNotFoundError:
-        return None
-    return was
+# compat: removed by the lead after flows/recovery moves
+def resume(spec: ServicePaths) -> dict[str, Any] | None:
+    """Release the service's hold; what it said, None when there was none."""
+    return None if (hold := release_hold(spec)) is None else hold.marker()

@@ -145,7 +145,7 @@ class DataQualityReport:
 
     def symbol_ok(self) -> dict[str, bool]:
         """Per symbol: fresh and gap-free on every checked timeframe."""
-        out = {s: True for s in self.symbols}
+        out = dict.fromkeys(self.symbols, True)
         for row in self.series:
             out[row.symbol] = out[row.symbol] and row.ok
         return out

@@ -4,7 +4,8 @@ What the runbook does with shell one-liners, done safely: triage a service (dead
 running), how long to hold a restart after a start, the log's recent errors, REINDEX on a scratch
 copy (never on the only copy), a repaired file put in place with the corrupt one quarantined, the
 candle windows to resync after a restore, and the rows to salvage from a quarantined database.
-The flows (flows/recovery.py) call these and act on what they return.
+The flows (flows/recovery/) call these and act on what they return, and their steps return the
+values defined at the end (a stop, a restore, a resync, a stack dump, the exchange's status).
 """
 
 from __future__ import annotations
@@ -24,18 +25,16 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from crypto_agent import backup
+from crypto_agent import backup, holds
 from crypto_agent.collector import Window, plan_windows
 from crypto_agent.daemon import FAULT_ENV
+from crypto_agent.exchange import RateLimitStatus
 from crypto_agent.health import ProbeReport
-from crypto_agent.holds import HOLD_STOPPED, place_hold, read_hold, release_hold
 from crypto_agent.process import (
     Liveness,
     ServiceSpec,
+    StopResult,
     inspect,
-    pause,
-    paused,
-    resume,
     service_spec,
     tail_text,
 )
@@ -148,36 +147,31 @@ def log_errors(log_path: Path, lines: int = 100) -> list[str]:
     return out
 
 
+# compat: removed by the lead after flows/recovery moves
 def keep_stopped(service: str, settings: Settings, *, by: str, reason: str) -> Path:
-    """Keep a service stopped until a person resumes it: the pause marker (process control refuses to start
-    it) and a stopped hold without end (monitoring raises no alarm for it); the marker's path."""
-    marker = pause(service_spec(service, settings), reason=reason, by=by)
-    place_hold(service, settings, kind=HOLD_STOPPED, by=by, reason=reason)
-    return marker
+    """Keep a service stopped until a person resumes it (holds.keep_stopped); the marker's path."""
+    return holds.keep_stopped(service, settings, by=by, reason=reason)
 
 
+# compat: removed by the lead after flows/recovery moves
 def resume_kept(service: str, settings: Settings) -> dict[str, Any] | None:
-    """Lift keep_stopped: the marker and the hold its author placed; what the pause said, None if not paused."""
-    was = resume(service_spec(service, settings))
-    if was is not None and was.get("by"):
-        release_hold(service, settings, by=str(was["by"]))
-    return was
+    """Release the service's hold (holds.release_hold); what its marker said, None if there was none."""
+    return None if (h := holds.release_hold(service, settings)) is None else h.marker()
 
 
+# compat: removed by the lead after flows/recovery moves
 def hold_in_force(service: str, settings: Settings) -> str | None:
-    """The hold that accounts for the service's state right now (a guard's SIGSTOP, a planned stop), or None."""
-    hold = read_hold(service, settings)
-    if hold is None or not hold.covers(inspect(service_spec(service, settings))):
-        return None
-    return hold.description
+    """The hold that accounts for the service's state right now (holds.covering_hold), described, or None."""
+    hold = holds.covering_hold(service, settings, inspect(service_spec(service, settings)))
+    return None if hold is None else hold.description
 
 
 def service_state(name: str, settings: Settings) -> str:
-    """One line on a service for a message: running (PID, heartbeat age), paused, or not running and why."""
+    """One line on a service for a message: running (PID, heartbeat age), held, or not running and why."""
     spec = service_spec(name, settings)
     check = inspect(spec)
-    pause = paused(spec)
-    paused_note = f"; paused ({pause.get('reason', 'no reason given')})" if pause is not None else ""
+    hold = holds.read_hold(spec)
+    paused_note = f"; paused ({hold.reason or 'no reason given'})" if hold is not None else ""
     if not check.alive:
         return f"{name}: not running ({check.reason}){paused_note}"
     beat = last_heartbeat_at(spec)
@@ -322,8 +316,8 @@ def salvage_since(corrupt_db: Path | str, target_db: Path | str, since_ms: int) 
     target = Path(target_db)
     conn = sqlite3.connect(f"{target.resolve().as_uri()}?mode=ro", uri=True)
     try:
-        tables = {r[0]: [c[1] for c in conn.execute(f'PRAGMA table_info("{r[0]}")')]
-                  for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'")}
+        names = conn.execute("SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'")
+        tables = {r[0]: [c[1] for c in conn.execute(f'PRAGMA table_info("{r[0]}")')] for r in names.fetchall()}
     finally:
         conn.close()
     candle_tables = {t.name for t in OHLCV_TABLES.values()}
@@ -349,3 +343,92 @@ def hours_between(start_ms: int | None, end_ms: int) -> float:
     if start_ms is None:
         return 0.0
     return max(0.0, (end_ms - start_ms) / HOUR_MS)
+
+
+# --- what the recovery steps return ---
+
+
+@dataclass(frozen=True)
+class ServiceStop:
+    """A recovery's stop of one service: what the stop did, or why it was refused (a pidfile naming a stranger)."""
+
+    service: str
+    result: StopResult | None  # None when refused: nothing was signalled
+    refused: str | None = None
+
+    @property
+    def was_running(self) -> bool:
+        """Whether our process ran until this stop."""
+        return self.result is not None and self.result.was_running
+
+    @property
+    def cleaned(self) -> list[str]:
+        """The state files the stop removed (a dead instance's pidfile means it had crashed)."""
+        return [p.name for p in self.result.cleaned] if self.result is not None else []
+
+
+@dataclass(frozen=True)
+class RestoredBackup:
+    """A good backup put in place of the database: which one, when it was taken, where the replaced file went."""
+
+    path: Path
+    created_at_ms: int
+    quarantined: Path | None  # the replaced database file, kept in quarantine (None when there was none)
+    tables: dict[str, int]
+    seconds: float
+
+    @property
+    def name(self) -> str:
+        """The backup's file name."""
+        return self.path.name
+
+
+@dataclass(frozen=True)
+class ResyncSummary:
+    """Candles fetched after a restore: the windows planned (None when planning failed), rows, failures."""
+
+    windows: int | None
+    written: int
+    failures: dict[str, str]
+    now_ms: int
+
+    @property
+    def ok(self) -> bool:
+        """Whether every window was fetched."""
+        return not self.failures
+
+
+@dataclass(frozen=True)
+class Restoration:
+    """A store restored from a good backup (or why none was), with the candles resynced and the rows salvaged."""
+
+    backup: RestoredBackup | None  # None: no backup qualified, the database was not touched
+    message: str = ""  # why no backup qualified
+    refused: tuple[str, ...] = ()  # backups that failed their check on the way (marked bad)
+    resync: ResyncSummary | None = None
+    salvage: SalvageSummary | None = None
+    data_lost_hours: float = 0.0
+
+
+@dataclass(frozen=True)
+class StackDump:
+    """A service's thread stacks (SIGUSR1), or why there are none; whether it had to be woken (SIGCONT) first."""
+
+    path: Path | None
+    text: str
+    continued: bool
+    timeout: str | None = None
+
+
+@dataclass(frozen=True)
+class ExchangeStatus:
+    """The exchange's answer to the runbook's first two checks: its clock, and the request weight used."""
+
+    server_time_ms: int
+    skew_ms: int
+    limits: RateLimitStatus
+
+    @property
+    def used_share(self) -> float | None:
+        """The share of the weight limit used (None when the exchange did not say)."""
+        return self.limits.used_share

@@ -253,8 +253,9 @@ def newest_fred_date(store: Store, series_id: str) -> date | None:
     return date.fromisoformat(v) if v else None
 
 
-def update_fred(store: Store, base_url: str, api_key: str, series: Sequence[str] = ("DGS10",), start: date | None = None,
-                *, timeout_s: float = DEFAULT_TIMEOUT_S, client: httpx.Client | None = None) -> dict[str, int]:
+def update_fred(store: Store, base_url: str, api_key: str, series: Sequence[str] = ("DGS10",),
+                start: date | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                client: httpx.Client | None = None) -> dict[str, int]:
     """Fetch FRED series and upsert them into macro_series; observations written per series.
 
     Without `start`, each series is read from FRED_REVISION_DAYS before its newest stored date

@@ -42,8 +42,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from crypto_agent.errors import CryptoAgentError, InputError
 from crypto_agent.schema import service_events
-from crypto_agent.settings import Settings
+from crypto_agent.settings import Settings, get_settings
 from crypto_agent.store import Store, open_store, store_locked
+from crypto_agent.storelock import lock_name
 
 # name -> (file stem in run/, log file name in logs/); the runbook's names, relied on by others
 SERVICE_FILES: dict[str, tuple[str, str]] = {
@@ -51,6 +52,8 @@ SERVICE_FILES: dict[str, tuple[str, str]] = {
     "trader": ("trader", "trader.log"),
 }
 SERVICE_NAMES: tuple[str, ...] = tuple(SERVICE_FILES)
+# The module each service runs as: `python -m <module>`, with the same interpreter as ours.
+SERVICE_MODULES: dict[str, str] = {"backtest": "crypto_agent.daemon", "trader": "crypto_agent.trader"}
 
 STATE_STARTING = "starting"
 STATE_RUNNING = "running"
@@ -94,40 +97,55 @@ def ensure_state_dirs(paths: ServicePaths) -> None:
 
 @dataclass(frozen=True)
 class ServicePaths:
-    """The files of one service: pidfile, its ownership record, heartbeat, lock, log, stack dumps."""
+    """One service's files and how it runs: command, pidfile and its ownership record, heartbeat, lock,
+    log, stack dumps, hold marker, priority and timeouts. Process control calls it a ServiceSpec."""
 
     name: str
+    command: tuple[str, ...]
     pidfile: Path
     pid_record: Path
     heartbeat: Path
     lock: Path
     log: Path
     logs_dir: Path
+    niceness: int
+    stop_grace_s: float
+    start_timeout_s: float
 
     @property
     def stacks_glob(self) -> str:
         """Glob (in logs_dir) of this service's stack dumps."""
         return f"{self.name}_stacks_*.txt"
 
+    @property
+    def hold_marker(self) -> Path:
+        """The file that holds the service stopped or paused on purpose: run/<name>.paused (crypto_agent.holds)."""
+        return self.pidfile.with_name(f"{self.name}.paused")
 
-def service_paths(name: str, settings: Settings) -> ServicePaths:
-    """The state files of service `name` ("backtest" or "trader"); InputError for another name."""
+
+def service_paths(name: str, settings: Settings | None = None) -> ServicePaths:
+    """The files and command of service `name` ("backtest" or "trader"); InputError for another name."""
     if name not in SERVICE_FILES:
         raise InputError(
             f"unknown service {name!r}",
             hint=f"use one of: {', '.join(SERVICE_NAMES)}",
         )
+    settings = settings or get_settings()
     stem, log_name = SERVICE_FILES[name]
     run_dir = Path(settings.run_dir)
     logs_dir = Path(settings.logs_dir)
     return ServicePaths(
         name=name,
+        command=(sys.executable, "-m", SERVICE_MODULES[name]),
         pidfile=run_dir / f"{stem}.pid",
         pid_record=run_dir / f"{stem}.pid.json",
         heartbeat=run_dir / f"{stem}.heartbeat",
         lock=run_dir / f"{stem}.lock",
         log=logs_dir / log_name,
         logs_dir=logs_dir,
+        niceness=settings.daemon_niceness if name == "backtest" else 0,
+        stop_grace_s=settings.stop_grace_s,
+        start_timeout_s=settings.start_timeout_s,
     )
 
 
@@ -391,7 +409,7 @@ class ServiceRuntime:
         crashed = exc is not None and isinstance(exc, Exception)
         if crashed:
             self.exit_code = EXIT_CRASHED
-            self.log.critical("%s service crashed: %s", self.name, exc, exc_info=(exc_type, exc, tb))
+            self.log.critical("%s service crashed: %s", self.name, exc, exc_info=exc)
             self._record("crashed", f"{type(exc).__name__}: {exc}")
         else:
             why = f" on {self._stop_signal}" if self._stop_signal else ""
@@ -475,7 +493,7 @@ class ServiceRuntime:
 
     @staticmethod
     def _lock_path(store: Store) -> str:
-        return str(store.path.parent / "LOCKED") if store.path is not None else "LOCKED"
+        return lock_name(store.path)
 
     # --- internals ---
 

@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     # --- paths (relative ones are resolved against `home`) ---
     home: Path = Field(Path("."), description="Folder that holds db/, run/, logs/ and backups/.")
     db_path: Path = Field(Path("db/crypto_agent.db"), description="The SQLite store.")
-    database_url: str | None = Field(None, description="SQLAlchemy URL; derived from db_path when unset.")
+    database_url: str = Field("", description="SQLAlchemy URL; derived from db_path when unset.")
     run_dir: Path = Field(Path("run"), description="Pidfiles and heartbeats.")
     logs_dir: Path = Field(Path("logs"), description="Service logs and stack dumps.")
     backup_dir: Path = Field(Path("backups"), description="db_backup_YYYYMMDD.db and manifests.")
@@ -119,7 +119,8 @@ class Settings(BaseSettings):
         5.0, gt=0, description="How often a service's main loop writes its heartbeat while it waits."
     )
     daemon_unit_pause_s: float = Field(
-        0.2, ge=0, description="Pause of the backtest daemon between two units of work (one symbol, timeframe, strategy)."
+        0.2, ge=0,
+        description="Pause of the backtest daemon between two units of work (one symbol, timeframe, strategy).",
     )
     daemon_cycle_pause_s: float = Field(
         60.0, ge=0, description="Pause of the backtest daemon after a full pass over the universe and strategies."
@@ -291,7 +292,7 @@ class Settings(BaseSettings):
         return v.rstrip("/")
 
     @model_validator(mode="after")
-    def _resolve_paths(self) -> "Settings":
+    def _resolve_paths(self) -> Settings:
         home = self.home.expanduser()
         for name in ("db_path", "run_dir", "logs_dir", "backup_dir", "quarantine_dir", "incidents_db_path",
                      "prefect_home"):
@@ -301,7 +302,7 @@ class Settings(BaseSettings):
         receiver_log = self.receiver_log.expanduser()
         if not receiver_log.is_absolute():
             object.__setattr__(self, "receiver_log", self.logs_dir / receiver_log)
-        if self.database_url is None:
+        if not self.database_url:
             object.__setattr__(self, "database_url", f"sqlite:///{self.db_path}")
         return self
 
@@ -336,7 +337,7 @@ def load_settings(**overrides: Any) -> Settings:
             problems.append(f"{field}: {err['msg']} (got {err.get('input')!r})")
         raise ConfigError(
             "malformed configuration: " + "; ".join(problems),
-            hint=f"fix the value in the environment (CRYPTO_AGENT_<FIELD>) or in the config file",
+            hint="fix the value in the environment (CRYPTO_AGENT_<FIELD>) or in the config file",
         ) from None
     except ValueError as exc:  # a TOML syntax error, or a value a source could not parse
         raise ConfigError(

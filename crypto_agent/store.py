@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from sqlalchemy import (
@@ -21,6 +22,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from crypto_agent.errors import StoreError
 from crypto_agent.schema import CANDLE_COLUMNS, OHLCV_TABLES, metadata
+from crypto_agent.storelock import is_locked
+
+if TYPE_CHECKING:
+    from crypto_agent.settings import Settings
 
 BUSY_TIMEOUT_MS = 30_000
 
@@ -63,7 +68,7 @@ def _upsert_sql(table_name: str) -> str:
 _UPSERT_SQL: dict[str, str] = {tf: _upsert_sql(table.name) for tf, table in OHLCV_TABLES.items()}
 
 
-def _on_connect(dbapi_conn, _record) -> None:
+def _on_connect(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     cur.execute("PRAGMA journal_mode=WAL")
@@ -125,10 +130,10 @@ class Store:
     def close(self) -> None:
         self.engine.dispose()
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # --- candles ---
@@ -170,7 +175,7 @@ class Store:
             f" FROM present WHERE symbol IS NOT NULL"
         )
         with self.engine.connect() as conn:
-            return {s: ts for s, ts in conn.execute(sql)}
+            return {str(s): int(ts) for s, ts in conn.execute(sql)}
 
     def open_times(self, symbol: str, timeframe: str, start_ms: int, end_ms: int) -> list[int]:
         """Sorted open times (ms) stored for a symbol in [start_ms, end_ms)."""
@@ -258,11 +263,10 @@ def check_integrity(path: Path | str | None, full: bool = False, max_errors: int
 
 def store_locked(store: Store) -> bool:
     """Whether a recovery holds the store's lock: the file `<db folder>/LOCKED` exists."""
-    path = store.path
-    return path is not None and (path.parent / "LOCKED").exists()
+    return is_locked(store.path)
 
 
-def open_store(settings=None) -> Store:
+def open_store(settings: Settings | None = None) -> Store:
     """The store the settings point at."""
     if settings is None:
         from crypto_agent.settings import get_settings
@@ -276,4 +280,4 @@ def table_counts(engine: Engine) -> dict[str, int]:
     with engine.connect() as conn:
         names = [r[0] for r in conn.execute(text(
             "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' ORDER BY name"))]
-        return {n: int(conn.execute(text(f'SELECT COUNT(*) FROM "{n}"')).scalar()) for n in names}
+        return {n: int(conn.execute(text(f'SELECT COUNT(*) FROM "{n}"')).scalar() or 0) for n in names}

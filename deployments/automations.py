@@ -3,17 +3,19 @@ own deployment. Created or updated by name by `crypto-agent deploy` (`apply_auto
 
 Where each automation of DESIGN.md's table lives (one place each):
 
-| automation | where | action |
+| automation | where (its name) | action |
 | --- | --- | --- |
-| service dead -> recover-daemon-crash | prefect.yaml, recover-daemon-crash/auto `triggers:` | run it |
-| service hung / cpu-high -> recover-process-hang | prefect.yaml, recover-process-hang/auto | run it |
-| store stale -> recover-stale-data | prefect.yaml, recover-stale-data/auto | run it |
-| store corrupt -> recover-db-corruption | prefect.yaml, recover-db-corruption/auto | run it |
-| heartbeat missing (proactive, `heartbeat_missing_s`) | here: `crypto-agent/heartbeat-missing` | recover-daemon-crash/auto |
-| heartbeat over the runbook's limit (proactive, `heartbeat_max_age_s`) | here: `crypto-agent/heartbeat-stale` | recover-daemon-crash/auto |
-| 3 crashes of the daemon within 24 h (threshold, settings) | here: `crypto-agent/persistent-failures` | rollback-persistent-failures/auto |
-| dead man's switch of health-monitor (3 of its cron intervals) | here: `crypto-agent/dead-mans-switch/health-monitor` | notify L2 |
-| dead man's switch of the heartbeat relay (3 x `relay_tick_s`) | here: `crypto-agent/dead-mans-switch/heartbeat-relay` | notify L2 |
+| service dead | prefect.yaml, recover-daemon-crash/auto `triggers:` | run it |
+| service hung / cpu-high | prefect.yaml, recover-process-hang/auto | run it |
+| store stale | prefect.yaml, recover-stale-data/auto | run it |
+| store corrupt | prefect.yaml, recover-db-corruption/auto | run it |
+| heartbeat missing (proactive, `heartbeat_missing_s`) | `crypto-agent/heartbeat-missing` | recover-daemon-crash |
+| heartbeat over the limit (proactive, `heartbeat_max_age_s`) | `crypto-agent/heartbeat-stale` | recover-daemon-crash |
+| 3 daemon crashes within 24 h (threshold) | `crypto-agent/persistent-failures` | rollback-persistent-failures |
+| dead man's switch of health-monitor (3 cron intervals) | `crypto-agent/dead-mans-switch/health-monitor` | L2 |
+| dead man's switch of the relay (3 x `relay_tick_s`) | `crypto-agent/dead-mans-switch/heartbeat-relay` | L2 |
+
+The names in `code` are declared here; the others come with the serving process (or `crypto-agent deploy`).
 
 Flapping: an automation cannot deduplicate its runs. Each recovery flow serialises itself per
 resource (a Prefect global concurrency limit) and joins the incident already open for its resource
@@ -51,8 +53,11 @@ from crypto_agent.errors import ConfigError, CryptoAgentError
 from crypto_agent.settings import Settings, load_settings
 from flows.events import (
     BACKTEST_DAEMON_RESOURCE,
+    HEARTBEAT_MISSING,
+    HEARTBEAT_STALE,
     MONITOR_RESOURCE,
     MONITOR_TICK,
+    PERSISTENT_FAILURES_AUTOMATION,
     RELAY_RESOURCE,
     SERVICE_CRASHED,
     SERVICE_HEARTBEAT,
@@ -82,10 +87,9 @@ EVENT_PARAMETER: dict[str, str] = {
 
 
 # The `event` parameter of the proactive heartbeat automations: a proactive trigger fires on the
-# absence of events, so it names that detection, dated by the firing; id, resource and payload are of
-# the last heartbeat seen (payload.pid and payload.epoch say which instance fell silent, and when).
-HEARTBEAT_MISSING = "crypto-agent.service.heartbeat-missing"
-HEARTBEAT_STALE = "crypto-agent.service.heartbeat-stale"
+# absence of events, so it names that detection (HEARTBEAT_MISSING, HEARTBEAT_STALE of flows/events.py),
+# dated by the firing; id, resource and payload are of the last heartbeat seen (payload.pid and
+# payload.epoch say which instance fell silent, and when).
 
 
 def silence_parameter(name: str) -> dict[str, str]:
@@ -170,7 +174,7 @@ def heartbeat_stale(settings: Settings, deployment_id: UUID) -> AutomationCore:
 def persistent_failures(settings: Settings, deployment_id: UUID) -> AutomationCore:
     """Threshold: persistent_failures crash events of the daemon within persistent_window_hours run the rollback."""
     return AutomationCore(
-        name=f"{PREFIX}persistent-failures",
+        name=PERSISTENT_FAILURES_AUTOMATION,
         description=f"{settings.persistent_failures} or more crashes of the backtest daemon within "
         f"{settings.persistent_window_hours:g} h: roll back to the {settings.rollback_hours:g} h backup "
         "(runbook scenario 5).",
@@ -232,7 +236,7 @@ def monitor_interval(project_dir: Path = PROJECT_DIR) -> timedelta:
         if dep.get("entrypoint", "").endswith(":health_monitor") and dep.get("schedules"):
             sched = dep["schedules"][0]
             cron = CronSchedule(cron=sched["cron"], timezone=sched.get("timezone", "UTC"))
-            dates = run_coro_as_sync(cron.get_dates(n=3, start=datetime(2026, 1, 1, tzinfo=UTC)))
+            dates: list[datetime] = run_coro_as_sync(cron.get_dates(n=3, start=datetime(2026, 1, 1, tzinfo=UTC)))
             # plain seconds: Prefect's DateTime subtracts into its own Interval type
             return timedelta(seconds=max(b.timestamp() - a.timestamp() for a, b in pairwise(dates)))
     raise ConfigError(
@@ -300,8 +304,8 @@ def desired_automations(
     try:
         l2 = escalation_block_id("l2")
     except AutomationsFailed as exc:
-        return wanted, {name: exc.message + "; run `crypto-agent blocks-register`, then deploy again"
-                        for name in DEAD_MANS_SWITCHES}
+        why = exc.message + "; run `crypto-agent blocks-register`, then deploy again"
+        return wanted, dict.fromkeys(DEAD_MANS_SWITCHES, why)
     n = settings.dead_mans_switch_intervals
     relay_within = timedelta(seconds=max(MIN_PROACTIVE_WITHIN_S, n * settings.relay_tick_s))
     wanted += [
@@ -324,18 +328,18 @@ def apply_automations(settings: Settings | None = None, project_dir: Path = PROJ
         for automation in client.read_automations():
             if automation.name.startswith(PREFIX):
                 ours.setdefault(automation.name, []).append(automation)
-        for automation in wanted:
-            existing = ours.pop(automation.name, [])
+        for desired in wanted:
+            existing = ours.pop(desired.name, [])
             if existing:
                 keep, *duplicates = existing
-                client.update_automation(keep.id, automation)
-                done.updated.append(automation.name)
+                client.update_automation(keep.id, desired)
+                done.updated.append(desired.name)
                 for extra in duplicates:
                     client.delete_automation(extra.id)
                     done.deleted.append(extra.name)
             else:
-                client.create_automation(automation)
-                done.created.append(automation.name)
+                client.create_automation(desired)
+                done.created.append(desired.name)
         for stale in (a for name, group in ours.items() if name not in skipped for a in group):
             client.delete_automation(stale.id)
             done.deleted.append(stale.name)

@@ -13,43 +13,35 @@ Where a scheduled check would find the fault, the drill runs that deployment now
 schedule had fired (data-validation at 01:00, the hourly integrity-check, the health monitor every
 5 minutes): the detection path is the product's, only the wait for the clock is skipped.
 
-The injections themselves (no Prefect) are in crypto_agent/chaos.py.
+The faults (no Prefect) are crypto_agent/faults.py, the drills' table and the pure checks (is the
+stack verified, which incident counts, the MTTR table) crypto_agent/chaos.py. The command itself is
+registered by deployments/cli.py, which imports this module (and so Prefect) only when it runs.
 """
 
 from __future__ import annotations
 
 import signal
-import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 from uuid import UUID
 
-import httpx
-import typer
+from crypto_agent import chaos, faults
+from crypto_agent.chaos import DrillResult
+from crypto_agent.errors import CryptoAgentError
+from crypto_agent.faults import DAEMON, Injection
+from crypto_agent.incidents import RESOLVED, Incident
+from crypto_agent.settings import Settings
+from deployments.chaos_stack import POLL_S, TERMINAL, ChaosFailed, StackRuns, StackTarget, find_stack, prefect_api
+from flows.events import BACKTEST_DAEMON_RESOURCE as DAEMON_RESOURCE
+from flows.events import INTEGRITY_DEPLOYMENT as INTEGRITY
+from flows.events import MONITOR_DEPLOYMENT as MONITOR
+from flows.events import PERSISTENT_FAILURES_AUTOMATION as PERSISTENT_FAILURES
+from flows.events import STORE_RESOURCE
+from flows.events import VALIDATION_DEPLOYMENT as VALIDATION
 
-from crypto_agent import chaos
-from crypto_agent.chaos import DAEMON, DRILLS, DrillResult, Injection
-from crypto_agent.errors import ConfigError, CryptoAgentError
-from crypto_agent.incidents import ESCALATED, RECOVERED, RESOLVED, Incident
-from crypto_agent.settings import Settings, load_settings
-
-MONITOR = "health-monitor/scheduled"
-VALIDATION = "data-validation/daily"
-INTEGRITY = "integrity-check/quick"
-PERSISTENT_FAILURES = "crypto-agent/persistent-failures"
-DAEMON_RESOURCE = "crypto-agent.service.backtest-daemon"
-STORE_RESOURCE = "crypto-agent.store.main"
-TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-POLL_S = 1.0
 SETTLE_S = 180.0  # before a drill, the stack must be verified within this
 VERIFY_S = 180.0  # after the recovery, the probe must verify it within this
-FLOW_RUN_S = 180.0  # a check the drill runs (monitor, validation, integrity) must end within this
 DETECT_MARGIN_S = 90.0
 RECOVER_MARGIN_S = 180.0
 EXCHANGE_DOWN_S = 20.0  # the simulator answers 503 this long: the first recovery may find it down and escalate
@@ -59,87 +51,18 @@ CRASH_AFTER_STEPS = 2
 EVENTS_SETTLE_S = 5.0  # an event's automation has started its flow run by then
 
 
-class ChaosFailed(CryptoAgentError):
-    """A drill did not recover (or was not even detected) in time."""
-
-
-# --- the stack a drill acts on ---
-
-
-@dataclass(frozen=True)
-class StackTarget:
-    """The running stack: its settings and what `up` recorded (Prefect API and UI, project folder)."""
-
-    settings: Settings
-    api_url: str
-    ui_url: str
-    project_dir: Path
-
-    def flow_run_url(self, flow_run_id: str | UUID) -> str:
-        """A flow run's page in the Prefect UI."""
-        return f"{self.ui_url}/runs/flow-run/{flow_run_id}"
-
-    def artifact_url(self, key: str) -> str:
-        """An artifact's page (its latest version) in the Prefect UI."""
-        return f"{self.ui_url}/artifacts/key/{key}"
-
-
-def find_stack(settings: Settings) -> StackTarget:
-    """The stack `crypto-agent up` started for these settings; ConfigError when there is none or it does not answer."""
-    from deployments.stack import read_record
-
-    record = read_record(settings)
-    if record is None:
-        raise ConfigError(
-            f"no running stack here: {Path(settings.run_dir) / 'stack.json'} does not exist",
-            hint="bring it up first (`crypto-agent up --detach`), with the same CRYPTO_AGENT_HOME and settings",
-        )
-    if Path(record.get("db_path", "")) != Path(settings.db_path):
-        raise ConfigError(
-            f"the stack recorded in {Path(settings.run_dir) / 'stack.json'} uses the store {record.get('db_path')}, "
-            f"these settings {settings.db_path}",
-            hint="run `crypto-agent chaos` with the settings (environment, crypto-agent.toml) `up` was run with",
-        )
-    api_url = str(record["api_url"])
-    try:
-        healthy = httpx.get(f"{api_url}/health", timeout=5.0).status_code == 200
-    except httpx.HTTPError:
-        healthy = False
-    if not healthy:
-        raise ConfigError(f"the stack's Prefect server at {api_url} does not answer",
-                          hint="`crypto-agent up --detach` brings the stack (back) up")
-    return StackTarget(settings, api_url, str(record.get("ui_url") or api_url.removesuffix("/api")),
-                       Path(record.get("project_dir") or Path(__file__).resolve().parent.parent))
-
-
-@contextmanager
-def prefect_api(target: StackTarget) -> Iterator[Any]:
-    """A sync Prefect client on the stack's API (whatever PREFECT_API_URL this terminal has)."""
-    from prefect import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings(updates={PREFECT_API_URL: target.api_url}), get_client(sync_client=True) as client:
-        yield client
-
-
-def _clock(at: float) -> str:
-    return datetime.fromtimestamp(at, UTC).strftime("%H:%M:%S")
-
-
 # --- the drills ---
 
 
-class DrillRunner:
+class DrillRunner(StackRuns):
     """Runs drills against one stack, printing as it goes; each drill returns its DrillResult."""
 
     def __init__(self, target: StackTarget, client: Any, say: Callable[[str], None],
                  max_wait_s: float | None = None) -> None:
-        self.target = target
+        super().__init__(target, client)
         self.cfg = target.settings
-        self.client = client
         self.say = say
         self.max_wait_s = max_wait_s
-        self._deployment_ids: dict[str, UUID] = {}
         self.in_flight: UUID | None = None  # a check the drill ran that was still running at the detection
 
     # --- plumbing ---
@@ -151,58 +74,13 @@ class DrillRunner:
     def mark(self, result: DrillResult, phase: str, at: float, text: str) -> None:
         """One line of the timeline."""
         offset = result.after(at)
-        line = f"  {_clock(at)}  {phase:<9} {'' if offset is None else f'+{offset:.1f} s':>9}  {text}"
+        line = f"  {chaos.clock(at)}  {phase:<9} {'' if offset is None else f'+{offset:.1f} s':>9}  {text}"
         result.lines.append(line)
         self.say(line)
 
     def note(self, text: str) -> None:
         """A line that is not a point of the timeline."""
         self.say(f"  {'':8}  {'':9} {'':>9}  {text}")
-
-    def run_deployment(self, name: str, parameters: dict[str, Any] | None = None) -> UUID:
-        """Create a flow run of deployment `name` now (the serving process picks it up); its id."""
-        if name not in self._deployment_ids:
-            from prefect.exceptions import ObjectNotFound
-
-            try:
-                self._deployment_ids[name] = self.client.read_deployment_by_name(name).id
-            except ObjectNotFound:
-                raise ChaosFailed(f"deployment {name} is not on the stack's server",
-                                  hint="`crypto-agent up` deploys every deployment of prefect.yaml") from None
-        run = self.client.create_flow_run_from_deployment(self._deployment_ids[name], parameters=parameters or {},
-                                                          tags=["chaos-drill"])
-        return run.id
-
-    def flow_run_state(self, flow_run_id: UUID) -> str:
-        """The state type of a flow run (SCHEDULED, RUNNING, COMPLETED ...)."""
-        run = self.client.read_flow_run(flow_run_id)
-        return run.state_type.value if run.state_type is not None else "PENDING"
-
-    def wait_flow_run(self, flow_run_id: UUID, what: str) -> str:
-        """Wait until a flow run the drill started ends; its final state type."""
-        deadline = time.monotonic() + FLOW_RUN_S
-        while True:
-            state = self.flow_run_state(flow_run_id)
-            if state in TERMINAL:
-                return state
-            if time.monotonic() > deadline:
-                raise ChaosFailed(f"{what} (flow run {self.target.flow_run_url(flow_run_id)}) did not end within "
-                                  f"{FLOW_RUN_S:g} s (still {state})",
-                                  hint="is the serving process running? its log is logs/serve.log")
-            time.sleep(POLL_S)
-
-    def flow_run_label(self, flow_run_id: str | None) -> str:
-        """"<flow>/<deployment> run '<name>'" for the flow run an incident names."""
-        from prefect.exceptions import PrefectException
-
-        if not flow_run_id:
-            return "(no flow run recorded)"
-        try:
-            run = self.client.read_flow_run(UUID(flow_run_id))
-            flow = self.client.read_flow(run.flow_id)
-            return f"{flow.name} run '{run.name}'"
-        except (ValueError, httpx.HTTPError, PrefectException):  # a nicety: the URL printed later is what matters
-            return f"flow run {flow_run_id}"
 
     # --- the phases of a drill ---
 
@@ -217,6 +95,11 @@ class DrillRunner:
                 raise ChaosFailed(f"the stack is not healthy before the drill: {'; '.join(check.problems)}",
                                   hint="`crypto-agent incidents --open` and `crypto-agent status` tell what is wrong")
             time.sleep(2.0)
+
+    def since(self, result: DrillResult) -> float:
+        """When the drill's first fault was injected (epoch s)."""
+        assert result.injected_at is not None, "a drill waits only after its injection"
+        return result.injected_at
 
     def injected(self, result: DrillResult, injection: Injection) -> None:
         """Record the injection (the first one sets the clock)."""
@@ -267,25 +150,9 @@ class DrillRunner:
             result.detected_at = at
             result.incident_id = inc.id
         result.incident_ids.append(inc.id)
+        trigger = chaos.describe_trigger(self.cfg, inc, PERSISTENT_FAILURES)
         self.mark(result, "detected", at, f"{'again: ' if again else ''}incident #{inc.id} {inc.scenario} opened by "
-                  f"{self.flow_run_label(inc.flow_run_id)}; trigger: {self.describe_trigger(inc)}")
-
-    def describe_trigger(self, inc: Incident) -> str:
-        """What set the recovery off, in words."""
-        event = str(inc.trigger.get("event") or "")
-        payload = inc.trigger.get("payload") or {}
-        when = f" at {_clock(inc.detected_at / 1000)}"
-        if not event:
-            return "a manual run (no event)"
-        if event.endswith(".heartbeat"):
-            return (f"no heartbeat event since {_clock(inc.detected_at / 1000)} for {self.cfg.heartbeat_missing_s:g} s "
-                    "(proactive automation crypto-agent/heartbeat-missing)")
-        if event.endswith(".crashed"):
-            return (f"{event}{when}: {self.cfg.persistent_failures} crash events within "
-                    f"{self.cfg.persistent_window_hours:g} h (threshold automation {PERSISTENT_FAILURES})")
-        reasons = payload.get("reasons") or payload.get("problems") or []
-        detail = f" ({'; '.join(str(r) for r in reasons[:2])})" if reasons else ""
-        return f"{event}{when}{detail}"
+                  f"{self.flow_run_label(inc.flow_run_id)}; trigger: {trigger}")
 
     def wait_closed(self, result: DrillResult, inc: Incident, timeout_s: float, *, final: bool = True,
                     escalation_ok: bool = False) -> Incident:
@@ -306,13 +173,13 @@ class DrillRunner:
                 )
             time.sleep(POLL_S)
         at = (current.resolved_at or time.time() * 1000) / 1000
-        if current.status != RESOLVED or current.outcome != RECOVERED:
+        if chaos.counts_as(current) != "recovered":
             time.sleep(2.0)  # the recovery tells the levels just after it closes the incident
             current = chaos.incident(self.cfg, inc.id)
             told = ", ".join(level.upper() for level in current.levels_told) or "nobody"
             self.mark(result, "closed", at, f"incident #{current.id} {current.status} ({current.outcome}; told "
                       f"{told}): {current.summary}")
-            if escalation_ok and current.status == ESCALATED:
+            if chaos.counts_as(current, escalation_ok) == "escalated":
                 return current
             raise ChaosFailed(f"incident #{current.id} ended {current.status} "
                               f"({current.outcome}): {current.summary}",
@@ -376,8 +243,8 @@ class DrillRunner:
     def drill_daemon_killed(self, result: DrillResult, **_: Any) -> None:
         """SIGKILL of the daemon: heartbeat-missing -> recover-daemon-crash restarts it."""
         self.settle(result)
-        self.injected(result, chaos.signal_service(self.cfg, DAEMON, signal.SIGKILL))
-        inc = self.wait_incident(result, ("daemon-crash",), DAEMON_RESOURCE, result.injected_at,
+        self.injected(result, faults.kill(self.cfg, DAEMON, signal.SIGKILL))
+        inc = self.wait_incident(result, ("daemon-crash",), DAEMON_RESOURCE, self.since(result),
                                  self.cfg.heartbeat_missing_s + DETECT_MARGIN_S,
                                  missing="is the heartbeat relay running (logs/relay.log), and the automation "
                                  "crypto-agent/heartbeat-missing enabled (`prefect automation ls`)?")
@@ -389,14 +256,14 @@ class DrillRunner:
         """SIGSTOP of the daemon: heartbeat-missing -> recover-daemon-crash triages it hung -> recover-process-hang."""
         self.settle(result)
         try:
-            self.injected(result, chaos.signal_service(self.cfg, DAEMON, signal.SIGSTOP))
-            inc = self.wait_incident(result, ("daemon-crash", "process-hang"), DAEMON_RESOURCE, result.injected_at,
+            self.injected(result, faults.stop(self.cfg, DAEMON))
+            inc = self.wait_incident(result, ("daemon-crash", "process-hang"), DAEMON_RESOURCE, self.since(result),
                                      self.cfg.heartbeat_missing_s + DETECT_MARGIN_S,
                                      missing="is the heartbeat relay running (logs/relay.log)?")
             self.detected(result, inc)
             self.wait_closed(result, inc, self.cfg.stop_grace_s + RECOVER_MARGIN_S)
         except BaseException:  # a failed drill, or Ctrl-C: the fault must not outlive the drill
-            if chaos.continue_if_stopped(self.cfg, DAEMON):
+            if faults.continue_stopped(self.cfg, DAEMON):
                 self.note("cleanup: the daemon was still stopped: SIGCONT sent")
             raise
         self.wait_verified(result)
@@ -408,11 +275,11 @@ class DrillRunner:
         # each monitor run starts a Python process: a faster pace would starve the very CPU burner it measures
         every_s = max(10.0, min(60.0, spike_s / 3))
         try:
-            self.injected(result, chaos.restart_with_fault(self.cfg, DAEMON, "burn-cpu"))
-            result.symptom_at = result.injected_at + spike_s
+            self.injected(result, faults.burn_cpu(self.cfg))
+            result.symptom_at = self.since(result) + spike_s
             self.note(f"running {MONITOR} every {every_s:g} s (a faster cron) until CPU over "
                       f"{self.cfg.cpu_max_pct:g}% has lasted {self.cfg.cpu_spike_minutes:g} min")
-            inc = self.wait_incident(result, ("process-hang",), DAEMON_RESOURCE, result.injected_at,
+            inc = self.wait_incident(result, ("process-hang",), DAEMON_RESOURCE, self.since(result),
                                      spike_s + 2 * every_s + DETECT_MARGIN_S, poke=(MONITOR, every_s),
                                      missing=f"the monitor's samples (table probe_samples) must stay over "
                                      f"cpu_max_pct={self.cfg.cpu_max_pct:g} for cpu_spike_minutes="
@@ -425,19 +292,19 @@ class DrillRunner:
                 time.sleep(EVENTS_SETTLE_S)
             self.wait_closed(result, inc, self.cfg.stop_grace_s + RECOVER_MARGIN_S)
         except BaseException:  # a failed drill, or Ctrl-C: the fault must not outlive the drill
-            if chaos.fault_of(self.cfg, DAEMON):
-                self.note("cleanup: " + chaos.restart_clean(self.cfg, DAEMON))
+            if faults.fault_of(self.cfg, DAEMON):
+                self.note("cleanup: " + faults.restart_clean(self.cfg, DAEMON).what)
             raise
         self.wait_verified(result)
 
-    def _stale_drill(self, result: DrillResult, inject: Callable[[chaos.SimulatorControl], list[Injection]]) -> None:
+    def _stale_drill(self, result: DrillResult, inject: Callable[[], list[Injection]]) -> None:
         """Damage the store (and the exchange), run data-validation as its schedule would -> recover-stale-data."""
-        sim = chaos.SimulatorControl.of(self.cfg)
+        faults.SimulatorControl.of(self.cfg)  # refused before anything is damaged when the exchange is not ours
         self.settle(result)
         try:
-            for injection in inject(sim):
+            for injection in inject():
                 self.injected(result, injection)
-            inc = self.wait_incident(result, ("stale-data",), STORE_RESOURCE, result.injected_at, DETECT_MARGIN_S * 2,
+            inc = self.wait_incident(result, ("stale-data",), STORE_RESOURCE, self.since(result), DETECT_MARGIN_S * 2,
                                      poke=(VALIDATION, STALE_POKE_S))
             self.detected(result, inc)
             deadline = time.monotonic() + self.limit(result.drill.eta_s)
@@ -453,42 +320,32 @@ class DrillRunner:
                                          first_poke_s=STALE_POKE_S)
                 self.detected(result, inc)
         finally:
-            sim.heal()
+            faults.clear_exchange(self.cfg)
         self.wait_verified(result)
 
     def drill_exchange_down(self, result: DrillResult, **_: Any) -> None:
-        """The exchange answers 503 for a while and the newest candles are missing: the recovery rides out the outage."""
-        def inject(sim: chaos.SimulatorControl) -> list[Injection]:
-            sim.down_503(EXCHANGE_DOWN_S)
-            down = Injection(time.time(), f"the exchange simulator answers 503 for {EXCHANGE_DOWN_S:g} s "
-                             f"({sim.base_url}/_sim/down)")
-            gone = chaos.delete_newest_candles(self.cfg, chaos.stale_symbols(self.cfg), "1h",
-                                               self.cfg.stale_h1_hours + 2)
-            return [down, gone]
-
-        self._stale_drill(result, inject)
+        """The exchange answers 503 for a while, the newest candles are missing: the recovery rides out the outage."""
+        self._stale_drill(result, lambda: [
+            faults.exchange(self.cfg, "down", for_s=EXCHANGE_DOWN_S),
+            faults.delete_candles(self.cfg, chaos.stale_symbols(self.cfg), self.cfg.stale_h1_hours + 2,
+                                  timeframes=("1h",)),
+        ])
 
     def drill_data_gap(self, result: DrillResult, **_: Any) -> None:
         """A hole in the candles and a throttling exchange: the recovery backfills exactly the hole."""
-        def inject(sim: chaos.SimulatorControl) -> list[Injection]:
-            symbols = list(self.cfg.symbols)
-            symbol = symbols[1] if len(symbols) > 1 else symbols[0]
-            hole = chaos.punch_gap(self.cfg, symbol, "1h", self.cfg.max_gap_candles + 2,
-                                   self.cfg.continuity_window_hours / 2)
-            sim.set_faults(storm_429=STORM_429, retry_after_s=1)
-            storm = Injection(time.time(), f"the exchange simulator answers the next {STORM_429} requests with "
-                              "429, Retry-After 1 s (API throttle)")
-            return [hole, storm]
-
-        self._stale_drill(result, inject)
+        self._stale_drill(result, lambda: [
+            faults.gap(self.cfg, chaos.gap_symbol(self.cfg), self.cfg.max_gap_candles + 2,
+                       self.cfg.continuity_window_hours / 2),
+            faults.exchange(self.cfg, "429", count=STORM_429, retry_after_s=1),
+        ])
 
     def drill_db_corrupt(self, result: DrillResult, **_: Any) -> None:
         """A damaged page: the hourly integrity-check (run now) -> recover-db-corruption restores a good backup."""
         self.settle(result)
         ready = chaos.ensure_backup(self.cfg)
         self.note(f"backup: {ready.note}")
-        self.injected(result, chaos.corrupt_page(self.cfg))
-        inc = self.wait_incident(result, ("db-corruption",), STORE_RESOURCE, result.injected_at, DETECT_MARGIN_S * 2,
+        self.injected(result, faults.corrupt_pages(self.cfg))
+        inc = self.wait_incident(result, ("db-corruption",), STORE_RESOURCE, self.since(result), DETECT_MARGIN_S * 2,
                                  poke=(INTEGRITY, 60.0))
         self.detected(result, inc)
         self.wait_closed(result, inc, result.drill.eta_s)
@@ -520,7 +377,7 @@ class DrillRunner:
         self.settle(result)
         crashes = self.cfg.persistent_failures
         for n in range(1, crashes + 1):
-            injection = chaos.restart_with_fault(self.cfg, DAEMON, f"crash-after:{CRASH_AFTER_STEPS}")
+            injection = faults.crash_after(self.cfg, CRASH_AFTER_STEPS)
             self.injected(result, Injection(injection.at, f"crash {n} of {crashes}: {injection.what}", injection.pid))
             result.symptom_at = injection.at  # the runbook's symptom: the third crash in a row
             inc = self.wait_incident(result, ("daemon-crash",), DAEMON_RESOURCE, injection.at,
@@ -532,7 +389,7 @@ class DrillRunner:
             if n < crashes:
                 # the monitor reports each crash as an event, as its schedule would (it keeps the count honest)
                 self.wait_flow_run(self.run_deployment(MONITOR), MONITOR)
-        inc = self.wait_incident(result, ("persistent-failures",), None, result.injected_at, DETECT_MARGIN_S,
+        inc = self.wait_incident(result, ("persistent-failures",), None, self.since(result), DETECT_MARGIN_S,
                                  poke=(MONITOR, 30.0),
                                  missing=f"health-monitor reports the crashes (crypto-agent.service.crashed); the "
                                  f"automation {PERSISTENT_FAILURES} needs {crashes} of them")
@@ -548,7 +405,7 @@ class DrillRunner:
 
 def run_drills(names: list[str], settings: Settings, *, max_wait_s: float | None = None,
                say: Callable[[str], None] = print) -> list[DrillResult]:
-    """Run the drills `names` in turn against the running stack; their results (the MTTR table is printed for several)."""
+    """Run the drills `names` in turn against the running stack; their results (and the MTTR table, for several)."""
     target = find_stack(settings)
     say(f"stack: Prefect UI {target.ui_url}, store {settings.db_path}")
     results = []
@@ -566,31 +423,3 @@ def run_drills(names: list[str], settings: Settings, *, max_wait_s: float | None
         for line in chaos.mttr_table(results):
             say(line)
     return results
-
-
-def add_chaos_command(app: typer.Typer) -> None:
-    """Register `crypto-agent chaos` on the CLI."""
-
-    @app.command("chaos")
-    def chaos_command(
-        scenario: str = typer.Argument(..., help=f"One of: {', '.join(DRILLS)}; or all (every one, in that order); "
-                                       "or list."),
-        max_wait: float | None = typer.Option(None, "--max-wait", min=10,
-                                              help="Cap, in seconds, on every wait (detection, recovery, verify)."),
-    ) -> None:
-        """Rehearse a runbook incident on the running stack: inject it, follow the recovery, print the timeline.
-
-        Exit 1 when a drill is not detected, recovered and verified in time. `all` prints the MTTR table.
-        """
-        if scenario == "list":
-            for d in DRILLS.values():
-                print(f"{d.name:<14} runbook {d.runbook} ({d.title}, ETA {d.eta_min:g} min): {d.fault}")
-            return
-        names = list(DRILLS) if scenario == "all" else [chaos.drill(scenario).name]
-        results = run_drills(names, load_settings(), max_wait_s=max_wait,
-                             say=lambda line: print(line, flush=True))
-        failed = [r for r in results if not r.ok]
-        if failed:
-            print(f"error: {len(failed)} of {len(results)} drill(s) did not recover: "
-                  + "; ".join(r.error or r.drill.name for r in failed), file=sys.stderr)
-            raise typer.Exit(1)

@@ -134,6 +134,10 @@ def register(app: typer.Typer) -> None:
             None, "--receiver-port", help="Port of the notification receiver (default: the one of receiver_url, 8766)."
         ),
         ui: bool = typer.Option(True, "--ui/--no-ui", help="Serve the Prefect UI."),
+        only: list[str] = typer.Option(
+            [], "--only", metavar="FLOW/DEPLOYMENT",
+            help="Serve only this deployment of prefect.yaml (repeatable; default: every one), e.g. no nightly job.",
+        ),
     ) -> None:
         """The whole stack on 127.0.0.1: Prefect server, simulator, receiver, backfilled store, services, flows.
 
@@ -144,7 +148,7 @@ def register(app: typer.Typer) -> None:
         from deployments.stack import plan_stack, run_up
 
         plan = plan_stack(prefect_port=prefect_port, simulator_port=simulator_port,
-                          receiver_port=receiver_port, ui=ui)
+                          receiver_port=receiver_port, ui=ui, only=only)
         out, err = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
         raise typer.Exit(run_up(plan, detach=detach, out=out, err=err))
 
@@ -161,7 +165,32 @@ def register(app: typer.Typer) -> None:
             print(f"error: {len(problems)} part(s) not stopped: {'; '.join(problems)}", file=sys.stderr)
             raise typer.Exit(1)
 
-    # issue 6, rehearsals: `crypto-agent chaos <scenario>` (deployments/chaos.py; prefect imported inside it)
-    from deployments.chaos import add_chaos_command
+    # issue 6, rehearsals: `crypto-agent chaos <scenario>` (the drills' table: crypto_agent/chaos.py; the runner,
+    # deployments/chaos.py, imports prefect: loaded only when a drill runs)
+    from crypto_agent.chaos import DRILLS, drill
 
-    add_chaos_command(app)
+    @app.command("chaos")
+    def chaos_command(
+        scenario: str = typer.Argument(..., help=f"One of: {', '.join(DRILLS)}; or all (every one, in that order); "
+                                       "or list."),
+        max_wait: float | None = typer.Option(None, "--max-wait", min=10,
+                                              help="Cap, in seconds, on every wait (detection, recovery, verify)."),
+    ) -> None:
+        """Rehearse a runbook incident on the running stack: inject it, follow the recovery, print the timeline.
+
+        Exit 1 when a drill is not detected, recovered and verified in time. `all` prints the MTTR table.
+        """
+        if scenario == "list":
+            for d in DRILLS.values():
+                print(d.line)
+            return
+        names = list(DRILLS) if scenario == "all" else [drill(scenario).name]
+        from crypto_agent.settings import load_settings
+        from deployments.chaos import run_drills
+
+        results = run_drills(names, load_settings(), max_wait_s=max_wait, say=lambda line: print(line, flush=True))
+        failed = [r for r in results if not r.ok]
+        if failed:
+            print(f"error: {len(failed)} of {len(results)} drill(s) did not recover: "
+                  + "; ".join(r.error or r.drill.name for r in failed), file=sys.stderr)
+            raise typer.Exit(1)

@@ -26,7 +26,7 @@ import yaml
 from prefect import Flow
 from prefect.client.schemas.objects import ConcurrencyLimitConfig
 from prefect.deployments.runner import RunnerDeployment
-from prefect.events import DeploymentTriggerTypes
+from prefect.events import DeploymentTriggerTypes, TriggerTypes
 from prefect.schedules import Cron, Schedule
 from pydantic import TypeAdapter
 
@@ -115,15 +115,18 @@ def concurrency_of(spec: dict[str, Any]) -> int | ConcurrencyLimitConfig | None:
 def to_runner_deployment(entry: DeploymentEntry) -> RunnerDeployment:
     """The served form of one prefect.yaml deployment."""
     spec = entry.spec
-    return entry.flow.to_deployment(
+    triggers: list[DeploymentTriggerTypes | TriggerTypes] = list(triggers_of(spec))
+    deployment = entry.flow.to_deployment(
         name=spec["name"],
         schedules=schedules_of(spec),
         parameters=spec.get("parameters") or {},
         description=spec.get("description"),
         tags=spec.get("tags"),
-        triggers=triggers_of(spec),
+        triggers=triggers,
         concurrency_limit=concurrency_of(spec),
     )
+    assert isinstance(deployment, RunnerDeployment)  # sync outside an event loop, as here
+    return deployment
 
 
 def serve_all(project_dir: Path = PROJECT_DIR, only: list[str] | None = None, limit: int | None = None) -> None:

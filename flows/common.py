@@ -77,9 +77,7 @@ def is_transient(exc: BaseException | None) -> bool:
         return exc.retryable
     if isinstance(exc, httpx.HTTPStatusError):
         return exc.response.status_code >= 500 or exc.response.status_code == 429
-    if isinstance(exc, (httpx.TimeoutException, httpx.TransportError)):
-        return True
-    return False
+    return isinstance(exc, (httpx.TimeoutException, httpx.TransportError))
 
 
 def failure_of(state: State) -> BaseException | None:
@@ -88,8 +86,9 @@ def failure_of(state: State) -> BaseException | None:
     if isinstance(data, BaseException):
         return data
     try:
+        # `_sync` is read by Prefect's async_dispatch wrapper, not part of result()'s overloads.
         result = state.result(raise_on_failure=False, _sync=True)  # type: ignore[call-overload]
-    except Exception as exc:  # the result could not be read back: judge by what that says
+    except Exception as exc:  # noqa: BLE001 (the result could not be read back: judge by what that says)
         return exc
     return result if isinstance(result, BaseException) else None
 

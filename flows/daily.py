@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
+from uuid import UUID
 
 from prefect import flow, get_client, get_run_logger, task
 from prefect.artifacts import (
@@ -25,6 +26,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import StateType
 
+from blocks import load_block
 from blocks.register import FRED_SECRET
 from crypto_agent.collector import CollectSummary, collect
 from crypto_agent.errors import CryptoAgentError
@@ -62,7 +64,8 @@ class _Progress:
     """A Prefect progress artifact fed by the collector's progress callback, updated every few percent."""
 
     def __init__(self, key: str, description: str, step_pct: float = 5.0) -> None:
-        self.artifact_id = create_progress_artifact(progress=0.0, key=key, description=description)
+        # In a sync flow Prefect's dispatcher runs the sync version: an id, not a coroutine.
+        self.artifact_id = cast(UUID, create_progress_artifact(progress=0.0, key=key, description=description))
         self.step_pct = step_pct
         self.shown = 0.0
 
@@ -314,7 +317,7 @@ def data_validation(settings: dict[str, Any] | None = None, now_ms: int | None =
 def fred_api_key(secret_block: str) -> str | None:
     """The FRED key from the Secret block `secret_block`, or None when that block does not exist."""
     try:
-        return str(Secret.load(secret_block, _sync=True).get())
+        return str(load_block(Secret, secret_block).get())
     except ValueError:  # no such block document: the settings (environment) may still have a key
         return None
 

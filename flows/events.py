@@ -22,6 +22,11 @@ SERVICE_HUNG = "crypto-agent.service.hung"
 SERVICE_CPU_HIGH = "crypto-agent.service.cpu-high"
 SERVICE_MEMORY_HIGH = "crypto-agent.service.memory-high"
 SERVICE_CRASHED = "crypto-agent.service.crashed"
+# Issue 5: what the proactive heartbeat automations (deployments/automations.py) name the detection they
+# fire on, as the recovery's `event` parameter: no heartbeat event for heartbeat_missing_s, or for the
+# runbook's heartbeat limit (heartbeat_max_age_s). No process emits them; the absence of heartbeats is the event.
+HEARTBEAT_MISSING = "crypto-agent.service.heartbeat-missing"
+HEARTBEAT_STALE = "crypto-agent.service.heartbeat-stale"
 # issue 5: SERVICE_CRASHED is emitted by the health monitor only, once per crash recorded in the store
 # (crypto_agent.monitor.claim_crashes), so the persistent-failures threshold counts each crash once.
 # SERVICE_HEARTBEAT is emitted by the heartbeat relay (deployments/relay.py).
@@ -47,6 +52,13 @@ INCIDENT_RESOURCE_PREFIX = "crypto-agent.incident."
 INCIDENT_OPENED = "crypto-agent.incident.opened"
 INCIDENT_ESCALATED = "crypto-agent.incident.escalated"
 INCIDENT_RESOLVED = "crypto-agent.incident.resolved"
+
+# --- automations and deployments named outside prefect.yaml (issue 9: the chaos drills) ---
+PERSISTENT_FAILURES_AUTOMATION = "crypto-agent/persistent-failures"  # deployments/automations.py creates it
+# "<flow>/<deployment>" of prefect.yaml: the scheduled checks a drill runs now, as their schedule would.
+MONITOR_DEPLOYMENT = "health-monitor/scheduled"
+VALIDATION_DEPLOYMENT = "data-validation/daily"
+INTEGRITY_DEPLOYMENT = "integrity-check/quick"
 
 
 def service_resource(name: str) -> str:

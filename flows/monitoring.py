@@ -15,7 +15,6 @@ from prefect.cache_policies import NO_CACHE
 from sqlalchemy.exc import SQLAlchemyError
 
 from crypto_agent import health
-from crypto_agent.backup import lock_path
 from crypto_agent.errors import CryptoAgentError, InputError
 from crypto_agent.guard import (
     BACKTEST,
@@ -40,6 +39,7 @@ from crypto_agent.process import service_spec, start
 from crypto_agent.service import SERVICE_NAMES
 from crypto_agent.settings import Settings
 from crypto_agent.store import Store, open_store
+from crypto_agent.storelock import is_locked, lock_path
 from flows.common import run_settings
 from flows.daily import check_data_quality, stale_event_payload
 from flows.events import (
@@ -85,7 +85,7 @@ def validate_services(services: list[str] | None) -> list[str]:
 @contextlib.contextmanager
 def existing_store(cfg: Settings) -> Iterator[Store | None]:
     """The store when its database exists and no recovery holds it (db/LOCKED), else None; never creates one."""
-    if not cfg.db_path.exists() or lock_path(cfg.db_path).exists():
+    if not cfg.db_path.exists() or is_locked(cfg.db_path):
         yield None
         return
     try:
@@ -197,7 +197,7 @@ def check_store(settings: dict[str, Any] | None) -> dict[str, Any]:
     cfg = run_settings(settings)
     if not cfg.db_path.exists():
         return {"skipped": f"no database at {cfg.db_path} yet"}
-    if lock_path(cfg.db_path).exists():
+    if is_locked(cfg.db_path):
         return {"skipped": f"{lock_path(cfg.db_path)} exists: a recovery holds the store"}
     integrity = check_store_integrity(settings, False)
     if not integrity.ok:

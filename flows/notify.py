@@ -7,15 +7,17 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.client.schemas.objects import FlowRun, State
 from prefect.exceptions import ObjectNotFound
+from prefect.flows import FlowStateHook
 from prefect.utilities.urls import url_for
 
+from blocks import load_block
 from blocks.escalation import DEFAULT_ESCALATION, Escalation, NotificationUndelivered
 
 
 def load_escalation(name: str = DEFAULT_ESCALATION) -> Escalation:
     """The escalation block document `name`; NotificationUndelivered when it was never registered."""
     try:
-        return Escalation.load(name, _sync=True)
+        return load_block(Escalation, name)
     except (ValueError, ObjectNotFound) as exc:
         raise NotificationUndelivered(
             f"no escalation block {name!r} to notify through: {exc}",
@@ -67,8 +69,8 @@ def notify_crashed(flow: Any, flow_run: FlowRun, state: State) -> None:
 
 
 # Every runbook flow carries these.
-FAILURE_HOOKS = [notify_failure]
-CRASH_HOOKS = [notify_crashed]
+FAILURE_HOOKS: list[FlowStateHook[..., Any]] = [notify_failure]
+CRASH_HOOKS: list[FlowStateHook[..., Any]] = [notify_crashed]
 
 
 @task(name="notify-level", retries=1, retry_delay_seconds=2)

@@ -81,12 +81,12 @@ def loop_rsi(closes: list[float], period: int) -> list[float]:
     losses = [max(closes[i - 1] - closes[i], 0.0) for i in range(1, len(closes))]
     if len(gains) < period:
         return rsi
-    g, l = sum(gains[:period]) / period, sum(losses[:period]) / period
+    g, loss = sum(gains[:period]) / period, sum(losses[:period]) / period
     for i in range(period, len(closes)):
         if i > period:
             g = (g * (period - 1) + gains[i - 1]) / period
-            l = (l * (period - 1) + losses[i - 1]) / period
-        rsi[i] = math.nan if g + l == 0 else 100 - 100 / (1 + g / l) if l > 0 else 100.0
+            loss = (loss * (period - 1) + losses[i - 1]) / period
+        rsi[i] = math.nan if g + loss == 0 else 100 - 100 / (1 + g / loss) if loss > 0 else 100.0
     return rsi
 
 
@@ -311,7 +311,7 @@ class TestBadInput:
             bt.run_backtest(make_candles(SMA_PATH), "macd")
         assert "sma_cross, rsi_reversion, breakout" in str(e.value) and e.value.exit_code == 2
 
-    @pytest.mark.parametrize("params, text", [
+    @pytest.mark.parametrize(("params", "text"), [
         ({"fats": 3}, "unknown parameter(s) fats"),
         ({"fast": 5, "slow": 5}, "1 <= fast < slow"),
         ({"fast": 2.5}, "must be an integer"),
@@ -329,7 +329,7 @@ class TestBadInput:
         with pytest.raises(InputError, match="low < high"):
             bt.resolve_params("rsi_reversion", {"low": 80})
 
-    @pytest.mark.parametrize("candles, text", [
+    @pytest.mark.parametrize(("candles", "text"), [
         (make_candles([10.0]), "at least 2 candles"),
         (make_candles([10.0, 11.0, 12.0]).iloc[::-1], "increasing"),
         (make_candles([10.0, -1.0, 12.0]), "non-positive"),
@@ -494,7 +494,7 @@ class TestCli:
         assert code == 1 and "locked" in err
         assert row_count(cli_db) == 1
 
-    @pytest.mark.parametrize("args, text", [
+    @pytest.mark.parametrize(("args", "text"), [
         (["--strategy", "macd"], "use one of: sma_cross, rsi_reversion, breakout"),
         (["--strategy", "sma_cross", "--param", "fats=3"], "valid parameters: fast=20 slow=50"),
         (["--strategy", "sma_cross", "--param", "fast"], "malformed --param"),

@@ -1,10 +1,11 @@
-"""The chaos drills' injections and checks (crypto_agent.chaos) on real files, processes and a real simulator:
-each fault really shows where the runbook's checks look, and nothing is done to what is not ours."""
+"""The chaos drills' injections (crypto_agent.faults) and checks (crypto_agent.chaos) on real files, processes and a
+real simulator: each fault really shows where the runbook's checks look, and nothing is done to what is not ours."""
 
 from __future__ import annotations
 
 import signal
 import time
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -12,9 +13,10 @@ import httpx
 import psutil
 import pytest
 
-from crypto_agent import backup, chaos, incidents, process, recovery
-from crypto_agent.chaos import ChaosError, DrillResult
+from crypto_agent import backup, chaos, faults, incidents, process, recovery
+from crypto_agent.chaos import DrillResult
 from crypto_agent.errors import ConfigError, InputError
+from crypto_agent.faults import FaultError
 from crypto_agent.process import NotOurProcess
 from crypto_agent.quality import check_data
 from crypto_agent.simulator import Simulator
@@ -59,7 +61,7 @@ class TestStoreDamage:
     def test_deleting_the_newest_candles_makes_exactly_those_symbols_stale(self, filled) -> None:
         with Store(filled.database_url) as store:
             assert check_data(store, filled).ok
-        done = chaos.delete_newest_candles(filled, ["BTCUSDT"], "1h", filled.stale_h1_hours + 2)
+        done = faults.delete_candles(filled, ["BTCUSDT"], filled.stale_h1_hours + 2, timeframes=["1h"])
         assert "BTCUSDT" in done.what
         with Store(filled.database_url) as store:
             report = check_data(store, filled)
@@ -68,7 +70,7 @@ class TestStoreDamage:
 
     def test_a_punched_gap_fails_the_continuity_check_only(self, filled) -> None:
         before = count(filled, "ETHUSDT")
-        chaos.punch_gap(filled, "ETHUSDT", "1h", filled.max_gap_candles + 2, 24)
+        faults.gap(filled, "ETHUSDT", filled.max_gap_candles + 2, 24)
         assert count(filled, "ETHUSDT") == before - (filled.max_gap_candles + 2)
         with Store(filled.database_url) as store:
             report = check_data(store, filled)
@@ -78,25 +80,25 @@ class TestStoreDamage:
     def test_nothing_is_touched_while_a_recovery_holds_the_store(self, filled) -> None:
         backup.lock_path(filled.db_path).write_text("{}")
         before = count(filled, "BTCUSDT")
-        with pytest.raises(ChaosError) as err:
-            chaos.delete_newest_candles(filled, ["BTCUSDT"], "1h", 8)
+        with pytest.raises(FaultError) as err:
+            faults.delete_candles(filled, ["BTCUSDT"], 8)
         assert "a recovery holds the store" in err.value.message
-        with pytest.raises(ChaosError):
-            chaos.corrupt_page(filled)
+        with pytest.raises(FaultError):
+            faults.corrupt_pages(filled)
         assert count(filled, "BTCUSDT") == before
         assert check_integrity(filled.db_path).ok
 
     def test_a_corrupted_page_shows_in_quick_check(self, filled) -> None:
         assert check_integrity(filled.db_path).ok
-        done = chaos.corrupt_page(filled)
+        done = faults.corrupt_pages(filled)
         check = check_integrity(filled.db_path)
         assert not check.ok
         assert "ohlcv_h1" in done.what and check.problems[0][:40] in done.what
 
     def test_a_missing_store_is_refused_with_a_hint(self, tmp_path: Path) -> None:
         settings = make_settings(tmp_path, create_store=False)
-        with pytest.raises(ChaosError) as err:
-            chaos.corrupt_page(settings)
+        with pytest.raises(FaultError) as err:
+            faults.corrupt_pages(settings)
         assert "crypto-agent up" in err.value.hint
 
 
@@ -126,33 +128,33 @@ class TestServices:
         spec.pidfile.write_text(f"{stranger.pid}\n")
         for sig in (signal.SIGKILL, signal.SIGSTOP):
             with pytest.raises(NotOurProcess):
-                chaos.signal_service(settings, "backtest", sig)
+                faults.kill(settings, "backtest", sig)
         assert stranger.poll() is None
         assert psutil.Process(stranger.pid).status() != psutil.STATUS_STOPPED
 
     def test_sigstop_then_the_cleanup_continues_our_daemon(self, filled, keeper) -> None:
         spec = process.service_spec("backtest", filled)
         started = keeper.start(spec, filled)
-        done = chaos.signal_service(filled, "backtest", signal.SIGSTOP)
+        done = faults.stop(filled, "backtest")
         assert done.pid == started.pid and "SIGSTOP" in done.what
         proc = psutil.Process(started.pid)
         wait_until(lambda: proc.status() == psutil.STATUS_STOPPED, 10, "the daemon stopped")
-        assert chaos.continue_if_stopped(filled, "backtest")
+        assert faults.continue_stopped(filled, "backtest")
         wait_until(lambda: proc.status() != psutil.STATUS_STOPPED, 10, "the daemon running again")
-        assert not chaos.continue_if_stopped(filled, "backtest")
+        assert not faults.continue_stopped(filled, "backtest")
 
     def test_a_fault_is_injected_by_restarting_and_removed_by_a_clean_restart(self, filled, keeper) -> None:
         spec = process.service_spec("backtest", filled)
         first = keeper.start(spec, filled)
         with pytest.raises(ConfigError):
-            chaos.restart_with_fault(filled, "backtest", "melt-down")
+            faults.restart_with_fault(filled, "melt-down")
         assert process.inspect(spec).pid == first.pid  # a bad fault touches nothing
-        faulty = chaos.restart_with_fault(filled, "backtest", "burn-cpu")
+        faulty = faults.burn_cpu(filled)
         keeper.adopt(faulty.pid)
-        assert faulty.pid != first.pid and chaos.fault_of(filled, "backtest") == "burn-cpu"
-        chaos.restart_clean(filled, "backtest")
+        assert faulty.pid != first.pid and faults.fault_of(filled, "backtest") == "burn-cpu"
+        faults.restart_clean(filled, "backtest")
         keeper.adopt(process.inspect(spec).pid)
-        assert chaos.fault_of(filled, "backtest") is None
+        assert faults.fault_of(filled, "backtest") is None
 
     def test_verify_wants_every_service_healthy_and_the_store_sound(self, filled, keeper) -> None:
         for name in ("trader", "backtest"):
@@ -167,8 +169,8 @@ class TestServices:
     def test_verify_says_how_to_resume_a_paused_service(self, filled) -> None:
         recovery.keep_stopped("backtest", filled, by="rollback-persistent-failures #7", reason="drill")
         check = chaos.verify(filled)
-        assert "backtest is paused (by rollback-persistent-failures #7): resume it with " \
-               "`crypto-agent service resume backtest`" in check.problems
+        assert ("backtest is paused (by rollback-persistent-failures #7): resume it with "
+                "`crypto-agent service resume backtest`") in check.problems
 
     def test_an_open_incident_keeps_the_stack_unverified(self, filled) -> None:
         with incidents.open_incident_store(filled) as log:
@@ -183,27 +185,27 @@ class TestServices:
 class TestSimulator:
     def test_only_a_local_exchange_takes_faults(self, tmp_path: Path) -> None:
         settings = make_settings(tmp_path, create_store=False, exchange_url="https://api.binance.com")
-        with pytest.raises(ChaosError) as err:
-            chaos.SimulatorControl.of(settings)
+        with pytest.raises(FaultError) as err:
+            faults.SimulatorControl.of(settings)
         assert "not the bundled simulator" in err.value.message
 
     def test_down_then_healed(self, tmp_path: Path) -> None:
         with Simulator(port=0) as sim:
             settings = make_settings(tmp_path, create_store=False, exchange_url=sim.url)
-            control = chaos.SimulatorControl.of(settings)
-            control.down_503(60)
+            control = faults.SimulatorControl.of(settings)
+            faults.exchange(settings, "down", for_s=60)
             assert httpx.get(f"{sim.url}/api/v3/ping", timeout=5).status_code == 503
-            control.set_faults(storm_429=2, retry_after_s=1)
+            faults.exchange(settings, "429", count=2, retry_after_s=1)
             assert control.faults()["storm_429"] == 2
-            control.heal()
+            faults.clear_exchange(settings)
             assert httpx.get(f"{sim.url}/api/v3/ping", timeout=5).status_code == 200
             assert control.faults()["storm_429"] == 0
 
     def test_an_unreachable_simulator_is_a_clear_error(self, tmp_path: Path) -> None:
         with Simulator(port=0) as sim:
             url = sim.url
-        control = chaos.SimulatorControl.of(make_settings(tmp_path, create_store=False, exchange_url=url))
-        with pytest.raises(ChaosError) as err:
+        control = faults.SimulatorControl.of(make_settings(tmp_path, create_store=False, exchange_url=url))
+        with pytest.raises(FaultError) as err:
             control.faults()
         assert "does not answer" in err.value.message and "crypto-agent up" in err.value.hint
 
@@ -224,3 +226,29 @@ class TestMttrTable:
         assert rows[2].endswith("within ETA") and " 60 s " in rows[2]
         assert rows[3].endswith("OVER ETA") and "6.7 min" in rows[3]
         assert rows[4].endswith("NOT RECOVERED")
+
+
+class TestDecisions:
+    def test_each_drill_takes_its_eta_from_the_one_scenario_table(self) -> None:
+        for d in chaos.DRILLS.values():
+            assert d.eta_s == incidents.scenario(d.scenario).eta_s
+            assert d.runbook == incidents.scenario(d.scenario).number
+            assert d.line.startswith(f"{d.name} ") and f"ETA {d.eta_min:g} min" in d.line
+
+    def test_a_closed_incident_counts_as_recovered_escalated_or_failed(self, tmp_path: Path) -> None:
+        settings = make_settings(tmp_path, create_store=False)
+        with incidents.open_incident_store(settings) as log:
+            opened, _ = incidents.open_or_join(log, "stale-data", "crypto-agent.store.main",
+                                               {"event": "crypto-agent.store.stale",
+                                                "payload": {"reasons": ["BTCUSDT stale"]}}, time.time())
+        recovered = replace(opened, status=incidents.RESOLVED, outcome=incidents.RECOVERED)
+        escalated = replace(opened, status=incidents.ESCALATED, outcome="escalated")
+        assert chaos.counts_as(recovered) == "recovered"
+        assert chaos.counts_as(escalated) == "failed"
+        assert chaos.counts_as(escalated, escalation_ok=True) == "escalated"
+        assert chaos.counts_as(replace(opened, status=incidents.FAILED, outcome="failed"), True) == "failed"
+        said = chaos.describe_trigger(settings, opened)
+        assert said.startswith("crypto-agent.store.stale at ") and said.endswith("(BTCUSDT stale)")
+        crashed = replace(opened, trigger={"event": "crypto-agent.service.crashed"})
+        assert "(threshold automation crypto-agent/persistent-failures)" in chaos.describe_trigger(settings, crashed)
+        assert chaos.describe_trigger(settings, replace(opened, trigger={})) == "a manual run (no event)"

@@ -27,8 +27,8 @@ from crypto_agent.guard import (
     stop_backtest,
 )
 from crypto_agent.health import HealthStatus, ProbeReport
-from crypto_agent.holds import HOLD_PAUSED, HOLD_STOPPED, Hold, read_hold
-from crypto_agent.process import NotOurProcess, ServicePaused
+from crypto_agent.holds import HOLD_PAUSED, HOLD_STOPPED, Hold, ServicePaused, read_hold
+from crypto_agent.process import NotOurProcess
 from crypto_agent.service import instance_id
 
 try:
@@ -59,7 +59,7 @@ def at(hour: int, minute: int, day: int = 10) -> datetime:
 
 
 class TestWindow:
-    @pytest.mark.parametrize("when, start, end", [
+    @pytest.mark.parametrize(("when", "start", "end"), [
         (at(23, 30), at(23, 30), at(1, 30, 11)),
         (at(23, 59), at(23, 30), at(1, 30, 11)),
         (at(0, 10), at(23, 30, 9), at(1, 30)),

@@ -1,5 +1,5 @@
-"""What monitoring concludes without Prefect (crypto_agent.monitor, crypto_agent.holds): holds on the pause
-marker, the conditions a probe shows, crashes claimed once in a real store, heartbeats seen once."""
+"""What monitoring concludes without Prefect (crypto_agent.monitor): the conditions a probe shows (a hold
+covering it wins), crashes claimed once in a real store, heartbeats seen once. Holds: tests/test_holds.py."""
 
 from __future__ import annotations
 
@@ -9,17 +9,14 @@ import signal
 import time
 
 import psutil
-import pytest
 
 from crypto_agent import health, process
-from crypto_agent.errors import InputError
 from crypto_agent.health import HealthStatus, ProbeReport
 from crypto_agent.holds import (
     HOLD_PAUSED,
     HOLD_STOPPED,
     place_hold,
     read_hold,
-    release_hold,
 )
 from crypto_agent.monitor import Condition, HeartbeatWatch, assess, claim_crashes
 from crypto_agent.service import instance_id, record_event, write_heartbeat
@@ -41,56 +38,6 @@ def report(*, alive: bool = True, age: float | None = 1.0, cpu: float = 5.0, rss
         cpu_pct=cpu if alive else None, rss_mb=rss if alive else None, log_errors_per_min=0.0, niceness=10,
         reasons=reasons or ([] if alive else ["No PID file"]),
     )
-
-
-class TestHolds:
-    def test_place_read_release(self, tmp_path) -> None:
-        settings = make_settings(tmp_path)
-        assert read_hold("backtest", settings) is None
-        placed = place_hold("backtest", settings, kind=HOLD_STOPPED, by="rollback #3", reason="under investigation")
-        read = read_hold("backtest", settings)
-        assert read is not None and (read.kind, read.by, read.reason) == (HOLD_STOPPED, "rollback #3",
-                                                                         "under investigation")
-        assert read.since == int(placed.since or 0)
-        assert "stopped by rollback #3: under investigation" == read.description
-        assert release_hold("backtest", settings, by="someone else") is None
-        assert read_hold("backtest", settings) is not None  # only its owner (or anyone, by=None) releases it
-        assert release_hold("backtest", settings) is not None and read_hold("backtest", settings) is None
-
-    def test_it_is_the_pause_marker_that_process_control_honours(self, tmp_path) -> None:
-        settings = make_settings(tmp_path)
-        spec = process.service_spec("backtest", settings)
-        process.pause(spec, reason="by hand", by="an operator")  # no kind, no end: a stopped hold for good
-        hold = read_hold("backtest", settings)
-        assert hold is not None and (hold.kind, hold.by, hold.until) == (HOLD_STOPPED, "an operator", None)
-        place_hold("backtest", settings, kind=HOLD_STOPPED, by="backtest-window-guard", reason="x")
-        assert process.paused(spec)["by"] == "backtest-window-guard"
-
-    def test_a_hold_ends_by_itself_at_its_until(self, tmp_path) -> None:
-        settings = make_settings(tmp_path)
-        until = time.time() + 60
-        place_hold("backtest", settings, kind=HOLD_STOPPED, by="guard", reason="window", until=until)
-        assert read_hold("backtest", settings) is not None
-        assert read_hold("backtest", settings, now=until + 1) is None
-        ended = read_hold("backtest", settings, now=until + 1, include_ended=True)
-        assert ended is not None and ended.until == int(until)
-
-    def test_bad_holds_are_refused_and_nothing_is_written(self, tmp_path) -> None:
-        settings = make_settings(tmp_path)
-        for kwargs in ({"kind": "frozen", "by": "x"}, {"kind": HOLD_PAUSED, "by": "x"}, {"kind": HOLD_STOPPED, "by": " "}):
-            with pytest.raises(InputError):
-                place_hold("backtest", settings, reason="r", **kwargs)
-        with pytest.raises(InputError):
-            place_hold("main.py", settings, kind=HOLD_STOPPED, by="x", reason="r")
-        assert read_hold("backtest", settings) is None
-
-    def test_an_unreadable_marker_still_holds(self, tmp_path) -> None:
-        settings = make_settings(tmp_path)
-        marker = process.pause_marker(process.service_spec("backtest", settings))
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text("not json")
-        hold = read_hold("backtest", settings)
-        assert hold is not None and hold.kind == HOLD_STOPPED and hold.reason == "not json"
 
 
 class TestAssess:

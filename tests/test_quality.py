@@ -88,7 +88,8 @@ class TestFreshData:
         assert again["coverage"] == {"fresh_symbols": 1, "total_symbols": 2, "share": 0.5, "minimum": 0.95}
         assert again["limits"]["stale_hours"] == {"1h": 6.0, "4h": 24.0}
         assert again["failing_symbols"] == ["ETHUSDT"]
-        assert {(w["symbol"], w["timeframe"]) for w in again["failing_windows"]} == {("ETHUSDT", "1h"), ("ETHUSDT", "4h")}
+        failing = {(w["symbol"], w["timeframe"]) for w in again["failing_windows"]}
+        assert failing == {("ETHUSDT", "1h"), ("ETHUSDT", "4h")}
         row = next(r for r in again["series"] if r["symbol"] == "ETHUSDT" and r["timeframe"] == "4h")
         assert row["reasons"] == ["H4 no data"] and row["newest_open"] is None
 
@@ -234,7 +235,7 @@ class TestContinuity:
         assert row.reasons == ["H1 gap of 5 candles from 2026-11-27 22:00 to 2026-11-28 03:00 UTC"]
 
     def test_every_gap_is_listed(self, store: Store, tmp_path: Path) -> None:
-        self._h1_with_hole(store, [T - 40 * H1, T - 39 * H1, T - 38 * H1, T - 5 * H1, T - 4 * H1, T - 3 * H1, T - 2 * H1])
+        self._h1_with_hole(store, [T - k * H1 for k in (40, 39, 38, 5, 4, 3, 2)])
         report = self._check(store, tmp_path)
         assert report.series[0].gaps == [(T - 40 * H1, T - 37 * H1), (T - 5 * H1, T - H1)]
         assert [w[2:] for w in report.failing_windows()] == [(T - 40 * H1, T - 37 * H1), (T - 5 * H1, T - H1)]

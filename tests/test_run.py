@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from crypto_agent.simulator import Simulator
 
 CLI = [sys.executable, "-m", "crypto_agent.cli"]

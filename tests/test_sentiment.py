@@ -94,7 +94,8 @@ class TestFred:
         update_fred(store, f"{sim.url}/fred", KEY, ["DGS10"], start=date(2015, 1, 1))
         nulls = rows(store, "SELECT date FROM macro_series WHERE series_id='DGS10' AND value IS NULL")
         assert ("2015-12-25",) in nulls  # Christmas: no Treasury yield
-        assert rows(store, "SELECT value FROM macro_series WHERE series_id='DGS10' AND date='2015-12-24'")[0][0] is not None
+        eve = rows(store, "SELECT value FROM macro_series WHERE series_id='DGS10' AND date='2015-12-24'")
+        assert eve[0][0] is not None
 
     def test_a_bad_key_is_refused_without_leaking_it(self, sim, store):
         wrong = "zzzzzzzzzz0123456789zzzzzzzzzz99"
@@ -161,7 +162,8 @@ class TestCli:
         env.pop("CRYPTO_AGENT_FRED_API_KEY", None)
         env.pop("CRYPTO_AGENT_CONFIG", None)
         exe = str(Path(sys.executable).parent / "crypto-agent")
-        r = subprocess.run([exe, "sentiment-update"], env=env, cwd=tmp_path, check=False, capture_output=True, text=True, timeout=120)
+        r = subprocess.run([exe, "sentiment-update"], env=env, cwd=tmp_path, check=False, capture_output=True,
+                           text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         assert "Fear & Greed: 30 days" in r.stdout and "FRED skipped: no API key" in r.stdout
         r = subprocess.run([exe, "sentiment-update", "--fred-key", KEY], env=env, cwd=tmp_path, check=False,

@@ -112,7 +112,7 @@ class TestConfigFile:
 
     def test_a_missing_config_file_is_an_error(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "absent.toml"))
-        with pytest.raises(ConfigError, match="absent.toml") as info:
+        with pytest.raises(ConfigError, match=r"absent\.toml") as info:
             load_settings()
         assert info.value.exit_code == 2 and CONFIG_ENV in info.value.hint
 

@@ -22,7 +22,7 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 if str(PROJECT_DIR) not in sys.path:
     sys.path.insert(0, str(PROJECT_DIR))
 
-from deployments import stack
+from deployments import stack  # noqa: E402 (importable once the project directory is on sys.path)
 
 SLEEP = ("/bin/sleep", "300")
 
@@ -85,7 +85,7 @@ def test_a_child_that_exits_before_it_is_ready_is_reported_with_its_log(settings
 
 def test_a_child_never_ready_is_killed_at_the_timeout(settings: Settings) -> None:
     spec = process.child_spec("silent", SLEEP, settings)
-    with pytest.raises(process.ServiceStartError, match="not ready within 0.5 s"):
+    with pytest.raises(process.ServiceStartError, match=r"not ready within 0\.5 s"):
         process.start_child(spec, env={}, ready=lambda: False, timeout_s=0.5)
     assert not spec.pidfile.exists()
     assert not [p for p in psutil.Process().children() if p.cmdline() == list(SLEEP)]
@@ -187,3 +187,17 @@ def test_down_with_nothing_running_stops_nothing(settings: Settings) -> None:
 
     assert stack.bring_down(settings, Out()) == []  # type: ignore[arg-type]
     assert lines == [f"{name}: was not running" for name in reversed(stack.START_ORDER)]
+
+
+def test_only_serves_the_deployments_named_and_refuses_an_unknown_one(monkeypatch: pytest.MonkeyPatch,
+                                                                      tmp_path: Path) -> None:
+    monkeypatch.setenv("CRYPTO_AGENT_HOME", str(tmp_path))
+    every = stack.plan_stack()
+    assert "health-monitor/scheduled" in every.served and stack.serve_child(every).command[-1] == "deployments.serve"
+    wanted = ["health-monitor/scheduled", "recover-daemon-crash/auto", "health-monitor/scheduled"]
+    plan = stack.plan_stack(only=wanted)
+    assert plan.only == plan.served == ("health-monitor/scheduled", "recover-daemon-crash/auto")
+    command = stack.serve_child(plan).command
+    assert command[command.index("--only") + 1:] == plan.only
+    with pytest.raises(InputError, match=r"--only nightly/never: no such deployment in prefect\.yaml"):
+        stack.plan_stack(only=["nightly/never"])

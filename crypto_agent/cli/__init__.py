@@ -5,12 +5,22 @@ from __future__ import annotations
 import sys
 from importlib.metadata import entry_points
 
+# Importing a module registers its commands.
+from crypto_agent.cli import (  # noqa: F401
+    backtest,
+    config,
+    data,
+    incidents,
+    maintenance,
+    quality,
+    receiver,
+    run,
+    services,
+    simulator,
+    watchdog,
+)
 from crypto_agent.cli.app import app
 from crypto_agent.errors import CryptoAgentError
-
-# Importing a module registers its commands.
-from crypto_agent.cli import backtest, config, data, incidents, maintenance, quality, receiver, run, services, simulator  # noqa: E402,F401
-
 
 PLUGIN_GROUP = "crypto_agent.cli"
 _plugins_loaded: list[str] = []
@@ -30,7 +40,7 @@ def load_plugins() -> list[str]:
     for ep in entry_points(group=PLUGIN_GROUP):
         try:
             ep.load()(app)
-        except Exception as exc:  # a broken plugin must not take the whole CLI down
+        except Exception as exc:  # noqa: BLE001 (a broken plugin must not take the whole CLI down)
             print(f"warning: CLI plugin {ep.name} ({ep.value}) did not load: {exc}", file=sys.stderr)
             continue
         _plugins_loaded.append(ep.name)

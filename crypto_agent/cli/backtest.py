@@ -45,8 +45,8 @@ def _pct(value: float | None, signed: bool = False) -> str:
 def _open_existing_store(url: str, create: bool) -> Store:
     """The configured store; StoreError when its SQLite file does not exist (a backtest never creates one)."""
     parsed = make_url(url)
-    database = parsed.database
-    is_file = parsed.get_backend_name() == "sqlite" and database not in (None, "", ":memory:")
+    database = parsed.database or ""
+    is_file = parsed.get_backend_name() == "sqlite" and database not in ("", ":memory:")
     if is_file and not Path(database).is_file():
         raise StoreError(
             f"no database at {database}",

@@ -1,5 +1,4 @@
-"""Commands: incidents (the incident log with MTTR per scenario against the runbook's ETA), and
-`service pause|resume <name>` (a service kept stopped until a person resumes it, as after a rollback)."""
+"""Command: incidents (the incident log with MTTR per scenario against the runbook's ETA)."""
 
 from __future__ import annotations
 
@@ -7,9 +6,8 @@ import json
 
 import typer
 
-from crypto_agent import incidents, process, recovery
+from crypto_agent import incidents
 from crypto_agent.cli.app import app
-from crypto_agent.cli.services import NAME_HELP, _existing_store, service_app
 from crypto_agent.settings import load_settings
 
 
@@ -80,42 +78,3 @@ def incidents_command(
         verdict = {None: "-", True: "within ETA", False: "OVER ETA"}[s.within_eta]
         print(f"{s.number} {s.scenario:<22} {s.incidents:>9} {s.recovered:>9} {s.escalated:>9} {s.failed:>6} "
               f"{_seconds(s.mttr_s):>9} {_seconds(s.p95_s):>9} {s.eta_s / 60:>5g} m  {verdict}")
-
-
-@service_app.command("pause")
-def pause_command(
-    name: str = typer.Argument(..., help=NAME_HELP),
-    reason: str = typer.Option("paused by an operator", "--reason", help="Why; shown to whoever tries to start it."),
-) -> None:
-    """Stop the service and keep it stopped (run/<name>.paused): no recovery restarts it until `service resume`."""
-    settings = load_settings()
-    spec = process.service_spec(name, settings)
-    marker = recovery.keep_stopped(name, settings, by="crypto-agent service pause", reason=reason)
-    with _existing_store(settings) as store:
-        result = process.stop(spec, store=store)
-    state = f"stopped PID {result.pid}" if result.was_running else "it was not running"
-    print(f"paused {name} ({marker}); {state}")
-
-
-@service_app.command("resume")
-def resume_command(
-    name: str = typer.Argument(..., help=NAME_HELP),
-    start: bool = typer.Option(True, "--start/--no-start", help="Start the service once the pause is lifted."),
-) -> None:
-    """Lift a pause (e.g. the backtest after a rollback) and start the service again."""
-    settings = load_settings()
-    spec = process.service_spec(name, settings)
-    was = recovery.resume_kept(name, settings)
-    if was is None:
-        print(f"{name} was not paused")
-    else:
-        print(f"resumed {name} (paused since {was.get('since', '?')} by {was.get('by', '?')}: "
-              f"{was.get('reason', 'no reason given')})")
-    if not start:
-        return
-    if process.inspect(spec).alive:
-        print(f"{name} is already running")
-        return
-    with _existing_store(settings) as store:
-        result = process.start(spec, settings, store=store)
-    print(f"started {name}: PID {result.pid} in {result.elapsed_s:.1f} s (log {result.log})")

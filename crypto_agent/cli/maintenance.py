@@ -32,7 +32,8 @@ def backup_cmd(
     print(f"backup {info.path}: {info.status}, {_mb(info.size)}, {_rows(info.tables)}")
     if prune:
         removed = backups_mod.retention(s.backup_dir, backups_mod.RetentionPolicy.from_settings(s))
-        print(f"retention removed {len(removed)} backup(s)" + (": " + ", ".join(p.name for p in removed) if removed else ""))
+        names = (": " + ", ".join(p.name for p in removed)) if removed else ""
+        print(f"retention removed {len(removed)} backup(s){names}")
 
 
 @app.command("backups")
@@ -93,10 +94,10 @@ def restore_cmd(
     if backup_file is not None:
         path = backup_file if backup_file.exists() else s.backup_dir / backup_file
         info = backups_mod.backup_info(path)
-    elif latest_good:
+    elif hours_ago is not None:
+        info = backups_mod.backup_for_hours_ago(s.backup_dir, hours_ago)
+    else:  # --latest-good
         info = backups_mod.choose_backup(s.backup_dir)
-    else:
-        info = backups_mod.backup_for_hours_ago(s.backup_dir, hours_ago)  # type: ignore[arg-type]
     result = backups_mod.restore(info.path, s.db_path, s.quarantine_dir, owner="crypto-agent restore (cli)",
                                  reason=reason, allow_open=force)
     print(f"restored {result.db_path} from {info.name} ({_rows(result.tables)}) in {result.duration_s:.1f} s")

@@ -1,5 +1,6 @@
 """Commands: daemon, trader (run a service in the foreground), status (the runbook's status_check.sh),
-and `service start|stop|restart|dump-stacks|clean <name>` (process control for operators)."""
+`service start|stop|restart|dump-stacks|clean <name>` (process control for operators), and
+`service pause|resume <name>` (a service kept stopped until a person resumes it, as after a rollback)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import typer
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from crypto_agent import health, process
+from crypto_agent import health, holds, process
 from crypto_agent.cli.app import app
 from crypto_agent.errors import CryptoAgentError
 from crypto_agent.settings import Settings, load_settings
@@ -25,6 +26,7 @@ service_app = typer.Typer(
 app.add_typer(service_app, name="service")
 
 NAME_HELP = "The service: backtest (the 24/7 daemon) or trader (paper live trading)."
+GRACE_HELP = "Seconds between SIGTERM and SIGKILL (default stop_grace_s)."
 
 
 @contextmanager
@@ -106,7 +108,7 @@ def start_command(
 @service_app.command("stop")
 def stop_command(
     name: str = typer.Argument(..., help=NAME_HELP),
-    grace: float | None = typer.Option(None, "--grace", help="Seconds between SIGTERM and SIGKILL (default stop_grace_s)."),
+    grace: float | None = typer.Option(None, "--grace", help=GRACE_HELP),
 ) -> None:
     """SIGTERM the service, SIGKILL it after the grace period; refuses a PID that is not ours."""
     settings = load_settings()
@@ -119,7 +121,7 @@ def stop_command(
 @service_app.command("restart")
 def restart_command(
     name: str = typer.Argument(..., help=NAME_HELP),
-    grace: float | None = typer.Option(None, "--grace", help="Seconds between SIGTERM and SIGKILL (default stop_grace_s)."),
+    grace: float | None = typer.Option(None, "--grace", help=GRACE_HELP),
     timeout: float | None = typer.Option(None, "--timeout", help="Seconds to wait for the first heartbeat."),
 ) -> None:
     """Stop (if running) and start the service."""
@@ -149,6 +151,45 @@ def clean_command(name: str = typer.Argument(..., help=NAME_HELP)) -> None:
     with _existing_store(settings) as store:
         removed = process.clean_state(spec, store=store)
     print(f"removed {', '.join(str(p) for p in removed)}" if removed else f"{name}: no state files to remove")
+
+
+@service_app.command("pause")
+def pause_command(
+    name: str = typer.Argument(..., help=NAME_HELP),
+    reason: str = typer.Option("paused by an operator", "--reason", help="Why; shown to whoever tries to start it."),
+) -> None:
+    """Stop the service and keep it stopped (run/<name>.paused): no recovery restarts it until `service resume`."""
+    settings = load_settings()
+    spec = process.service_spec(name, settings)
+    marker = holds.keep_stopped(spec, by="crypto-agent service pause", reason=reason)
+    with _existing_store(settings) as store:
+        result = process.stop(spec, store=store)
+    state = f"stopped PID {result.pid}" if result.was_running else "it was not running"
+    print(f"paused {name} ({marker}); {state}")
+
+
+@service_app.command("resume")
+def resume_command(
+    name: str = typer.Argument(..., help=NAME_HELP),
+    start: bool = typer.Option(True, "--start/--no-start", help="Start the service once the pause is lifted."),
+) -> None:
+    """Lift a pause (e.g. the backtest after a rollback) and start the service again."""
+    settings = load_settings()
+    spec = process.service_spec(name, settings)
+    was = holds.release_hold(spec)
+    if was is None:
+        print(f"{name} was not paused")
+    else:
+        since = "?" if was.since is None else was.marker()["since"]
+        print(f"resumed {name} (paused since {since} by {was.by}: {was.reason or 'no reason given'})")
+    if not start:
+        return
+    if process.inspect(spec).alive:
+        print(f"{name} is already running")
+        return
+    with _existing_store(settings) as store:
+        result = process.start(spec, settings, store=store)
+    print(f"started {name}: PID {result.pid} in {result.elapsed_s:.1f} s (log {result.log})")
 
 
 def _stop_line(result: process.StopResult) -> str:

@@ -70,7 +70,7 @@ class FearGreed:
         trend = log_open[days - EPOCH_DAY] - log_open[days - 14 - EPOCH_DAY]
         raw = 50 + 200 * trend + mood[days - FNG_FIRST_DAY]
         values = np.clip(np.round(raw), 1, 99).astype(int)
-        return list(zip(days.tolist(), values.tolist()))
+        return list(zip(days.tolist(), values.tolist(), strict=True))
 
 
 # --- FRED (Federal Reserve Economic Data) ----------------------------------------------------------
@@ -273,7 +273,7 @@ class Fred:
         dates, values = self._walk(spec, last)
         holidays: dict[int, set[dt.date]] = {}
         out = []
-        for day, value in zip(dates, values):
+        for day, value in zip(dates, values, strict=True):
             if day < first:
                 continue
             if day > last:

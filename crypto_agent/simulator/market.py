@@ -345,7 +345,7 @@ class Market:
         """Whole-day rows at one resolution (1m, 1h or 1d) for each day, from the cache or generated."""
         cache = self._cache[level_ms]
         found = [cache.get((symbol, day)) for day in days]
-        missing = [day for day, rows in zip(days, found) if rows is None]
+        missing = [day for day, rows in zip(days, found, strict=True) if rows is None]
         fresh: dict[int, np.ndarray] = {}
         # In chunks, so a long range never holds more than a few MB of minutes at once.
         for lo in range(0, len(missing), _GENERATE_CHUNK_DAYS):
@@ -358,9 +358,7 @@ class Market:
                     if level != MINUTE_MS or level_ms == MINUTE_MS:
                         self._cache[level].put((symbol, day), rows[k].copy())
                 fresh[day] = generated[level_ms][k]
-        if fresh:
-            found = [rows if rows is not None else fresh[day] for day, rows in zip(days, found)]
-        return found
+        return [rows if rows is not None else fresh[day] for day, rows in zip(days, found, strict=True)]
 
     # --- candles of any interval ----------------------------------------------------------------
 

@@ -346,7 +346,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: _HttpServer
 
     def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s " + format, self.client_address[0], *args)
+        log.debug("%s " + format, self.client_address[0], *args)  # noqa: G003 (the stdlib hands a %-format of its own)
 
     def _serve(self, method: str) -> None:
         body = b""
@@ -792,7 +792,7 @@ class Simulator:
         today = int(now * 1000) // DAY_MS
         first = FNG_FIRST_DAY if limit == 0 else today - limit + 1
         values = self.fear_greed.values(first, today)
-        data = []
+        data: list[dict[str, str]] = []
         for day, value in reversed(values):
             entry = {
                 "value": str(value),
@@ -979,7 +979,7 @@ def _format_klines(symbol: str, open_times: np.ndarray, interval_ms: int, rows: 
     """Binance kline arrays: times and trades as numbers, prices and volumes as 8-decimal strings."""
     assert rows.shape[1] == N_COLUMNS
     out = []
-    for t, r in zip(open_times.tolist(), rows.tolist()):
+    for t, r in zip(open_times.tolist(), rows.tolist(), strict=True):
         out.append([
             t, f"{r[0]:.8f}", f"{r[1]:.8f}", f"{r[2]:.8f}", f"{r[3]:.8f}", f"{r[4]:.8f}",
             t + interval_ms - 1, f"{r[5]:.8f}", int(r[6]), f"{r[7]:.8f}", f"{r[8]:.8f}", "0",

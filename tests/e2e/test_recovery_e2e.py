@@ -1,7 +1,10 @@
 """Each runbook fault injected into a running local stack, and the automations alone bring it back:
 a SIGKILLed daemon (with a flapping monitor), a SIGSTOPped daemon, a stale store, a corrupted page,
 three crashes in a row (rollback), a silent heartbeat relay (dead man's switch). Then everything
-started is stopped and nothing is left running.
+started is stopped (`crypto-agent down`) and nothing is left running.
+
+The stack is `crypto-agent up` in the rehearsal configuration (tests/stack_kit.py); the faults are
+crypto_agent.faults', the catalogue the drills use.
 
 The tests share one stack and run in file order; every wait is bounded, none is a timed assertion.
 """
@@ -15,13 +18,12 @@ from datetime import UTC, datetime
 import psutil
 import pytest
 
-from crypto_agent import health, process
+from crypto_agent import faults, health, process
 from crypto_agent.incidents import Incident
 from crypto_agent.quality import check_data
 from crypto_agent.store import Store
-from deployments.automations import HEARTBEAT_MISSING
-from deployments.rehearsal import Rehearsal
-from flows.events import BACKTEST_DAEMON_RESOURCE, SERVICE_DEAD
+from flows.events import BACKTEST_DAEMON_RESOURCE, HEARTBEAT_MISSING, SERVICE_DEAD
+from tests.stack_kit import RunningStack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -36,25 +38,25 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat()
 
 
-def subjects(stack: Rehearsal, level: str, since: str) -> list[str]:
+def subjects(stack: RunningStack, level: str, since: str) -> list[str]:
     return [m["body"]["subject"] for m in stack.messages(level, since)]
 
 
-def told_opened_and_resolved(stack: Rehearsal, incident: Incident, since: str) -> None:
+def told_opened_and_resolved(stack: RunningStack, incident: Incident, since: str) -> None:
     wanted = (f"incident #{incident.id} opened", f"incident #{incident.id} resolved")
     stack.wait(lambda: all(any(w in s for s in subjects(stack, "l1", since)) for w in wanted), 30,
                f"L1 to be told incident #{incident.id} opened and resolved")
 
 
-def fresh(stack: Rehearsal) -> bool:
+def fresh(stack: RunningStack) -> bool:
     with Store(stack.settings.database_url) as store:
         return check_data(store, stack.settings).ok
 
 
 @pytest.mark.timeout(400)
-def test_a_sigkilled_daemon_is_restarted_once_despite_a_flapping_monitor(stack: Rehearsal) -> None:
+def test_a_sigkilled_daemon_is_restarted_once_despite_a_flapping_monitor(stack: RunningStack) -> None:
     since, since_iso = now_ms(), now_iso()
-    old = stack.kill("backtest", signal.SIGKILL)
+    old = faults.kill(stack.settings, "backtest", signal.SIGKILL).pid
     # a flapping signal: the monitor says dead five times at once (plus the heartbeat automation later)
     stack.send_event(SERVICE_DEAD, BACKTEST_DAEMON_RESOURCE, {"service": "backtest", "pid": old}, times=5)
     back = stack.wait(lambda: stack.healthy_other_than("backtest", old), RECOVERY_S, "the daemon back HEALTHY")
@@ -79,9 +81,9 @@ def test_a_sigkilled_daemon_is_restarted_once_despite_a_flapping_monitor(stack: 
 
 
 @pytest.mark.timeout(400)
-def test_a_sigstopped_daemon_is_detected_by_its_missing_heartbeat_and_restarted_as_a_hang(stack: Rehearsal) -> None:
+def test_a_sigstopped_daemon_is_detected_by_its_missing_heartbeat_and_restarted_as_a_hang(stack: RunningStack) -> None:
     since, since_iso = now_ms(), now_iso()
-    old = stack.kill("backtest", signal.SIGSTOP)
+    old = faults.stop(stack.settings, "backtest").pid
     back = stack.wait(lambda: stack.healthy_other_than("backtest", old), RECOVERY_S, "the daemon back HEALTHY")
     assert not psutil.pid_exists(old) or psutil.Process(old).status() == psutil.STATUS_ZOMBIE
     incident = stack.wait(lambda: stack.closed_incident("daemon-crash", since)
@@ -96,9 +98,9 @@ def test_a_sigstopped_daemon_is_detected_by_its_missing_heartbeat_and_restarted_
 
 
 @pytest.mark.timeout(400)
-def test_a_stale_store_is_backfilled_by_the_stale_data_recovery(stack: Rehearsal) -> None:
+def test_a_stale_store_is_backfilled_by_the_stale_data_recovery(stack: RunningStack) -> None:
     since, since_iso = now_ms(), now_iso()
-    assert stack.make_stale(["ETHUSDT", "SOLUSDT"], hours=30) > 0
+    assert faults.delete_candles(stack.settings, ["ETHUSDT", "SOLUSDT"], hours=30).count > 0
     assert not fresh(stack)
     stack.run_monitor()  # its scheduled round, now: it emits crypto-agent.store.stale
     incident = stack.wait(lambda: stack.closed_incident("stale-data", since), RECOVERY_S, "the stale-data incident")
@@ -110,9 +112,9 @@ def test_a_stale_store_is_backfilled_by_the_stale_data_recovery(stack: Rehearsal
 
 
 @pytest.mark.timeout(400)
-def test_a_corrupted_page_is_repaired_and_live_trading_comes_back_first(stack: Rehearsal) -> None:
+def test_a_corrupted_page_is_repaired_and_live_trading_comes_back_first(stack: RunningStack) -> None:
     since, since_iso = now_ms(), now_iso()
-    stack.corrupt_page()
+    faults.corrupt_pages(stack.settings)
     assert not stack.integrity_ok()
     stack.run_monitor()  # its quick_check finds it and emits crypto-agent.store.corrupt
     incident = stack.wait(lambda: stack.closed_incident("db-corruption", since), 300, "the db-corruption incident")
@@ -131,13 +133,13 @@ def test_a_corrupted_page_is_repaired_and_live_trading_comes_back_first(stack: R
 
 
 @pytest.mark.timeout(600)
-def test_three_crashes_in_a_row_roll_back_to_the_48h_backup_with_the_backtest_paused(stack: Rehearsal) -> None:
+def test_three_crashes_in_a_row_roll_back_to_the_48h_backup_with_the_backtest_paused(stack: RunningStack) -> None:
     since, since_iso = now_ms(), now_iso()
     for _ in range(3):
         old = stack.pid("backtest")
         if old is None or stack.flow_runs("rollback-persistent-failures"):
             break
-        stack.kill("backtest", signal.SIGKILL)
+        faults.kill(stack.settings, "backtest", signal.SIGKILL)
         stack.wait(lambda old=old: stack.healthy_other_than("backtest", old)
                    or stack.flow_runs("rollback-persistent-failures"),
                    RECOVERY_S, "the daemon back, or the rollback")
@@ -160,7 +162,7 @@ def test_three_crashes_in_a_row_roll_back_to_the_48h_backup_with_the_backtest_pa
 
 
 @pytest.mark.timeout(300)
-def test_a_silent_heartbeat_relay_pages_l2_through_the_dead_mans_switch(stack: Rehearsal) -> None:
+def test_a_silent_heartbeat_relay_pages_l2_through_the_dead_mans_switch(stack: RunningStack) -> None:
     since_iso = now_iso()
     assert stack.stop_part("relay") == 0
     page = stack.wait(lambda: [s for s in subjects(stack, "l2", since_iso) if "heartbeat-relay is silent" in s],
@@ -169,7 +171,7 @@ def test_a_silent_heartbeat_relay_pages_l2_through_the_dead_mans_switch(stack: R
 
 
 @pytest.mark.timeout(300)
-def test_closing_the_stack_leaves_no_process_behind(stack: Rehearsal) -> None:
+def test_closing_the_stack_leaves_no_process_behind(stack: RunningStack) -> None:
     left = stack.close()
     assert left == []
     home = str(stack.home)

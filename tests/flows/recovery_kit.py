@@ -16,6 +16,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for service_kit
 
+from flow_kit import flow_run_events
+from prefect.events.schemas.events import ReceivedEvent
 from service_kit import Keeper, wait_until
 
 from crypto_agent import incidents, process
@@ -61,6 +63,16 @@ def all_incidents(cfg: Settings) -> list[Incident]:
     """Every incident of the log, newest first."""
     with incidents.open_incident_store(cfg) as log:
         return incidents.list_incidents(log)
+
+
+def events_of(flow_run_id: Any, name: str, count: int, timeout_s: float = 30.0) -> list[ReceivedEvent]:
+    """The events called `name` a flow run emitted, once `count` of them have arrived (or the timeout passed)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        events = flow_run_events(flow_run_id, name, timeout_s=max(0.0, deadline - time.monotonic()))
+        if len(events) >= count or time.monotonic() > deadline:
+            return events
+        time.sleep(0.25)
 
 
 def steps(inc: Incident) -> list[str]:

@@ -217,7 +217,7 @@ class TestServe:
     def test_an_unknown_deployment_is_a_clear_error(self) -> None:
         from crypto_agent.errors import ConfigError
 
-        with pytest.raises(ConfigError, match="no deployment nope/nothing in prefect.yaml"):
+        with pytest.raises(ConfigError, match=r"no deployment nope/nothing in prefect\.yaml"):
             read_entries(PROJECT_DIR, only=["nope/nothing"])
 
 
@@ -248,7 +248,8 @@ class TestMonitoringSchedules:
         times = fire_times("backtest_window_guard", 2)
         first_night = [t for t in times if t < START + timedelta(hours=23)]
         # 00:00-01:30 of the first day, then 23:30 onwards: 91 + 30 + 91 runs in two days
-        assert len(first_night) == 91 and first_night[0] == START and first_night[-1] == START + timedelta(hours=1, minutes=30)
+        assert len(first_night) == 91
+        assert first_night[0] == START and first_night[-1] == START + timedelta(hours=1, minutes=30)
         assert all(t.hour in (23, 0, 1) for t in times)
         assert all(not (t.hour == 23 and t.minute < 30) and not (t.hour == 1 and t.minute > 30) for t in times)
         assert len(times) == len(set(times))  # the three crons never overlap

@@ -110,7 +110,7 @@ class TestBackup:
                 time.sleep(0.05)
         finally:
             stop.write_text("stop")
-            out, err = writer.communicate(timeout=60)
+            _, err = writer.communicate(timeout=60)
         assert writer.returncode == 0, err
         assert first > 0
         assert state.is_completed(), state.message

@@ -105,7 +105,7 @@ def test_slugs_are_unique() -> None:
 
 class TestWhenSchedulesFire:
     @pytest.mark.parametrize(
-        "flow_name, hour, minute",
+        ("flow_name", "hour", "minute"),
         [("data-update", 0, 30), ("data-validation", 1, 0), ("sentiment-macro-update", 2, 0)],
     )
     def test_daily_data_jobs_fire_once_a_day_at_the_runbook_time(self, flow_name: str, hour: int, minute: int) -> None:

@@ -27,7 +27,7 @@ def _flow(entrypoint: str) -> Flow:
 
 def _recovery_deployments() -> dict[str, dict[str, Any]]:
     deployments = yaml.safe_load((PROJECT_DIR / "prefect.yaml").read_text())["deployments"]
-    return {_flow(d["entrypoint"]).name: d for d in deployments if d["entrypoint"].startswith("flows/recovery.py:")}
+    return {_flow(d["entrypoint"]).name: d for d in deployments if d["entrypoint"].startswith("flows/recovery/")}
 
 
 def test_each_recovery_flow_is_deployed_once_as_auto_without_a_schedule() -> None:

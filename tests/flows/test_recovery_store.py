@@ -12,7 +12,7 @@ from typing import Any
 
 import psutil
 import pytest
-from flow_kit import TEST_SYMBOLS, artifacts_of, flow_run_events, wait_for_messages
+from flow_kit import TEST_SYMBOLS, artifacts_of, wait_for_messages
 from recovery_kit import (
     FAST_SERVICES,
     Keeper,
@@ -22,6 +22,7 @@ from recovery_kit import (
     all_incidents,
     checkpoint,
     event,
+    events_of,
     execute,
     fill_store,
     incident_of,
@@ -247,7 +248,7 @@ class TestCorruption:
             assert "no good backup to restore" in msg["body"]["body"]
             assert "crypto-agent restore --backup FILE" in msg["body"]["body"]
         assert inc.levels_told == ["l1", "l2", "l3"]
-        escalated = flow_run_events(inc.flow_run_id, INCIDENT_ESCALATED)
+        escalated = events_of(inc.flow_run_id, INCIDENT_ESCALATED, 2)  # one per level, delivered one by one
         assert sorted(e.payload["level"] for e in escalated) == ["l2", "l3"]
         # the kept lock keeps the crash recovery from starting the daemon on a broken store
         absorbed = recover_daemon_crash(settings=env)

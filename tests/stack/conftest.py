@@ -1,27 +1,23 @@
 """End-to-end tests of the whole stack, started as the README says: `crypto-agent up --detach` as a real
-subprocess, on free ports, in a temporary home, with a small universe and a short history.
+subprocess, on free ports, in a temporary home, with a small universe and a short history (tests/stack_kit.py).
 
 One stack serves the session (the browser test too); the test that runs `crypto-agent down` goes last.
 """
 
 from __future__ import annotations
 
-import json
-import time
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
-from stack_kit import (
-    DOWN_TIMEOUT_S,
-    UP_TIMEOUT_S,
-    RunningStack,
-    free_port,
-    run_cli,
-    stack_env,
-    up_seconds,
-)
+
+PROJECT_DIR = Path(__file__).resolve().parents[2]
+# flows/, blocks/, deployments/ and tests/ sit beside crypto_agent/ at the top of the project.
+if str(PROJECT_DIR) not in sys.path:
+    sys.path.insert(0, str(PROJECT_DIR))
+
+from tests.stack_kit import RunningStack, start_stack, sweep  # noqa: E402
 
 LAST = "test_down_stops_every_process_and_keeps_the_store"
 
@@ -43,34 +39,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
-    """The whole stack, up for the session; stopped at the end if the down test did not run."""
+    """The whole stack (every deployment, the UI), up for the session; stopped at the end unless the down test ran."""
     home = tmp_path_factory.mktemp("stack-home")
-    ports = free_port(), free_port(), free_port()
-    env = stack_env(home, *ports)
-    started = time.monotonic()
-    up = run_cli(["up", "--detach"], env, UP_TIMEOUT_S, cwd=home)
-    elapsed = time.monotonic() - started
-    running = None
+    running = start_stack(home, ui=True)
+    print(f"\n`crypto-agent up --detach` from cold: {running.up_seconds:.1f} s ({running.up_wall_s:.1f} s wall)")
     try:
-        assert up.returncode == 0, f"`crypto-agent up --detach` failed:\n{up.stdout}\n{up.stderr}"
-        record = json.loads((home / "run" / "stack.json").read_text())
-        running = RunningStack(home, env, *ports, up=up, up_seconds=up_seconds(up.stdout), record=record)
-        running.seen_pids = running.pids()
-        print(f"\n`crypto-agent up --detach` from cold: {up_seconds(up.stdout):.1f} s ({elapsed:.1f} s wall)")
         yield running
     finally:
-        if running is None or running.down is None:
-            run_cli(["down"], env, DOWN_TIMEOUT_S, cwd=home)
-        _kill_leftovers(home)
-
-
-def _kill_leftovers(home: Path) -> None:
-    """Last resort of the fixture: processes whose ownership record under run/ still matches are killed."""
-    for record_path in (home / "run").glob("*.pid.json"):
-        try:
-            record = json.loads(record_path.read_text())
-            proc = psutil.Process(record["pid"])
-            if abs(proc.create_time() - record["create_time"]) < 0.05 and proc.cmdline() == record["cmdline"]:
-                proc.kill()
-        except (OSError, ValueError, KeyError, psutil.Error):
-            continue
+        if running.down is None:
+            running.close()
+        sweep(home)

@@ -10,7 +10,6 @@ runs un-niced, its normal work is paced down (0.5 s between units, about 5 % CPU
 
 from __future__ import annotations
 
-import json
 import re
 import sqlite3
 import subprocess
@@ -18,71 +17,43 @@ import time
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
-import psutil
 import pytest
-from stack_kit import (
-    DOWN_TIMEOUT_S,
-    PREFECT,
-    UP_TIMEOUT_S,
-    RunningStack,
-    free_port,
-    run_cli,
-    stack_env,
-    up_seconds,
-)
 
 from crypto_agent.chaos import DRILLS
+from tests.stack_kit import PREFECT, UP_TIMEOUT_S, RunningStack, run_cli, start_stack
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 CHAOS_TIMEOUT_S = 900.0  # `chaos all` as a subprocess; each of its waits is capped by --max-wait
 MAX_WAIT_S = "240"
-FAST_STACK: dict[str, str] = {
-    "CRYPTO_AGENT_HEARTBEAT_INTERVAL_S": "1",
-    "CRYPTO_AGENT_HEARTBEAT_MAX_AGE_S": "10",
-    "CRYPTO_AGENT_HEARTBEAT_MISSING_S": "10",
-    "CRYPTO_AGENT_CRASH_RESTART_GRACE_S": "2",
-    "CRYPTO_AGENT_STOP_GRACE_S": "3",
-    "CRYPTO_AGENT_CPU_SPIKE_MINUTES": "0.15",
-    "CRYPTO_AGENT_CPU_MAX_PCT": "20",
-    "CRYPTO_AGENT_DAEMON_NICENESS": "0",
-    "CRYPTO_AGENT_DAEMON_UNIT_PAUSE_S": "0.5",
-    "CRYPTO_AGENT_PROBE_CPU_SAMPLE_S": "1",
+FAST_STACK: dict[str, Any] = {
+    "heartbeat_interval_s": 1,
+    "heartbeat_max_age_s": 10,
+    "heartbeat_missing_s": 10,
+    "crash_restart_grace_s": 2,
+    "stop_grace_s": 3,
+    "cpu_spike_minutes": 0.15,
+    "cpu_max_pct": 20,
+    "daemon_niceness": 0,
+    "daemon_unit_pause_s": 0.5,
+    "probe_cpu_sample_s": 1,
 }
 TABLE_ROW = re.compile(r"^(?P<name>[a-z-]+)\s+(?P<runbook>\d)\. .*?\s(?P<mttr>[0-9.]+ (?:s|min))\s+(?P<eta>\d+) m\s+"
                        r"(?P<verdict>within ETA|OVER ETA|NOT RECOVERED)$")
 
 
-def kill_leftovers(home: Path) -> None:
-    """Last resort: processes whose ownership record under run/ still matches are killed."""
-    for record_path in (home / "run").glob("*.pid.json"):
-        try:
-            record = json.loads(record_path.read_text())
-            proc = psutil.Process(record["pid"])
-            if abs(proc.create_time() - record["create_time"]) < 0.05 and proc.cmdline() == record["cmdline"]:
-                proc.kill()
-        except (OSError, ValueError, KeyError, psutil.Error):
-            continue
-
-
 @pytest.fixture(scope="module")
 def drilled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     """A stack of its own, tuned for fast drills; `crypto-agent down` at the end."""
-    home = tmp_path_factory.mktemp("chaos-home")
-    ports = free_port(), free_port(), free_port()
-    env = {**stack_env(home, *ports), **FAST_STACK}
-    up = run_cli(["up", "--detach", "--no-ui"], env, UP_TIMEOUT_S, cwd=home)
-    running = None
+    running = start_stack(tmp_path_factory.mktemp("chaos-home"), settings=FAST_STACK)
     try:
-        assert up.returncode == 0, f"`crypto-agent up --detach` failed:\n{up.stdout}\n{up.stderr}"
-        record = json.loads((home / "run" / "stack.json").read_text())
-        running = RunningStack(home, env, *ports, up=up, up_seconds=up_seconds(up.stdout), record=record)
         yield running
     finally:
-        down = run_cli(["down"], env, DOWN_TIMEOUT_S, cwd=home)
-        kill_leftovers(home)
-        assert down.returncode == 0, down.stdout + down.stderr
+        running.close()  # `crypto-agent down`, then whatever is left of the home is killed
+        down = running.down
+        assert down is not None and down.returncode == 0, down and down.stdout + down.stderr
 
 
 def incidents_of(home: Path) -> list[tuple]:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from stack_kit import CRYPTO_AGENT, UP_TIMEOUT_S, free_port, stack_env
+
+from tests.stack_kit import CRYPTO_AGENT, UP_TIMEOUT_S, free_port, stack_env
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 

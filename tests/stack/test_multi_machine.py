@@ -25,12 +25,12 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from stack_kit import CRYPTO_AGENT, PREFECT, PROJECT_DIR, free_port
 
 from crypto_agent import process
 from crypto_agent.receiver import Receiver
 from crypto_agent.settings import load_settings
 from crypto_agent.simulator import Simulator
+from tests.stack_kit import CRYPTO_AGENT, PREFECT, PROJECT_DIR, free_port
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -93,7 +93,7 @@ def postgres_cluster() -> Iterator[Postgres]:
             pwd.getpwnam("postgres")
             user = "postgres"
         except KeyError:
-            pytest.skip("running as root and there is no `postgres` user to run initdb as (Debian's package creates it)")
+            pytest.skip("running as root with no `postgres` user to run initdb as (Debian's package creates it)")
     folder = Path(tempfile.mkdtemp(prefix="crypto-agent-pg-"))
     if user:
         shutil.chown(folder, user=user)
@@ -271,7 +271,8 @@ def _ran_by(cluster: Cluster, flow_run_id: str) -> list[str]:
     ran = []
     for name, log in cluster.worker_logs.items():
         text = log.read_text(errors="replace")
-        if f"submitting flow run '{flow_run_id}'" in text and f"Aborted submission of flow run '{flow_run_id}'" not in text:
+        aborted = f"Aborted submission of flow run '{flow_run_id}'" in text
+        if f"submitting flow run '{flow_run_id}'" in text and not aborted:
             ran.append(name)
     return ran
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from stack_kit import (
+
+from tests.stack_kit import (
     PROJECT_DIR,
     RunningStack,
     api,
@@ -120,7 +121,8 @@ def test_a_second_up_reuses_everything(stack: RunningStack) -> None:
     print(f"\nsecond `crypto-agent up --detach` (warm): {up_seconds(again.stdout):.1f} s ({elapsed:.1f} s wall)")
     for name in ("prefect-server", "simulator", "receiver", "trader", "backtest", "serve"):
         assert re.search(rf"^{name}: already running.*reused", again.stdout, re.MULTILINE), f"{name}:\n{again.stdout}"
-    assert "started" not in " ".join(l for l in again.stdout.splitlines() if l.startswith(("prefect-server:", "serve:")))
+    restarted = [line for line in again.stdout.splitlines() if line.startswith(("prefect-server:", "serve:"))]
+    assert "started" not in " ".join(restarted)
     assert stack.pids() == pids_before
     servers = [p for p in psutil.process_iter(["cmdline"])
                if p.info["cmdline"] and "server" in p.info["cmdline"] and str(stack.prefect_port) in p.info["cmdline"]]

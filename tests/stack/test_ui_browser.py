@@ -11,7 +11,8 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from stack_kit import (
+
+from tests.stack_kit import (
     PROJECT_DIR,
     RunningStack,
     api,

@@ -1,10 +1,9 @@
-"""The incident log of the runbook's five scenarios: open (or join), record actions, close, report.
+"""The incident log: open (or join), record actions, close, and the questions asked of it (counts, MTTR).
 
 One row per incident in the `incidents` table of its own SQLite file (settings.incidents_db_path),
 so the log survives the restore or rollback of the store that a recovery may do. At most one
 incident per resource and family is open at a time: a unique index on the open row makes
 `open_or_join` atomic, and a second event during a recovery joins (is absorbed by) the open one.
-`render_report` fills in the runbook's post-incident checklist. No Prefect here: the flows act.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import os
 import socket
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +23,20 @@ from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from crypto_agent.errors import CryptoAgentError, InputError
+from crypto_agent.incidents.scenarios import (
+    ESCALATED,
+    FAILED,
+    LEVELS,
+    OPEN,
+    RECOVERED,
+    RESOLVED,
+    SCENARIOS,
+    Scenario,
+    scenario,
+)
 from crypto_agent.schema import incidents, incidents_metadata
 from crypto_agent.settings import Settings
 from crypto_agent.store import Store
-
-OPEN, RESOLVED, FAILED, ESCALATED = "open", "resolved", "failed", "escalated"
-STATUSES = (OPEN, RESOLVED, FAILED, ESCALATED)
-# How a recovery ended: the contract's outcomes, plus "skipped" (nothing to do, e.g. a paused service).
-RECOVERED, ABSORBED, SKIPPED = "recovered", "absorbed", "skipped"
-OUTCOMES = (RECOVERED, ABSORBED, "escalated", "failed", SKIPPED)
-LEVELS = ("l1", "l2", "l3")
-
-# The runbook's root-cause boxes; a root cause is one of these, then ": " and the detail.
-ROOT_CAUSES = ("Process hang", "DB corruption", "API throttle", "Other")
 
 # An open incident whose recovery process is gone, or older than this, is abandoned: any recovery
 # flow's timeout is shorter, so nobody will ever close it.
@@ -45,44 +45,8 @@ MAX_ACTION_DETAIL = 20_000
 MAX_TRIGGER_CHARS = 20_000
 
 
-@dataclass(frozen=True)
-class Scenario:
-    """One incident scenario of the runbook: its number, title, recovery family and ETA."""
-
-    name: str
-    number: int
-    title: str
-    family: str  # recoveries of one family on one resource run one at a time
-    eta_min: float  # the runbook's Quick Reference ETA
-
-    @property
-    def eta_s(self) -> float:
-        """The runbook's ETA in seconds."""
-        return self.eta_min * 60.0
-
-
-SCENARIOS: dict[str, Scenario] = {
-    s.name: s
-    for s in (
-        Scenario("daemon-crash", 1, "Daemon crashed", "service", 2),
-        Scenario("stale-data", 2, "Data staleness", "data", 15),
-        Scenario("db-corruption", 3, "Database corruption", "store", 30),
-        Scenario("process-hang", 4, "CPU spike / process hang", "service", 5),
-        Scenario("persistent-failures", 5, "Persistent failures: rollback 48 h", "rollback", 60),
-    )
-}
-
-
 class IncidentError(CryptoAgentError):
     """The incident log cannot be read or written, or an incident does not exist."""
-
-
-def scenario(name: str) -> Scenario:
-    """The scenario called `name`; InputError naming the five otherwise."""
-    try:
-        return SCENARIOS[name]
-    except KeyError:
-        raise InputError(f"unknown incident scenario {name!r}", hint=f"use one of: {', '.join(SCENARIOS)}") from None
 
 
 # --- values ---
@@ -366,10 +330,12 @@ def open_or_join(
         }
         try:
             with store.engine.begin() as conn:
-                new_id = conn.execute(insert(incidents).values(**values)).inserted_primary_key[0]
+                inserted = conn.execute(insert(incidents).values(**values)).inserted_primary_key
         except IntegrityError:
             continue  # another recovery opened it first: join that one
-        return get(store, new_id), False
+        if inserted is None:  # pragma: no cover (SQLite always returns the new row's key)
+            raise IncidentError(f"opening an incident for {resource} returned no id", hint="check the incident log")
+        return get(store, inserted[0]), False
     raise IncidentError(
         f"could not open or join an incident for {resource} ({sc.family}): it kept changing",
         hint="another process opens and closes incidents of this resource in a loop; check the automations",
@@ -586,115 +552,3 @@ def mttr_by_scenario(store: Store, since_ms: int | None = None) -> list[Scenario
             recovery_times_s=times,
         ))
     return out
-
-
-# --- the runbook's post-incident report ---
-
-
-def _minutes(seconds: float | None) -> str:
-    if seconds is None:
-        return "unknown"
-    if seconds < 120:
-        return f"{seconds:.0f} s ({seconds / 60:.2f} min)"
-    return f"{seconds / 60:.1f} min"
-
-
-def _box(checked: bool) -> str:
-    return "[x]" if checked else "[ ]"
-
-
-def root_cause_boxes(root_cause: str) -> str:
-    """The runbook's root-cause line with the matching box ticked (`Other: <detail>` for the rest)."""
-    category, _, detail = root_cause.partition(":")
-    category = category.strip()
-    known = category if category in ROOT_CAUSES[:-1] else None
-    parts = [f"{_box(known == c)} {c}" for c in ROOT_CAUSES[:-1]]
-    if known is None and root_cause.strip():
-        other = root_cause.strip() if category != "Other" else detail.strip()
-        parts.append(f"[x] Other: {other}")
-    else:
-        parts.append("[ ] Other: ___")
-    line = " ".join(parts)
-    if known is not None and detail.strip():
-        line += f"\n\n{detail.strip()}"
-    return line
-
-
-def render_report(incident: Incident, flow_run_link: str | None = None) -> str:
-    """The runbook's post-incident checklist, filled in from the incident (markdown)."""
-    sc = incident.scenario_info
-    title = f"scenario {sc.number}: {sc.title}" if sc else incident.scenario
-    started_ms = incident.fault_at if incident.fault_at is not None else incident.detected_at
-    started = datetime.fromtimestamp(started_ms / 1000, UTC)
-    recovery = _minutes(incident.recovery_time_s)
-    if sc is not None and incident.recovery_time_s is not None:
-        verdict = "within" if incident.recovery_time_s <= sc.eta_s else "over"
-        recovery += f" ({verdict} the runbook's ETA of {sc.eta_min:g} min)"
-    if incident.detection_delay_s is not None:
-        delay = _minutes(incident.detection_delay_s)
-        delay += f" (fault {iso(incident.fault_at)}, detected {iso(incident.detected_at)})"
-    else:
-        delay = f"unknown (fault time not known; detected {iso(incident.detected_at)})"
-    trigger = incident.trigger.get("event") or "a manual run of the recovery"
-    lost = "unknown" if incident.data_lost_hours is None else f"{incident.data_lost_hours:g} hours"
-    actions = []
-    for a in incident.actions:
-        at = datetime.fromtimestamp(a.get("at", 0) / 1000, UTC).strftime("%H:%M:%S")
-        mark = "" if a.get("ok", True) else " **(failed)**"
-        detail = str(a.get("detail", "")).strip()
-        first, _, rest = detail.partition("\n")
-        line = f"- {at} `{a.get('step', '?')}`{mark}: {first}"
-        if rest.strip():
-            body = rest.strip()
-            if len(body) > 4000:
-                body = body[:4000] + "\n... (truncated; the full text is in the incident log)"
-            line += "\n\n  ```\n" + "\n".join(f"  {ln}" for ln in body.splitlines()) + "\n  ```"
-        actions.append(line)
-    told = ", ".join(lv.upper() for lv in incident.levels_told) or "nobody yet"
-    status = incident.status + (f" ({incident.outcome})" if incident.outcome else "")
-    due = (started + timedelta(days=2)).strftime("%Y-%m-%d")
-    lines = [
-        f"# Incident Report #{incident.id}: {title}",
-        "",
-        f"**Date:** {started:%Y-%m-%d}  ",
-        f"**Time:** {started:%H:%M} UTC  ",
-        f"**Duration:** {_minutes(incident.duration_s) if incident.resolved_at else 'ongoing'}  ",
-        f"**Impact:** {incident.impact or 'not assessed'}  ",
-        f"**Resource:** `{incident.resource}`  ",
-        f"**Status:** {status}  ",
-        "",
-        "## Root Cause",
-        root_cause_boxes(incident.root_cause),
-        "",
-        "## Detection",
-        f"Who found? {_box(incident.automated)} Automated {_box(not incident.automated)} Manual notice  ",
-        f"Trigger: `{trigger}`"
-        + (f" ({incident.events_absorbed} more event(s) absorbed during the recovery)" if incident.events_absorbed else "")
-        + "  ",
-        f"Detection delay: {delay}",
-        "",
-        "## Recovery",
-        f"Summary: {incident.summary or 'in progress'}  ",
-        "Action taken:",
-        "",
-        *(actions or ["- none yet"]),
-        "",
-        f"Recovery time: {recovery}  ",
-        f"Data loss: {lost}  ",
-        f"Escalated to: {told}",
-    ]
-    if flow_run_link:
-        lines.append(f"\nFlow run: {flow_run_link}")
-    lines += [
-        "",
-        "## Prevention",
-        "[ ] Auto-restart added",
-        "[ ] Backup validation improved",
-        "[ ] Monitoring threshold adjusted",
-        "[ ] Other: ___",
-        "",
-        "## Assigned to",
-        f"Owner: ___ | Due: {due}",
-        "",
-    ]
-    return "\n".join(lines)

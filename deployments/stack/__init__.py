@@ -1,0 +1,157 @@
+"""The whole stack on this machine from one command: `crypto-agent up` brings it up, `crypto-agent down` stops it.
+
+`up` starts, in order: a Prefect server on SQLite (PREFECT_HOME inside the project home), the exchange
+simulator and the local notification receiver, backfills the store for the universe, starts the paper
+trader and the backtest daemon, registers the Block types and default documents, starts the one
+process that runs the flows (deployments/serve.py: it creates every deployment of prefect.yaml with
+its schedules and triggers, or only those of `--only`), applies the automations of
+deployments/automations.py and starts the heartbeat relay. Every child runs detached in its own session,
+its PID and identity recorded under run/ (crypto_agent.process: never a signal to a PID that is not
+the process we started). A second `up` reuses what runs and answers. In the foreground `up` waits for
+Ctrl-C or SIGTERM and then stops what it started, in reverse order; `crypto-agent down` does the same
+from another terminal. Prefect is imported inside the functions that talk to the API.
+
+The modules, in the order a reader needs them:
+
+- plan.py: the part names and start order, the plan (settings, ports, Prefect home, deployments served),
+  the environment of every child, run/stack.json;
+- parts.py: each part as a child process or service, ports, starting one (or reusing it), stopping one;
+- up.py: `bring_up` (every step in order, stopping what it started on a failure or a signal), `bring_down`;
+- run.py: `run_up`, what `crypto-agent up` prints and how it holds the foreground.
+"""
+
+from deployments.stack.parts import (
+    Child,
+    Part,
+    Stack,
+    ensure_child,
+    ensure_port_free,
+    ensure_service,
+    http_ok,
+    part_spec,
+    port_free,
+    port_holder,
+    receiver_child,
+    relay_child,
+    runner_ready,
+    running_for,
+    serve_child,
+    server_child,
+    simulator_child,
+    stop_part,
+    stop_parts,
+    wait_child,
+)
+from deployments.stack.plan import (
+    CHILD_READY_S,
+    DAEMON,
+    DROPPED_ENV,
+    FOREGROUND,
+    HOST,
+    LOCAL_HOSTS,
+    PROJECT_DIR,
+    RECEIVER,
+    RELAY,
+    RELAY_SETTLE_S,
+    SERVE,
+    SERVE_READY_S,
+    SERVE_STOP_GRACE_S,
+    SERVER,
+    SERVER_READY_S,
+    SERVICES,
+    SIMULATOR,
+    START_ORDER,
+    TRADER,
+    UP_STOP_GRACE_S,
+    PortTaken,
+    StackConflict,
+    StackInterrupted,
+    StackPlan,
+    child_env,
+    deployment_names,
+    plan_stack,
+    prefect_client_env,
+    prefect_env,
+    read_record,
+    write_record,
+)
+from deployments.stack.run import run_up, summary_lines, watch
+from deployments.stack.up import (
+    Interrupts,
+    apply_automations,
+    automations,
+    backfill,
+    bring_down,
+    bring_up,
+    claim_foreground,
+    foreground_spec,
+    register_blocks,
+    release_foreground,
+)
+
+__all__ = [
+    "CHILD_READY_S",
+    "DAEMON",
+    "DROPPED_ENV",
+    "FOREGROUND",
+    "HOST",
+    "LOCAL_HOSTS",
+    "PROJECT_DIR",
+    "RECEIVER",
+    "RELAY",
+    "RELAY_SETTLE_S",
+    "SERVE",
+    "SERVER",
+    "SERVER_READY_S",
+    "SERVE_READY_S",
+    "SERVE_STOP_GRACE_S",
+    "SERVICES",
+    "SIMULATOR",
+    "START_ORDER",
+    "TRADER",
+    "UP_STOP_GRACE_S",
+    "Child",
+    "Interrupts",
+    "Part",
+    "PortTaken",
+    "Stack",
+    "StackConflict",
+    "StackInterrupted",
+    "StackPlan",
+    "apply_automations",
+    "automations",
+    "backfill",
+    "bring_down",
+    "bring_up",
+    "child_env",
+    "claim_foreground",
+    "deployment_names",
+    "ensure_child",
+    "ensure_port_free",
+    "ensure_service",
+    "foreground_spec",
+    "http_ok",
+    "part_spec",
+    "plan_stack",
+    "port_free",
+    "port_holder",
+    "prefect_client_env",
+    "prefect_env",
+    "read_record",
+    "receiver_child",
+    "register_blocks",
+    "relay_child",
+    "release_foreground",
+    "run_up",
+    "runner_ready",
+    "running_for",
+    "serve_child",
+    "server_child",
+    "simulator_child",
+    "stop_part",
+    "stop_parts",
+    "summary_lines",
+    "wait_child",
+    "watch",
+    "write_record",
+]

@@ -1,0 +1,140 @@
+"""Runbook scenario 1, daemon crashed: confirm it is dead (a grace period after a start), triage (alive but hung
+goes to recover-process-hang), attach the log's errors, a quick integrity check (corrupt: recover-db-corruption),
+clean the state files, restart, confirm HEALTHY."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from crypto_agent import incidents, process, recovery
+from crypto_agent.incidents import RECOVERED, RESOLVED, SKIPPED
+from crypto_agent.settings import Settings
+from flows.common import run_settings
+from flows.maintenance import check_store_integrity
+from flows.recovery.db_corruption import recover_db_corruption
+from flows.recovery.process_hang import recover_process_hang
+from flows.recovery.skeleton import (
+    RECOVERY_CRASH_HOOKS,
+    RECOVERY_FAILURE_HOOKS,
+    Absorbed,
+    check_hold,
+    limit_name,
+    recovery_incident,
+    resource_of,
+)
+from flows.recovery.steps import clean_and_restart, integrity_detail, probe_service, read_log_errors, sound_store
+
+
+def last_start(cfg: Settings, spec: process.ServiceSpec) -> float | None:
+    """When the service last started: its ownership record, or the store's newest `started` event."""
+    store = sound_store(cfg)
+    try:
+        return recovery.last_start(spec, store)
+    finally:
+        if store is not None:
+            store.close()
+
+
+@task(name="hold-restart", timeout_seconds=3600, cache_policy=NO_CACHE)
+def hold_restart(seconds: float) -> float:
+    """Wait out the grace period after the service's last start (runbook: don't restart yet if within 5 min)."""
+    time.sleep(max(0.0, seconds))
+    return seconds
+
+
+@flow(
+    name="recover-daemon-crash",
+    description="Runbook scenario 1: confirm dead (grace after a start), triage (a hang goes to recover-process-hang), "
+    "attach the log's errors, quick integrity check (corrupt: recover-db-corruption), clean, restart, confirm HEALTHY.",
+    timeout_seconds=3 * 3600,
+    on_failure=RECOVERY_FAILURE_HOOKS,
+    on_crashed=RECOVERY_CRASH_HOOKS,
+)
+def recover_daemon_crash(
+    service: str = "backtest",
+    event: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None,
+    handover: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Recover a dead service (or hand a hung one to recover-process-hang); the summary {incident_id, outcome, ...}."""
+    cfg = run_settings(settings)
+    resource = resource_of(service)
+    spec = process.service_spec(service, cfg)
+    # a store recovery holding the lock restarts the services itself: wait for it
+    with recovery_incident("daemon-crash", resource, event, cfg, handover, guard=[resource], lock="wait",
+                           fault_at_s=recovery.last_heartbeat_at(spec)) as run:
+        if isinstance(run, Absorbed):
+            return run.result
+        run.live_trading_affected = service == "trader"
+        impact = "Live trading down" if service == "trader" else "Backtest paused (daemon down), live trading OK"
+        kept = check_hold(service, cfg)
+        if kept.pause is not None:
+            run.act("paused", f"{service} is paused ({kept.pause.get('reason', 'no reason given')}, by "
+                    f"{kept.pause.get('by', 'unknown')} since {kept.pause.get('since', '?')}): not restarting it")
+            return run.finish(RESOLVED, SKIPPED, summary=f"{service} is paused on purpose: not restarted",
+                              impact="none (paused on purpose)", root_cause="Other: service paused by a person or "
+                              "a rollback", data_lost_hours=0)
+        if kept.hold is not None:
+            run.act("held", f"{service} is {kept.hold}: stopped or paused on purpose, not restarting it")
+            return run.finish(RESOLVED, SKIPPED, summary=f"{service} is {kept.hold}: nothing done",
+                              impact="none (held on purpose)", root_cause="Other: service held on purpose",
+                              data_lost_hours=0)
+
+        # 1. confirm it is dead: the probe, looked at again after the grace period that follows a start
+        report = probe_service(settings, service)
+        verdict = recovery.triage(report, cfg.heartbeat_max_age_s)
+        run.act("probe", f"{report.summary} -> {verdict.verdict.value}: {verdict.reason}")
+        if verdict.verdict is recovery.Verdict.DEAD:
+            wait = recovery.restart_wait_s(last_start(cfg, spec), cfg.crash_restart_grace_s)
+            if wait > 0:
+                run.act("grace", f"{service} started less than {cfg.crash_restart_grace_s:g} s ago: holding the "
+                        f"restart {wait:.1f} s, then looking again")
+                hold_restart(wait)
+                report = probe_service(settings, service)
+                verdict = recovery.triage(report, cfg.heartbeat_max_age_s)
+                run.act("probe", f"after the grace period: {report.summary} -> {verdict.verdict.value}")
+        if verdict.verdict is recovery.Verdict.HUNG:
+            run.act("triage", f"alive but hung ({verdict.reason}): handing over to recover-process-hang")
+            sub = recover_process_hang(service=service, event=event, settings=settings,
+                                       handover=run.handover([limit_name(resource)]))
+            return run.finish_from(sub)
+        if verdict.verdict is recovery.Verdict.RUNNING:
+            # nothing done by this run: "skipped", so MTTR counts real recoveries only
+            return run.finish(
+                RESOLVED, SKIPPED, summary=f"{service} is running ({report.summary}): no restart needed",
+                impact="none" if report.healthy else impact,
+                root_cause="Other: not a crash (the service runs and beats)", data_lost_hours=0,
+            )
+        if verdict.foreign:
+            run.act("refused", f"{verdict.foreign}: that process is not ours and is left alone; the stale "
+                    "pidfile will be cleaned, nothing signalled", ok=False)
+
+        # 2. the log's errors say why it died
+        errors = read_log_errors(settings, service)
+        run.act("log-errors", f"{len(errors)} error line(s) in the last 100 of {spec.log}:\n" + "\n".join(errors[-40:])
+                if errors else f"no error in the last 100 lines of {spec.log}")
+        root_cause = incidents.root_cause.crash_root_cause(service, errors)
+        run.describe(root_cause=root_cause, impact=impact)
+
+        # 3. a quick integrity check: a corrupt store is recover-db-corruption's
+        check = check_store_integrity(settings, False)
+        if not check.ok and Path(cfg.db_path).exists():
+            run.act("integrity-check", integrity_detail(check) + "\nhanding over to recover-db-corruption", ok=False)
+            sub = recover_db_corruption(service=service, event=event, settings=settings,
+                                        handover={"incident_id": None, "held": run.held})
+            return run.finish_from(sub)
+        run.act("integrity-check", integrity_detail(check) if check.ok else
+                f"no database yet at {cfg.db_path}: the service creates it")
+
+        # 4. clean the state files, restart, confirm HEALTHY
+        healthy = clean_and_restart(run, settings, service)
+        if healthy is None:
+            return run.finish(RESOLVED, SKIPPED, summary=f"{service} was paused meanwhile: not restarted",
+                              impact=impact, root_cause=root_cause, data_lost_hours=0)
+        return run.finish(RESOLVED, RECOVERED, summary=f"{service} restarted and HEALTHY (PID {healthy.pid})",
+                          impact=impact, root_cause=root_cause, data_lost_hours=0, pid=healthy.pid)

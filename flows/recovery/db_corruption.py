@@ -1,0 +1,127 @@
+"""Runbook scenario 3, database corruption: stop the services, lock the store, REINDEX a scratch copy or restore
+the newest good backup (the corrupt file quarantined), resync, salvage, validate, the trader first then the daemon.
+Also run by recover-daemon-crash when the quick integrity check fails."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from crypto_agent import backup, incidents, recovery
+from crypto_agent.incidents import ESCALATED, RECOVERED, RESOLVED, SKIPPED
+from flows.common import run_settings
+from flows.daily import check_data_quality
+from flows.events import STORE_RESOURCE
+from flows.maintenance import check_store_integrity
+from flows.recovery.skeleton import (
+    RECOVERY_CRASH_HOOKS,
+    RECOVERY_FAILURE_HOOKS,
+    Absorbed,
+    recovery_incident,
+    resource_of,
+)
+from flows.recovery.steps import integrity_detail, restore_and_resync, start_verified, stop_all, store_lock
+
+
+@task(name="reindex-scratch-copy", timeout_seconds=3600, cache_policy=NO_CACHE)
+def reindex_scratch_copy(settings: dict[str, Any] | None, incident_id: int) -> recovery.ReindexResult:
+    """REINDEX a scratch copy of the database and check it fully; the live (corrupt) file is not touched."""
+    cfg = run_settings(settings)
+    work = Path(cfg.db_path).parent / f".repair-incident-{incident_id}"
+    return recovery.reindex_copy(cfg.db_path, work)
+
+
+@task(name="install-repaired-copy", timeout_seconds=600, cache_policy=NO_CACHE)
+def install_repaired_copy(settings: dict[str, Any] | None, repaired: str, reason: str) -> Path:
+    """Quarantine the corrupt database (with -wal/-shm), put the repaired copy in its place; the quarantine folder."""
+    cfg = run_settings(settings)
+    return recovery.put_repaired_in_place(cfg.db_path, repaired, cfg.quarantine_dir, reason)
+
+
+@flow(
+    name="recover-db-corruption",
+    description="Runbook scenario 3: stop the services, lock the store, REINDEX a scratch copy or restore the newest "
+    "good backup (the corrupt file quarantined), resync, salvage, validate, trader first then the daemon.",
+    timeout_seconds=2 * 3600,
+    on_failure=RECOVERY_FAILURE_HOOKS,
+    on_crashed=RECOVERY_CRASH_HOOKS,
+)
+def recover_db_corruption(
+    service: str = "backtest",
+    event: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None,
+    handover: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Repair or restore a corrupt store and bring the services back; the summary {incident_id, outcome, ...}."""
+    cfg = run_settings(settings)
+    guard = [STORE_RESOURCE, resource_of("backtest"), resource_of("trader")]
+    with recovery_incident("db-corruption", STORE_RESOURCE, event, cfg, handover, guard=guard) as run:
+        if isinstance(run, Absorbed):
+            return run.result
+
+        # 1. confirm: PRAGMA integrity_check
+        reported = incidents.event_payload(event).get("problems")
+        if reported:
+            run.act("event", "reported: " + "; ".join(str(p) for p in reported[:10]))
+        check = check_store_integrity(settings, True)
+        run.act("integrity-check", integrity_detail(check), ok=check.ok)
+        if check.ok:
+            return run.finish(RESOLVED, SKIPPED, summary="integrity_check says ok: nothing to repair, nothing stopped",
+                              impact="none", root_cause="Other: not reproduced (integrity_check ok)",
+                              data_lost_hours=0)
+        root_cause = incidents.root_cause.corruption_root_cause(check.problems)
+        run.describe(root_cause=root_cause)
+
+        with store_lock(run):
+            # 2. stop everything that writes; running until we stopped it, or found dead: live trading was hit
+            stopped = stop_all(run, settings)
+            run.live_trading_affected = stopped["trader"].was_running or bool(stopped["trader"].cleaned)
+            impact = ("Live trading and backtest stopped" if run.live_trading_affected
+                      else "Backtest stopped, live trading was not running")
+
+            # 3. REINDEX a scratch copy; 4. else restore the newest good backup, resync, salvage
+            reindexed = reindex_scratch_copy(settings, run.id)
+            if reindexed.ok:
+                run.act("reindex", f"REINDEX on a scratch copy repaired it in {reindexed.seconds:.1f} s")
+                folder = install_repaired_copy(settings, str(reindexed.repaired),
+                                               f"incident #{run.id}: corrupt; replaced by its REINDEXed copy")
+                run.act("install-repaired", f"the corrupt database (with -wal/-shm) is in {folder}; "
+                        "the repaired copy is in place")
+                lost, how = 0.0, "repaired by REINDEX"
+            else:
+                run.act("reindex", "REINDEX did not repair a scratch copy: " + "; ".join(reindexed.problems[:5]),
+                        ok=False)
+                restored = restore_and_resync(run, settings, f"incident #{run.id}: corrupt database", None,
+                                              salvage=True)
+                if restored.backup is None:
+                    recovery.hand_lock_to_person(
+                        cfg.db_path, f"{run.lock_owner}: escalated, no good backup; delete this file once a person "
+                        "has restored the store")
+                    why = (f"no good backup to restore: {restored.message}. Left as found: the corrupt database "
+                           f"stays at {cfg.db_path} (nothing overwritten), the services stay stopped and "
+                           f"{backup.lock_path(cfg.db_path)} stays so nothing writes or starts on it. Next: "
+                           "delete LOCKED, then `crypto-agent restore --backup FILE` (or rebuild with "
+                           "`crypto-agent collect`), then start the services")
+                    run.extra_levels["l3"] = "the store is down with no good backup"
+                    run.act("escalate", why, ok=False)
+                    return run.finish(ESCALATED, "escalated", summary=why, impact=impact, root_cause=root_cause)
+                lost, how = restored.data_lost_hours, f"restored from {restored.backup.name}"
+
+            # 5. validate the data
+            validation = check_data_quality(settings)
+            run.act("validate", "data checks pass" if validation.ok else "; ".join(validation.reasons[:5]),
+                    ok=validation.ok)
+            if not validation.ok:
+                run.extra_levels["l2"] = "the store is sound again but its data fails validation: " + \
+                    "; ".join(validation.reasons[:3])
+        run.act("unlock", "released the store's lock")
+
+        # 6. the trader first, then the daemon once the trader is healthy
+        trader = start_verified(run, settings, "trader")
+        daemon = start_verified(run, settings, "backtest")
+        state = f"trader {'HEALTHY' if trader else 'paused'}, daemon {'HEALTHY' if daemon else 'paused'}"
+        return run.finish(RESOLVED, RECOVERED, summary=f"{how}; {state}", impact=impact, root_cause=root_cause,
+                          data_lost_hours=lost)

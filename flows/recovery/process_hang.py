@@ -1,0 +1,117 @@
+"""Runbook scenario 4, CPU spike / process hang: capture the stacks, stop (SIGTERM, then SIGKILL), clean,
+restart without the fault, confirm HEALTHY. Also run by recover-daemon-crash for a service alive but hung."""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+import psutil
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from crypto_agent import incidents, process, recovery
+from crypto_agent.incidents import RECOVERED, RESOLVED, SKIPPED
+from flows.common import run_settings
+from flows.events import SERVICE_CPU_HIGH, SERVICE_MEMORY_HIGH
+from flows.recovery.skeleton import (
+    RECOVERY_CRASH_HOOKS,
+    RECOVERY_FAILURE_HOOKS,
+    Absorbed,
+    check_hold,
+    recovery_incident,
+    resource_of,
+)
+from flows.recovery.steps import clean_and_restart, probe_service, stop_reported
+
+STACK_DUMP_TIMEOUT_S = 10.0
+
+
+@task(name="capture-stacks", timeout_seconds=60, cache_policy=NO_CACHE)
+def capture_stacks(settings: dict[str, Any] | None, service: str) -> recovery.StackDump:
+    """Have our service write every thread's stack (SIGUSR1; a stopped one gets SIGCONT first); the dump.
+
+    A service that does not answer in time is recorded, not fatal: the dump's `timeout` says why.
+    """
+    cfg = run_settings(settings)
+    spec = process.service_spec(service, cfg)
+    continued = False
+    try:
+        proc = process.owned_process(spec)
+        if proc.status() == psutil.STATUS_STOPPED:
+            proc.send_signal(signal.SIGCONT)  # psutil re-checks that it is still our instance
+            continued = True
+        path = process.dump_stacks(spec, timeout_s=STACK_DUMP_TIMEOUT_S)
+    except (process.StackDumpTimeout, process.ServiceNotRunning, process.NotOurProcess) as exc:
+        return recovery.StackDump(None, "", continued, timeout=exc.message)
+    except psutil.NoSuchProcess:
+        return recovery.StackDump(None, "", continued, timeout="the process ended before its dump")
+    return recovery.StackDump(path, path.read_text(encoding="utf-8", errors="replace"), continued)
+
+
+@flow(
+    name="recover-process-hang",
+    description="Runbook scenario 4 (CPU spike / hang): capture the stacks, stop (SIGTERM, then SIGKILL), clean, "
+    "restart without the fault, confirm HEALTHY.",
+    timeout_seconds=1800,
+    on_failure=RECOVERY_FAILURE_HOOKS,
+    on_crashed=RECOVERY_CRASH_HOOKS,
+)
+def recover_process_hang(
+    service: str = "backtest",
+    event: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None,
+    handover: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Recover a hung or CPU-burning service; the summary {incident_id, outcome, ...}."""
+    cfg = run_settings(settings)
+    resource = resource_of(service)
+    spec = process.service_spec(service, cfg)
+    with recovery_incident("process-hang", resource, event, cfg, handover, guard=[resource],
+                           lock="none" if handover else "wait", fault_at_s=recovery.last_heartbeat_at(spec)) as run:
+        if isinstance(run, Absorbed):
+            return run.result
+        run.live_trading_affected = service == "trader"
+        impact = "Live trading stalled" if service == "trader" else "Backtest stalled, live trading OK"
+        held = check_hold(service, cfg).hold
+        if held is not None and not run.handed_over:
+            run.act("held", f"{service} is {held}: paused or stopped on purpose, not a hang")
+            return run.finish(RESOLVED, SKIPPED, summary=f"{service} is {held}: nothing done",
+                              impact="none (held on purpose)", root_cause="Other: service held on purpose",
+                              data_lost_hours=0)
+
+        # 1. look: the probe (one healthy sample does not refute cpu-high and memory-high, judged over minutes)
+        report = probe_service(settings, service)
+        also = f"; also {'; '.join(report.reasons[1:])}" if report.reasons[1:] else ""
+        run.act("probe", f"{report.summary}{also}", ok=report.healthy)
+        judged = (event or {}).get("event") in (SERVICE_CPU_HIGH, SERVICE_MEMORY_HIGH)
+        if report.healthy and not run.handed_over and not judged:
+            return run.finish(RESOLVED, SKIPPED, summary=f"{service} is healthy again: nothing done",
+                              impact="none", root_cause="Other: transient (healthy when the recovery looked)",
+                              data_lost_hours=0)
+        root_cause = incidents.root_cause.hang_root_cause(report.reasons, (event or {}).get("event"), report.summary)
+
+        # 2. capture the stacks (py-spy dump), for the post-incident report
+        if report.alive:
+            stacks = capture_stacks(settings, service)
+            if stacks.continued:
+                run.act("continue", f"PID {report.pid} was stopped (SIGSTOP): sent SIGCONT so it can dump its stacks")
+            if stacks.timeout:
+                run.act("capture-stacks", f"no stack dump: {stacks.timeout}", ok=False)
+            else:
+                run.act("capture-stacks", f"{stacks.path}\n{stacks.text}")
+                create_markdown_artifact(
+                    markdown=f"# Stacks of {service} (incident #{run.id})\n\n`{stacks.path}`\n\n```\n"
+                    f"{stacks.text[:50_000]}\n```\n",
+                    key=f"incident-{run.id}-stacks", description=f"stack dump of {service} PID {report.pid}",
+                )
+
+        # 3. stop (SIGTERM, SIGKILL after the grace), 4. clean, restart, confirm HEALTHY
+        stop_reported(run, settings, service)
+        healthy = clean_and_restart(run, settings, service)
+        if healthy is None:
+            return run.finish(RESOLVED, SKIPPED, summary=f"{service} stopped; not restarted: it is paused",
+                              impact=impact, root_cause=root_cause, data_lost_hours=0)
+        return run.finish(RESOLVED, RECOVERED, summary=f"{service} restarted and HEALTHY (PID {healthy.pid})",
+                          impact=impact, root_cause=root_cause, data_lost_hours=0, pid=healthy.pid)

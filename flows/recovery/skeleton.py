@@ -1,0 +1,421 @@
+"""The skeleton every recovery runs in: the store-lock check, the incident opened or joined, the concurrency
+guard, and the close with the report (who is told, the events, the markdown artifact `incident-<id>`).
+
+A flow opens with `with recovery_incident(...) as run:`; when another recovery already has it (its
+incident is open, or it holds the store's lock) `run` is an `Absorbed` carrying the flow's summary,
+otherwise the `Recovery` whose incident the flow works in and closes with `run.finish(...)`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import psutil
+from prefect import get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import FlowRun, State
+from prefect.concurrency.sync import concurrency
+from prefect.flows import FlowStateHook
+from prefect.runtime import flow_run as current_flow_run
+from prefect.settings import PREFECT_UI_URL
+
+from crypto_agent import backup, incidents, process, recovery
+from crypto_agent.errors import CryptoAgentError, InputError
+from crypto_agent.incidents import ESCALATED, FAILED, RECOVERED, RESOLVED, SKIPPED, Incident
+from crypto_agent.settings import Settings
+from crypto_agent.store import Store
+from flows.common import run_settings
+from flows.events import (
+    INCIDENT_ESCALATED,
+    INCIDENT_OPENED,
+    INCIDENT_RESOLVED,
+    SERVICE_RESOURCE_NAMES,
+    emit,
+    incident_resource,
+    service_resource,
+)
+from flows.notify import CRASH_HOOKS, FAILURE_HOOKS, notify_level
+
+# The owner a store recovery writes into db/LOCKED, followed by its incident id.
+LOCK_OWNERS = {"db-corruption": "recover-db-corruption", "persistent-failures": "rollback-persistent-failures"}
+RECOVERY_WAIT_S = 3600.0  # longest wait for another recovery of the same resource (concurrency limit)
+LOCK_WAIT_S = 600.0  # longest wait for the store's lock held by a live process (a compaction, a restore)
+MAX_MESSAGE_ACTIONS = 12
+LockCheck = Literal["check", "wait", "none"]
+
+
+def resource_of(service: str) -> str:
+    """The Prefect resource id of a crypto_agent service ("backtest" -> crypto-agent.service.backtest-daemon)."""
+    if service not in SERVICE_RESOURCE_NAMES:
+        raise InputError(f"unknown service {service!r}", hint=f"use one of: {', '.join(SERVICE_RESOURCE_NAMES)}")
+    return service_resource(SERVICE_RESOURCE_NAMES[service])
+
+
+def limit_name(resource: str) -> str:
+    """The global concurrency limit that lets one recovery at a time work on a resource."""
+    return f"recovery-{resource}"
+
+
+def flow_run_link() -> str:
+    """The current flow run's page in the Prefect UI, or its id when no UI URL is configured."""
+    run_id = current_flow_run.id
+    ui = PREFECT_UI_URL.value()
+    if ui and run_id:
+        return f"{ui.rstrip('/')}/flow-runs/flow-run/{run_id}"
+    return f"flow run id {run_id} (no PREFECT_UI_URL configured)" if run_id else "no flow run (called directly)"
+
+
+# --- the store's lock and the holds: what another recovery or a person keeps as it is ---
+
+
+def lock_blocker(cfg: Settings) -> str | None:
+    """Who holds the store's lock without a live process behind it (a person, after an escalation), or None."""
+    holder = backup.lock_holder(cfg.db_path)
+    if holder is None:
+        return None
+    pid = holder.get("pid")
+    if isinstance(pid, int) and psutil.pid_exists(pid):
+        return None  # a live recovery or compaction: wait for it
+    return f"{backup.lock_path(cfg.db_path)} held by {holder.get('owner', 'an unknown owner')}"
+
+
+def wait_for_store_lock(cfg: Settings) -> str | None:
+    """Before a service recovery takes anything: wait while a live process (a store recovery, a compaction)
+    holds the store's lock, up to LOCK_WAIT_S; who still holds it then (or holds it with no process behind it)."""
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while backup.lock_holder(cfg.db_path) is not None:
+        blocker = lock_blocker(cfg)
+        if blocker is not None:
+            return blocker
+        if time.monotonic() > deadline:
+            return recovery.store_state(cfg)
+        time.sleep(1.0)
+    return None
+
+
+@dataclass(frozen=True)
+class HoldCheck:
+    """What keeps a service as it is on purpose: its pause marker (a person, a rollback), a hold in force."""
+
+    pause: dict[str, Any] | None  # the marker: reason, by, since
+    hold: str | None  # the hold in force, described
+
+
+def check_hold(service: str, cfg: Settings) -> HoldCheck:
+    """The one hold check of the recoveries: the service's pause marker and the hold that covers its state now."""
+    return HoldCheck(process.paused(process.service_spec(service, cfg)), recovery.hold_in_force(service, cfg))
+
+
+# --- the incident a recovery works in ---
+
+
+@dataclass
+class Recovery:
+    """One recovery flow run's incident: its actions, notifications, events, report and summary."""
+
+    scenario: str
+    resource: str
+    cfg: Settings
+    log_store: Store
+    incident: Incident
+    handed_over: bool = False
+    held: list[str] = field(default_factory=list)
+    live_trading_affected: bool = False
+    rollback_failed: bool = False
+    escalated_in: int | None = None  # another incident (a handover's) that does the paging for this one
+    extra_levels: dict[str, str] = field(default_factory=dict)
+    undelivered: list[str] = field(default_factory=list)
+    result: dict[str, Any] | None = None
+
+    @property
+    def id(self) -> int:
+        """The incident id."""
+        return self.incident.id
+
+    @property
+    def lock_owner(self) -> str:
+        """Who this recovery is in the store's lock file: its flow and incident."""
+        return f"{LOCK_OWNERS[self.scenario]} #{self.id}"
+
+    def act(self, step: str, detail: str, ok: bool = True) -> None:
+        """Record one action of the recovery in the incident (and the run log)."""
+        incidents.add_action(self.log_store, self.id, step, detail, ok=ok)
+        logger = get_run_logger()
+        (logger.info if ok else logger.warning)("incident #%d %s: %s", self.id, step, detail.split("\n", 1)[0])
+
+    def describe(self, **fields: Any) -> None:
+        """Set what is known so far (root_cause, impact): a failure from here on closes the incident with it."""
+        incidents.update_fields(self.log_store, self.id, **fields)
+        self.incident = incidents.get(self.log_store, self.id)
+
+    def handover(self, limits: list[str] | None = None) -> dict[str, Any]:
+        """What a subflow working in this incident gets: its id and the concurrency limits already held."""
+        return {"incident_id": self.id, "held": sorted(set(self.held) | set(limits or []))}
+
+    @contextmanager
+    def guard(self, resources: list[str]) -> Iterator[None]:
+        """Hold the concurrency limits of `resources` (not those a parent holds); a failure closes the incident."""
+        names = [limit_name(r) for r in resources if limit_name(r) not in self.held]
+        try:
+            with _concurrency_limits(names):
+                self.held = sorted(set(self.held) | set(names))
+                yield
+        except BaseException as exc:
+            if not self.handed_over and incidents.get(self.log_store, self.id).is_open:
+                what = exc.message if isinstance(exc, CryptoAgentError) else f"{type(exc).__name__}: {exc}"
+                current = incidents.get(self.log_store, self.id)
+                try:
+                    self.finish(FAILED, "failed", summary=f"the recovery failed: {what}",
+                                impact=current.impact or "unknown: the recovery did not finish",
+                                root_cause=current.root_cause or "Other: unknown (the recovery failed)")
+                except Exception:  # noqa: BLE001 (the original failure is the one to raise; the hooks tell L1)
+                    get_run_logger().exception("closing incident #%d after the failure failed too", self.id)
+            raise
+        finally:
+            self.log_store.close()  # a long-lived worker runs many recoveries: no pool left behind per run
+
+    def tell(self, level: str, subject: str, body: str) -> bool:
+        """Send one message to an escalation level; an undeliverable one is recorded, never fatal to the recovery."""
+        try:
+            notify_level(level, subject, body)
+        except Exception as exc:  # noqa: BLE001 (the recovery matters more than the message; the report says who was not told)
+            self.undelivered.append(f"{level.upper()}: {exc}")
+            incidents.add_action(self.log_store, self.id, f"notify-{level}", f"not delivered: {exc}", ok=False)
+            return False
+        incidents.told(self.log_store, self.id, level)
+        return True
+
+    def message(self, headline: str, extra: str = "") -> tuple[str, str]:
+        """Subject and body: what happened, what was done, the current state, the data lost, the flow run."""
+        inc = incidents.get(self.log_store, self.id)
+        sc = incidents.scenario(inc.scenario)
+        subject = f"[crypto-agent] incident #{inc.id} {headline}: {sc.title} ({inc.resource})"
+        trigger = inc.trigger.get("event") or "a manual run of the recovery"
+        done = [f"- {a['step']}{'' if a.get('ok', True) else ' (FAILED)'}: {str(a['detail']).splitlines()[0][:300]}"
+                for a in inc.actions[-MAX_MESSAGE_ACTIONS:]]
+        state = [recovery.service_state(name, self.cfg) for name in ("trader", "backtest")]
+        state.append(recovery.store_state(self.cfg))
+        lost = "not known yet" if inc.data_lost_hours is None else f"{inc.data_lost_hours:g} hours"
+        body = "\n".join([
+            (f"What happened: {inc.root_cause or 'being diagnosed'} (trigger: {trigger}, "
+             f"detected {incidents.iso(inc.detected_at)})"),
+            f"Status: {inc.status}{' (' + inc.outcome + ')' if inc.outcome else ''}"
+            + (f"; {inc.summary}" if inc.summary else ""),
+            "What was done:",
+            *(done or ["- the recovery is starting"]),
+            "Current state:",
+            *(f"- {line}" for line in state),
+            f"Data lost: {lost}",
+            f"Flow run: {flow_run_link()}",
+        ])
+        return subject, body + (f"\n\n{extra}" if extra else "")
+
+    def announce(self) -> None:
+        """Tell L1 the incident is open and emit crypto-agent.incident.opened."""
+        subject, body = self.message("opened")
+        self.tell("l1", subject, body)
+        emit(INCIDENT_OPENED, incident_resource(self.id), self._event_payload())
+
+    def _event_payload(self, **extra: Any) -> dict[str, Any]:
+        inc = incidents.get(self.log_store, self.id)
+        return {
+            "incident_id": inc.id, "scenario": inc.scenario, "resource": inc.resource, "status": inc.status,
+            "outcome": inc.outcome, "flow_run_id": str(current_flow_run.id or ""), **extra,
+        }
+
+    def _levels(self, inc: Incident) -> dict[str, str]:
+        """Who beyond L1 is told at the close, and why (crypto_agent.incidents.policy decides)."""
+        window = self.cfg.persistent_window_hours
+        return incidents.levels_to_tell(
+            inc, incidents.recent_count(self.log_store, inc.scenario, window), window,
+            live_trading_affected=self.live_trading_affected, rollback_failed=self.rollback_failed,
+            extra=self.extra_levels,
+        )
+
+    def finish(
+        self,
+        status: str,
+        outcome: str,
+        *,
+        summary: str,
+        impact: str,
+        root_cause: str,
+        data_lost_hours: float | None = None,
+        **details: Any,
+    ) -> dict[str, Any]:
+        """Close the incident (unless a parent flow owns it), tell people, emit the events, publish the report."""
+        if self.handed_over:
+            self.act("handed-back", f"{outcome}: {summary}", ok=status == RESOLVED)
+            self.result = {
+                "incident_id": self.id, "status": status, "outcome": outcome, "summary": summary, "impact": impact,
+                "root_cause": root_cause, "data_lost_hours": data_lost_hours,
+                "live_trading_affected": self.live_trading_affected, "extra_levels": dict(self.extra_levels),
+                **details,
+            }
+            return self.result
+        inc = incidents.close(self.log_store, self.id, status, outcome=outcome, summary=summary, impact=impact,
+                              root_cause=root_cause, data_lost_hours=data_lost_hours)
+        link = flow_run_link()
+        levels = {} if self.escalated_in is not None else self._levels(inc)
+        report = incidents.render_report(inc, link)
+        for level, why in levels.items():
+            subject, body = self.message(f"escalated to {level.upper()}",
+                                         extra=f"Why {level.upper()}: {why}\n\n{report}")
+            if self.tell(level, subject, body):
+                emit(INCIDENT_ESCALATED, incident_resource(self.id), self._event_payload(level=level, reason=why))
+        headline = {RESOLVED: "resolved", FAILED: "closed: recovery FAILED", ESCALATED: "closed: ESCALATED"}[status]
+        subject, body = self.message(headline)
+        self.tell("l1", subject, body)
+        final = incidents.get(self.log_store, self.id)
+        report = incidents.render_report(final, link)
+        incidents.update_fields(self.log_store, self.id, report_md=report)
+        create_markdown_artifact(
+            markdown=report, key=f"incident-{self.id}",
+            description=f"incident #{self.id} {final.scenario}: {final.status} ({final.outcome})",
+        )
+        if status == RESOLVED:
+            emit(INCIDENT_RESOLVED, incident_resource(self.id), self._event_payload(
+                recovery_time_s=final.recovery_time_s, data_lost_hours=final.data_lost_hours))
+        elif not levels and self.escalated_in is None:
+            emit(INCIDENT_ESCALATED, incident_resource(self.id), self._event_payload(level="l1", reason=summary))
+        self.result = {
+            "incident_id": self.id, "scenario": final.scenario, "status": final.status, "outcome": final.outcome,
+            "summary": final.summary, "recovery_time_s": final.recovery_time_s,
+            "data_lost_hours": final.data_lost_hours, "levels_told": final.levels_told,
+            "undelivered": list(self.undelivered), **details,
+        }
+        return self.result
+
+    def finish_from(self, sub: dict[str, Any], **details: Any) -> dict[str, Any]:
+        """Close this incident with the outcome a subflow reached (a handover)."""
+        if sub.get("outcome") == "absorbed":
+            summary = f"handed over to incident #{sub.get('incident_id')}, which was already recovering"
+            return self.finish(RESOLVED, SKIPPED, summary=summary, impact=self.incident.impact or "see that incident",
+                               root_cause=self.incident.root_cause or "Other: see that incident",
+                               data_lost_hours=None, handed_to=sub, **details)
+        self.live_trading_affected = self.live_trading_affected or bool(sub.get("live_trading_affected"))
+        self.extra_levels.update(sub.get("extra_levels") or {})
+        status = sub.get("status") or (RESOLVED if sub.get("outcome") == RECOVERED else ESCALATED)
+        if sub.get("incident_id") != self.id:  # its own incident: this one follows it, and that one pages
+            self.escalated_in = sub.get("incident_id")
+            summary = f"handed over to incident #{sub.get('incident_id')} ({sub.get('outcome')}): {sub.get('summary')}"
+        else:
+            summary = sub.get("summary") or ""
+        return self.finish(
+            status, sub.get("outcome") or "failed", summary=summary,
+            impact=sub.get("impact") or self.incident.impact or "see the actions",
+            root_cause=sub.get("root_cause") or self.incident.root_cause or "Other: unknown",
+            data_lost_hours=sub.get("data_lost_hours"), handed_to=sub.get("incident_id"), **details,
+        )
+
+
+@contextmanager
+def _concurrency_limits(names: list[str]) -> Iterator[None]:
+    """Hold one slot of each global concurrency limit (created with limit 1 when missing)."""
+    if not names:
+        yield
+        return
+    with get_client(sync_client=True) as client:
+        for name in names:
+            client.upsert_global_concurrency_limit_by_name(name, 1)
+    with concurrency(names, occupy=1, timeout_seconds=RECOVERY_WAIT_S):
+        yield
+
+
+# --- open, or be absorbed ---
+
+
+@dataclass(frozen=True)
+class Absorbed:
+    """A recovery with nothing to do: another one has the incident open, or holds the store; the flow's summary."""
+
+    result: dict[str, Any]
+
+
+def begin(
+    scenario: str,
+    resource: str,
+    event: dict[str, Any] | None,
+    cfg: Settings,
+    handover: dict[str, Any] | None,
+    fault_at_s: float | None = None,
+) -> Recovery | Absorbed:
+    """Open the incident (announced to L1), join the one already open (absorbed), or work in a parent's."""
+    log_store = incidents.open_incident_store(cfg)
+    held = list((handover or {}).get("held") or [])
+    if handover and handover.get("incident_id"):
+        inc = incidents.get(log_store, int(handover["incident_id"]))
+        run = Recovery(scenario, resource, cfg, log_store, inc, handed_over=True, held=held)
+        run.act("handover", f"{scenario} recovery takes over (flow run {current_flow_run.id})")
+        return run
+    inc, joined = incidents.open_or_join(
+        log_store, scenario, resource, incidents.trigger_of(event), incidents.detected_at(event),
+        fault_at_s=fault_at_s, flow_run_id=str(current_flow_run.id) if current_flow_run.id else None,
+    )
+    if joined:
+        trigger = (event or {}).get("event") or "a manual run"
+        incidents.add_action(log_store, inc.id, "absorbed",
+                             f"{trigger} ({scenario}) arrived during this recovery and was absorbed by it")
+        get_run_logger().info("absorbed by incident #%d (%s, open since %s)", inc.id, inc.scenario,
+                              incidents.iso(inc.opened_at))
+        log_store.close()
+        return Absorbed({"incident_id": inc.id, "scenario": scenario, "outcome": "absorbed",
+                         "absorbed_by": inc.scenario, "status": inc.status})
+    run = Recovery(scenario, resource, cfg, log_store, inc, held=held)
+    run.announce()
+    return run
+
+
+def _absorbed_by_lock(scenario: str, blocker: str) -> Absorbed:
+    get_run_logger().warning("%s not started: %s; the recovery holding it restarts what it stopped", scenario, blocker)
+    return Absorbed({"incident_id": None, "scenario": scenario, "outcome": "absorbed", "absorbed_by": blocker})
+
+
+@contextmanager
+def recovery_incident(
+    scenario: str,
+    resource: str,
+    event: dict[str, Any] | None,
+    cfg: Settings,
+    handover: dict[str, Any] | None,
+    *,
+    guard: list[str],
+    lock: LockCheck = "check",
+    fault_at_s: float | None = None,
+) -> Iterator[Recovery | Absorbed]:
+    """The skeleton of a recovery: the store's lock checked (`lock`: "check" it is not left by a person, "wait"
+    for a live holder, "none"), the incident opened or joined, the limits of `guard` held; the Recovery to work
+    in (closed as failed if the body raises), or Absorbed with the flow's summary when another recovery has it."""
+    blocker = {"check": lock_blocker, "wait": wait_for_store_lock, "none": lambda _cfg: None}[lock](cfg)
+    if blocker is not None:
+        yield _absorbed_by_lock(scenario, blocker)
+        return
+    run = begin(scenario, resource, event, cfg, handover, fault_at_s)
+    if isinstance(run, Absorbed):
+        yield run
+        return
+    with run.guard(guard):
+        yield run
+
+
+def close_incidents_of_run(flow: Any, flow_run: FlowRun, state: State) -> None:
+    """on_failure/on_crashed hook: close as failed the incidents this flow run left open (its process died)."""
+    try:
+        cfg = run_settings((flow_run.parameters or {}).get("settings"))
+        log_store = incidents.open_incident_store(cfg)
+    except CryptoAgentError:
+        return
+    try:
+        for inc in incidents.open_incidents(log_store, flow_run_id=str(flow_run.id)):
+            incidents.fail(log_store, inc.id, f"the recovery's flow run ended {state.name}: {state.message or ''}")
+    finally:
+        log_store.close()
+
+
+RECOVERY_FAILURE_HOOKS: list[FlowStateHook[..., Any]] = [close_incidents_of_run, *FAILURE_HOOKS]
+RECOVERY_CRASH_HOOKS: list[FlowStateHook[..., Any]] = [close_incidents_of_run, *CRASH_HOOKS]

@@ -1,0 +1,282 @@
+"""The steps several recoveries share: probe, stop, clean, start and confirm a service; restore a good
+backup, resync the candles since it and salvage the newer rows; with the store's lock held.
+
+Tasks return crypto_agent's values (health.ProbeReport, recovery.ServiceStop, recovery.Restoration ...);
+the helpers below them run a sequence of tasks and record each in the incident (`run.act`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from crypto_agent import backup, health, incidents, process, recovery
+from crypto_agent.collector import backfill
+from crypto_agent.errors import CryptoAgentError
+from crypto_agent.exchange import BinanceClient
+from crypto_agent.settings import Settings
+from crypto_agent.store import IntegrityResult, Store, open_store
+from flows.common import failure_of, retry_if_transient, run_settings
+from flows.maintenance import check_store_integrity
+from flows.recovery.skeleton import LOCK_WAIT_S, Recovery, check_hold, lock_blocker
+
+SERVICES_STOP_ORDER = ("backtest", "trader")  # the backtest first: live trading keeps going longest
+BACKUP_SINCE_MARGIN_MS = 10 * 60_000  # rows written while a backup was being taken may be missing from it
+
+
+class ServiceUnhealthy(CryptoAgentError):
+    """A service that a recovery started is not HEALTHY (yet)."""
+
+
+class RecoveryFailed(CryptoAgentError):
+    """A verification step of a recovery failed; the incident is closed as failed and L2 is told."""
+
+
+def sound_store(cfg: Settings) -> Store | None:
+    """The store for bookkeeping (service events) when it exists and opens; None otherwise."""
+    if not Path(cfg.db_path).exists():
+        return None
+    try:
+        return open_store(cfg)
+    except CryptoAgentError:
+        return None
+
+
+def integrity_detail(result: IntegrityResult) -> str:
+    """integrity_check's answer for the incident: ok, or its problems (the first 50)."""
+    if result.ok:
+        return f"{result.mode}: ok"
+    return f"{result.mode}: {len(result.problems)} problem(s)\n" + "\n".join(result.problems[:50])
+
+
+# --- a service: probe, stop, clean, start, confirm ---
+
+
+@task(name="probe-service", timeout_seconds=120, cache_policy=NO_CACHE)
+def probe_service(settings: dict[str, Any] | None, service: str) -> health.ProbeReport:
+    """The health probe of a service: HEALTHY, DEGRADED or DEAD with the reasons; signals nothing."""
+    cfg = run_settings(settings)
+    return health.probe(process.service_spec(service, cfg), cfg)
+
+
+@task(name="stop-service", timeout_seconds=300, cache_policy=NO_CACHE)
+def stop_service(settings: dict[str, Any] | None, service: str) -> recovery.ServiceStop:
+    """SIGTERM our service, SIGKILL after stop_grace_s; a pidfile naming another process is refused, not signalled."""
+    cfg = run_settings(settings)
+    try:
+        result = process.stop(process.service_spec(service, cfg), grace_s=cfg.stop_grace_s)
+    except process.NotOurProcess as exc:
+        return recovery.ServiceStop(service, None, refused=exc.message)
+    return recovery.ServiceStop(service, result)
+
+
+@task(name="clean-state-files", timeout_seconds=60, cache_policy=NO_CACHE)
+def clean_service_state(settings: dict[str, Any] | None, service: str) -> list[str]:
+    """Remove the pidfile, ownership record and heartbeat of a service that is gone (a dead one's crash recorded)."""
+    cfg = run_settings(settings)
+    store = sound_store(cfg)
+    try:
+        return [p.name for p in process.clean_state(process.service_spec(service, cfg), store=store)]
+    finally:
+        if store is not None:
+            store.close()
+
+
+@task(name="start-service", retries=1, retry_delay_seconds=5, timeout_seconds=300, cache_policy=NO_CACHE,
+      retry_condition_fn=lambda task, run, state: not isinstance(failure_of(state), process.ServicePaused))
+def start_service(settings: dict[str, Any] | None, service: str) -> process.StartResult:
+    """Start the service detached, without any injected fault of its previous instance; wait for its first heartbeat."""
+    cfg = run_settings(settings)
+    store = sound_store(cfg)
+    try:
+        return process.start(process.service_spec(service, cfg), cfg, env=recovery.CLEAN_START_ENV, store=store)
+    finally:
+        if store is not None:
+            store.close()
+
+
+@task(name="confirm-healthy", retries=5, retry_delay_seconds=[1, 2, 4, 8, 15], timeout_seconds=120,
+      cache_policy=NO_CACHE)
+def confirm_healthy(settings: dict[str, Any] | None, service: str) -> health.ProbeReport:
+    """Probe the service until it is HEALTHY (retried with backoff); ServiceUnhealthy with the reasons otherwise."""
+    cfg = run_settings(settings)
+    report = health.probe(process.service_spec(service, cfg), cfg)
+    if not report.healthy:
+        raise ServiceUnhealthy(f"{service} is not healthy after the restart: {report.summary}",
+                               hint=f"read its log {process.service_spec(service, cfg).log}")
+    return report
+
+
+@task(name="read-log-errors", timeout_seconds=60, cache_policy=NO_CACHE)
+def read_log_errors(settings: dict[str, Any] | None, service: str) -> list[str]:
+    """The runbook's `tail -100 <log> | grep -i error` of the service's log."""
+    cfg = run_settings(settings)
+    return recovery.log_errors(process.service_spec(service, cfg).log)
+
+
+def stop_reported(run: Recovery, settings: dict[str, Any] | None, service: str) -> recovery.ServiceStop:
+    """Stop a service (our PID only) and record how: refused (a stranger's pidfile), gracefully, by force, or idle."""
+    stopped = stop_service(settings, service)
+    if stopped.refused:
+        run.act("stop-refused", f"{service}: {stopped.refused}; that process was left alone", ok=False)
+    elif stopped.result is not None and stopped.result.was_running:
+        how = "gracefully (SIGTERM)" if stopped.result.signal == "SIGTERM" else \
+            f"by force (SIGKILL after {run.cfg.stop_grace_s:g} s of SIGTERM)"
+        run.act("stop", f"stopped {service} (PID {stopped.result.pid}) {how} in {round(stopped.result.elapsed_s, 2)} s")
+    else:
+        run.act("stop", f"{service} was not running")
+    return stopped
+
+
+def stop_all(run: Recovery, settings: dict[str, Any] | None) -> dict[str, recovery.ServiceStop]:
+    """Stop every service, the backtest first (our PIDs only); what each stop did."""
+    return {name: stop_reported(run, settings, name) for name in SERVICES_STOP_ORDER}
+
+
+def start_verified(run: Recovery, settings: dict[str, Any] | None, service: str) -> health.ProbeReport | None:
+    """Start a service and confirm it HEALTHY; None (nothing started) when it is paused or held."""
+    kept = check_hold(service, run.cfg)
+    if kept.pause is not None:
+        run.act("not-started", f"{service} stays paused ({kept.pause.get('reason', 'no reason given')}, by "
+                f"{kept.pause.get('by', 'unknown')}): `crypto-agent service resume {service}` resumes it")
+        return None
+    if kept.hold is not None:
+        run.act("not-started", f"{service} is held {kept.hold}: its holder starts it again")
+        return None
+    started = start_service(settings, service)
+    cleaned = [p.name for p in started.cleaned]
+    run.act("start", f"started {service}: PID {started.pid} in {round(started.elapsed_s, 2)} s"
+            + (f"; cleaned {', '.join(cleaned)}" if cleaned else ""))
+    report = confirm_healthy(settings, service)
+    run.act("confirm-healthy", f"{service}: {report.summary}")
+    return report
+
+
+def clean_and_restart(run: Recovery, settings: dict[str, Any] | None, service: str) -> health.ProbeReport | None:
+    """The tail of a service recovery: clean the state files, start it, confirm it HEALTHY (None: kept stopped)."""
+    cleaned = clean_service_state(settings, service)
+    run.act("clean-state", f"removed {', '.join(cleaned)}" if cleaned else "no state files left")
+    return start_verified(run, settings, service)
+
+
+# --- the store: restore, resync, salvage ---
+
+
+@task(name="restore-good-backup", retries=2, retry_delay_seconds=[10, 30], timeout_seconds=3600,
+      cache_policy=NO_CACHE,
+      retry_condition_fn=lambda task, run, state: "still open" in str(failure_of(state) or ""))
+def restore_good_backup(
+    settings: dict[str, Any] | None, owner: str, reason: str, hours_ago: float | None = None
+) -> recovery.Restoration:
+    """Restore the newest good backup (of `hours_ago` or before, when given); a backup failing its check is
+    marked bad and the next one tried. Its `backup` is None (with the message) when none qualifies."""
+    cfg = run_settings(settings)
+    refused: list[str] = []
+    while True:
+        try:
+            if hours_ago is None:
+                info = backup.choose_backup(cfg.backup_dir)
+            else:
+                info = backup.backup_for_hours_ago(cfg.backup_dir, hours_ago)
+        except backup.NoGoodBackup as exc:
+            return recovery.Restoration(None, message=exc.message, refused=tuple(refused))
+        try:
+            result = backup.restore(info.path, cfg.db_path, cfg.quarantine_dir, owner=owner, reason=reason)
+        except backup.RestoreRefused as exc:
+            if backup.backup_info(info.path).status != backup.BAD:
+                raise  # refused for another reason (the database is still open): not the backup's fault
+            refused.append(f"{info.name}: {exc.message}")
+            continue
+        created = info.created_at.timestamp() if info.created_at else time.mktime(info.day.timetuple())
+        quarantined = result.quarantined / Path(cfg.db_path).name if result.quarantined else None
+        restored = recovery.RestoredBackup(info.path, int(created * 1000), quarantined, dict(result.tables),
+                                           round(result.duration_s, 2))
+        return recovery.Restoration(restored, refused=tuple(refused))
+
+
+@task(name="resync-candles", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_if_transient,
+      timeout_seconds=3600, cache_policy=NO_CACHE)
+def resync_candles(settings: dict[str, Any] | None, since_ms: int, lock_held: bool) -> recovery.ResyncSummary:
+    """Fetch every candle the restored store lacks since the backup (and in the continuity window) from the exchange."""
+    cfg = run_settings(settings)
+    with open_store(cfg) as store, BinanceClient.from_settings(cfg) as client:
+        now_ms = client.server_time()
+        windows = recovery.resync_windows(store, cfg, since_ms, now_ms)
+        summary = backfill(store, client, windows, now_ms=now_ms, lock_held=lock_held)
+    return recovery.ResyncSummary(len(windows), summary.total, dict(summary.failures), now_ms)
+
+
+@task(name="salvage-rows", timeout_seconds=3600, cache_policy=NO_CACHE)
+def salvage_rows(settings: dict[str, Any] | None, quarantined_db: str, since_ms: int) -> recovery.SalvageSummary:
+    """Copy the readable rows newer than the backup of every non-candle table from the quarantined database."""
+    cfg = run_settings(settings)
+    return recovery.salvage_since(quarantined_db, cfg.db_path, since_ms)
+
+
+@contextmanager
+def store_lock(run: Recovery) -> Iterator[None]:
+    """Hold the store's recovery lock (db/LOCKED), waiting for a live holder (a compaction) up to LOCK_WAIT_S."""
+    owner = run.lock_owner
+    deadline = time.monotonic() + LOCK_WAIT_S
+    with ExitStack() as stack:
+        while True:
+            try:
+                stack.enter_context(backup.recovery_lock(run.cfg.db_path, owner))
+                break
+            except backup.RecoveryLocked as exc:
+                if lock_blocker(run.cfg) is not None or time.monotonic() > deadline:
+                    raise
+                get_run_logger().info("waiting for the store's lock: %s", exc.message)
+                time.sleep(2.0)
+        run.act("lock", f"took {backup.lock_path(run.cfg.db_path)} as {owner!r}: writers pause until it goes")
+        yield
+
+
+def restore_and_resync(
+    run: Recovery, settings: dict[str, Any] | None, reason: str, hours_ago: float | None, salvage: bool
+) -> recovery.Restoration:
+    """Restore a good backup, verify it, resync the candles since it, salvage newer rows (or, for a rollback,
+    leave them in quarantine); what happened, its `backup` None when none qualifies. Runs under the store's lock."""
+    restored = restore_good_backup(settings, run.lock_owner, reason, hours_ago)
+    for refusal in restored.refused:
+        run.act("backup-refused", f"{refusal} (now marked bad; never chosen again)", ok=False)
+    good = restored.backup
+    if good is None:
+        return restored
+    run.act("restore", f"restored {good.name} (taken {incidents.iso(good.created_at_ms)}) in "
+            f"{good.seconds} s; the replaced database is in {good.quarantined or '(there was none)'}")
+    verified = check_store_integrity(settings, True)
+    run.act("verify-restore", integrity_detail(verified), ok=verified.ok)
+    if not verified.ok:
+        raise RecoveryFailed(f"the restored database fails its integrity check: {'; '.join(verified.problems[:3])}",
+                             hint="restore another backup by hand: `crypto-agent restore --backup FILE`")
+    since = good.created_at_ms - BACKUP_SINCE_MARGIN_MS
+    lost_hours = 0.0
+    try:
+        resync = resync_candles(settings, since, True)
+    except CryptoAgentError as exc:
+        resync = recovery.ResyncSummary(None, 0, {"*": exc.message}, int(time.time() * 1000))
+    run.act("resync-candles", f"{resync.written} candles in {resync.windows} window(s) since "
+            f"{incidents.iso(since)}" + (f"; failed: {resync.failures}" if resync.failures else ""), ok=resync.ok)
+    if not resync.ok:
+        lost_hours = max(lost_hours, recovery.hours_between(since, resync.now_ms))
+    salvaged = None
+    if salvage and good.quarantined:
+        salvaged = salvage_rows(settings, str(good.quarantined), since)
+        copied = ", ".join(f"{t} {n}" for t, n in salvaged.copied.items() if n) or "no newer rows"
+        run.act("salvage", f"from {good.quarantined}: {copied}"
+                + (f"; unreadable: {salvaged.unreadable}" if salvaged.unreadable else ""),
+                ok=not salvaged.unreadable)
+        if salvaged.unreadable:
+            lost_hours = max(lost_hours, recovery.hours_between(since, int(time.time() * 1000)))
+    elif not salvage:
+        # a rollback drops everything newer than the backup on purpose; it stays in quarantine
+        lost_hours = max(lost_hours, recovery.hours_between(since, int(time.time() * 1000)))
+    return replace(restored, resync=resync, salvage=salvaged, data_lost_hours=round(lost_hours, 3))

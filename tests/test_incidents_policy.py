@@ -1,0 +1,155 @@
+"""The decisions the recoveries take from crypto_agent.incidents, without Prefect: who is told at the close
+(policy.levels_to_tell) and the root cause of each scenario (root_cause.*)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+from datetime import UTC, datetime
+
+import pytest
+
+from crypto_agent import incidents
+from crypto_agent.errors import CryptoAgentError
+from crypto_agent.exchange import IPBanned, RateLimited
+from crypto_agent.incidents import ESCALATED, FAILED, RESOLVED, Incident, levels_to_tell, root_cause
+
+CRASH_LINE = "2026-02-22 14:30:01,123 ERROR [backtest] daemon: cycle failed: database disk image is malformed"
+FATAL_LINE = "2026-02-22 14:30:02,456 CRITICAL [backtest] daemon: out of memory in step"
+STRAY_LINE = "Traceback (most recent call last):"
+
+
+def incident(scenario: str = "daemon-crash", status: str = RESOLVED, summary: str = "restarted") -> Incident:
+    """A closed incident as the log returns it."""
+    return Incident(
+        id=7, scenario=scenario, resource="crypto-agent.service.backtest-daemon", family="service", status=status,
+        outcome="recovered" if status == RESOLVED else "escalated", trigger={}, detected_at=1_000, fault_at=None,
+        opened_at=1_000, resolved_at=2_000, detection_delay_s=None, recovery_time_s=1.0, data_lost_hours=0.0,
+        actions=[], impact="", root_cause="", summary=summary, levels_told=[], events_absorbed=0,
+        flow_run_id=None, owner="host:1:0.00",
+    )
+
+
+class TestLevelsToTell:
+    def test_a_recovered_incident_tells_nobody_beyond_l1(self) -> None:
+        assert levels_to_tell(incident(), 1, 24) == {}
+
+    @pytest.mark.parametrize("status", [FAILED, ESCALATED])
+    def test_a_recovery_that_did_not_succeed_tells_l2_why(self, status: str) -> None:
+        got = levels_to_tell(incident(status=status, summary="no good backup"), 1, 24)
+        assert got == {"l2": "the recovery did not succeed: no good backup"}
+
+    def test_the_third_incident_of_a_scenario_in_the_window_tells_l2(self) -> None:
+        assert levels_to_tell(incident(), 2, 24) == {}
+        assert levels_to_tell(incident(), 3, 24) == {
+            "l2": "daemon-crash happened 3 times in 24 h: the same scenario keeps coming back"}
+
+    def test_a_failure_is_the_l2_reason_even_when_it_repeats(self) -> None:
+        got = levels_to_tell(incident(status=FAILED, summary="boom"), 5, 24)
+        assert got == {"l2": "the recovery did not succeed: boom"}
+
+    def test_a_done_rollback_tells_l3(self) -> None:
+        got = levels_to_tell(incident("persistent-failures"), 1, 24, live_trading_affected=True)
+        assert got == {"l3": "a rollback to the 48 h backup was done"}
+
+    def test_a_failed_rollback_tells_l3_and_l2(self) -> None:
+        failed = levels_to_tell(incident("persistent-failures"), 1, 24, rollback_failed=True)
+        assert failed == {"l3": "the rollback FAILED: restarted"}
+        escalated = levels_to_tell(incident("persistent-failures", ESCALATED, "no backup"), 1, 24)
+        assert escalated == {"l2": "the recovery did not succeed: no backup", "l3": "the rollback FAILED: no backup"}
+
+    def test_live_trading_affected_tells_l3(self) -> None:
+        assert levels_to_tell(incident(), 1, 24, live_trading_affected=True) == {"l3": "live trading was affected"}
+
+    def test_extra_levels_are_added_or_joined_to_the_reason_a_level_has(self) -> None:
+        got = levels_to_tell(incident(status=FAILED, summary="x"), 1, 24,
+                             extra={"l2": "data fails validation", "l3": "the store is down"})
+        assert got == {"l2": "the recovery did not succeed: x; data fails validation", "l3": "the store is down"}
+
+    def test_an_extra_reason_already_given_is_not_repeated(self) -> None:
+        got = levels_to_tell(incident(status=FAILED, summary="x"), 1, 24, extra={"l2": "x"})
+        assert got == {"l2": "the recovery did not succeed: x"}
+
+    def test_levels_come_sorted(self) -> None:
+        got = levels_to_tell(incident(status=FAILED), 1, 24, live_trading_affected=True)
+        assert list(got) == ["l2", "l3"]
+
+    def test_the_window_is_printed_as_the_settings_say(self) -> None:
+        got = levels_to_tell(incident("stale-data"), 4, 12.5)
+        assert got["l2"].startswith("stale-data happened 4 times in 12.5 h")
+
+
+class TestCrashRootCause:
+    def test_the_last_error_record_is_the_cause(self) -> None:
+        got = root_cause.crash_root_cause("backtest", [CRASH_LINE, STRAY_LINE])
+        assert got == "Other: backtest crashed (cycle failed: database disk image is malformed)"
+
+    def test_a_critical_record_after_an_error_wins(self) -> None:
+        got = root_cause.crash_root_cause("trader", [CRASH_LINE, FATAL_LINE])
+        assert got == "Other: trader crashed (out of memory in step)"
+
+    def test_a_long_message_is_cut_to_200_characters(self) -> None:
+        got = root_cause.crash_root_cause("backtest", [CRASH_LINE.replace("malformed", "x" * 500)])
+        assert got.startswith("Other: backtest crashed (cycle failed")
+        assert len(got) == len("Other: backtest crashed ()") + 200
+
+    @pytest.mark.parametrize("lines", [[], [STRAY_LINE, "ValueError: bad"]])
+    def test_no_error_record_means_killed_from_outside(self, lines: list[str]) -> None:
+        got = root_cause.crash_root_cause("backtest", lines)
+        assert got.startswith("Other: backtest died without logging an error (killed from outside: SIGKILL")
+        assert root_cause.last_error(lines) is None
+
+
+class TestExchangeRootCauses:
+    def test_a_429_is_an_api_throttle(self) -> None:
+        exc = RateLimited(120.0, "http://x", "weight used up")
+        assert root_cause.exchange_root_cause(exc) == "API throttle: " + exc.message
+
+    def test_a_418_ban_is_an_api_throttle(self) -> None:
+        exc = IPBanned(datetime(2026, 1, 1, tzinfo=UTC), "http://x")
+        assert root_cause.exchange_root_cause(exc).startswith("API throttle: the exchange at http://x banned")
+
+    def test_anything_else_is_the_exchange_unreachable(self) -> None:
+        got = root_cause.exchange_root_cause(CryptoAgentError("connection refused"))
+        assert got == "Other: exchange unreachable: connection refused"
+
+    def test_used_weight_at_the_safety_margin_is_a_throttle(self) -> None:
+        assert root_cause.stale_root_cause(0.8, 0.8, ["BTCUSDT"]) == "API throttle: used weight at 80%"
+
+    def test_below_the_margin_the_candles_are_missing_for_the_symbols(self) -> None:
+        got = root_cause.stale_root_cause(0.1, 0.8, ["BTCUSDT", "ETHUSDT"])
+        assert got == "Other: candles missing or late (BTCUSDT, ETHUSDT)"
+        assert root_cause.stale_root_cause(None, 0.8, []) == "Other: candles missing or late (none)"
+
+    def test_at_most_ten_symbols_are_named(self) -> None:
+        got = root_cause.stale_root_cause(None, 0.8, [f"S{i}USDT" for i in range(12)])
+        assert "S9USDT" in got and "S10USDT" not in got
+
+
+class TestStoreAndHangRootCauses:
+    def test_corruption_names_the_first_three_problems(self) -> None:
+        got = root_cause.corruption_root_cause(["a", "b", "c", "d"])
+        assert got == "DB corruption: a; b; c"
+
+    def test_a_hang_names_what_the_probe_found(self) -> None:
+        got = root_cause.hang_root_cause(["Heartbeat stale 300s", "CPU 99%"], "crypto-agent.service.hung", "x")
+        assert got == "Process hang: Heartbeat stale 300s; CPU 99%"
+
+    def test_a_hang_the_probe_did_not_see_names_the_event(self) -> None:
+        got = root_cause.hang_root_cause([], "crypto-agent.service.cpu-high", "HEALTHY: PID 12")
+        assert got == "Process hang: crypto-agent.service.cpu-high (HEALTHY: PID 12 when looked at)"
+
+    def test_every_root_cause_ticks_a_box_of_the_report(self) -> None:
+        for cause in (root_cause.corruption_root_cause(["x"]), root_cause.hang_root_cause(["y"], None, ""),
+                      root_cause.stale_root_cause(0.9, 0.8, [])):
+            assert "[x]" in incidents.root_cause_boxes(cause).split("[x] Other")[0]
+
+
+def test_the_package_keeps_every_name_and_never_imports_prefect() -> None:
+    code = ("import sys\nfrom crypto_agent import incidents\n"
+            "assert incidents.scenario('stale-data').eta_s == 900 and len(incidents.SCENARIOS) == 5\n"
+            "assert callable(incidents.open_incident_store) and incidents.policy.levels_to_tell\n"
+            "assert not any(m == 'prefect' or m.startswith('prefect.') for m in sys.modules), 'prefect imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert replace(incident(), id=8).id == 8
