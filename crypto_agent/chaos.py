@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from crypto_agent import backup, health, incidents, process, recovery
+from crypto_agent import backup, health, holds, incidents, process, recovery
 from crypto_agent.errors import CryptoAgentError, InputError
 from crypto_agent.faults import SERVICES
 from crypto_agent.incidents import ESCALATED, RECOVERED, RESOLVED, Incident
@@ -116,8 +116,8 @@ def gap_symbol(settings: Settings) -> str:
 def resume_service(settings: Settings, service: str) -> str:
     """Lift a pause (the backtest after a rollback) and start the service when it does not run; what was done."""
     spec = process.service_spec(service, settings)
-    was = recovery.resume_kept(service, settings)
-    said = "not paused" if was is None else f"pause lifted (paused by {was.get('by', '?')})"
+    was = holds.release_hold(service, settings)
+    said = "not paused" if was is None else f"pause lifted (paused by {was.by})"
     if process.inspect(spec).alive:
         return f"{service}: {said}; already running"
     started = process.start(spec, settings, env=dict(recovery.CLEAN_START_ENV))
@@ -238,17 +238,17 @@ def verify(settings: Settings, paused: tuple[str, ...] = ()) -> Verification:
     for service in SERVICES:
         spec = process.service_spec(service, settings)
         if service in paused:
-            held = process.paused(spec)
+            held = holds.read_hold(spec)
             alive = process.inspect(spec).alive
             if held is not None and not alive:
-                passed.append(f"{service} paused ({held.get('by', '?')})")
+                passed.append(f"{service} paused ({held.by})")
             else:
                 problems.append(f"{service} should stay paused, but it is "
                                 f"{'running' if alive else 'not paused'}")
             continue
-        held = process.paused(spec)
+        held = holds.read_hold(spec)
         if held is not None and not process.inspect(spec).alive:
-            problems.append(f"{service} is paused (by {held.get('by', '?')}): resume it with "
+            problems.append(f"{service} is paused (by {held.by}): resume it with "
                             f"`crypto-agent service resume {service}`")
             continue
         report = health.probe(spec, settings)

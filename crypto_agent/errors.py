@@ -35,3 +35,11 @@ class StoreError(CryptoAgentError):
 
 class StoreLocked(CryptoAgentError):
     """The store is locked (`<db folder>/LOCKED`) by a recovery; nothing was written."""
+
+
+class StoreCorrupt(StoreError):
+    """The store's file is damaged (malformed pages, not a database, truncated): check it, then recover."""
+
+
+class StoreUnreadable(StoreError):
+    """The store's file cannot be opened (permissions, a folder in its place, no such folder)."""

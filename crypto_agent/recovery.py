@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from crypto_agent import backup, holds
+from crypto_agent import backup, holds, storelock
 from crypto_agent.collector import Window, plan_windows
 from crypto_agent.daemon import FAULT_ENV
 from crypto_agent.exchange import RateLimitStatus
@@ -108,7 +108,10 @@ def last_start(spec: ServiceSpec, store: Store | None = None) -> float | None:
 
 
 def restart_wait_s(last_start_s: float | None, grace_s: float, now: float | None = None) -> float:
-    """Seconds to hold a restart: the rest of the grace period after the last start (0 when it is over)."""
+    """Seconds to hold a restart: the rest of the grace period after the last start (0 when it is over).
+
+    The fixed grace of issue 5; recover-daemon-crash now follows restart_policy.decide() (a backoff).
+    """
     if last_start_s is None:
         return 0.0
     now = time.time() if now is None else now
@@ -182,7 +185,7 @@ def service_state(name: str, settings: Settings) -> str:
 def store_state(settings: Settings) -> str:
     """One line on the store for a message: its size, and who holds its recovery lock."""
     db = Path(settings.db_path)
-    holder = backup.lock_holder(db)
+    holder = storelock.lock_holder(db)
     lock = "" if holder is None else f"; LOCKED by {holder.get('owner', 'an unknown owner')}"
     if not db.exists():
         return f"store: {db} does not exist{lock}"
@@ -260,7 +263,7 @@ def hand_lock_to_person(db_path: Path | str, owner: str) -> Path:
     Used when a recovery gives up: no service, collector or scheduled job may write (or create an
     empty database) until a person has looked and deletes the file.
     """
-    path = backup.lock_path(db_path)
+    path = storelock.lock_path(db_path)
     content = {"owner": owner, "host": socket.gethostname(),
                "since": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.handover")

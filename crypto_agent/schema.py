@@ -206,6 +206,14 @@ incidents = Table(
     Column("flow_run_id", String(64)),
     Column("owner", String(200), nullable=False),  # host:pid:create time of the process running the recovery
     Column("report_md", Text),
+    # A person is needed (issue 10): set when a recovery closes it escalated or failed, cleared when a later
+    # recovery resolves it or a person does; the same signal detected again rejoins it (no new incident).
+    # Added to an existing file by crypto_agent.incidents.log (ALTER TABLE when missing).
+    Column("needs_person", Integer, nullable=False, server_default=_sql_text("0")),
+    Column("needs_person_since", BigInteger),  # UTC ms of the first close that needed a person
+    Column("last_paged_at", BigInteger),  # UTC ms of the last message about it that was delivered
+    Column("detections", Integer, nullable=False, server_default=_sql_text("0")),  # runs that rejoined it
+    Column("rejoined_at", BigInteger),  # UTC ms of the last rejoin: from then on it is abandoned like a new one
     Index("ux_incidents_open", "resource", "family", unique=True, sqlite_where=_sql_text("status = 'open'")),
     Index("ix_incidents_scenario_time", "scenario", "opened_at"),
 )

@@ -90,6 +90,31 @@ class Settings(BaseSettings):
     rollback_hours: float = Field(48.0, gt=0)
     storage_max_gb: float = Field(1.2, gt=0)
 
+    # --- bounded growth: retention, free disk, the age of the newest backup (issue 10) ---
+    retention_keep_runs: int = Field(
+        30, ge=1, description="Backtest runs kept per strategy, symbol and timeframe by prune-history (newest first)."
+    )
+    retention_probe_sample_days: float = Field(
+        7.0, ge=1, description="Days of health-probe samples (probe_samples) prune-history keeps."
+    )
+    retention_service_event_days: float = Field(
+        30.0, ge=1, description="Days of service events kept (the newest of each kind of each service always stays)."
+    )
+    retention_flow_run_days: float = Field(
+        14.0, ge=1,
+        description="Days finished Prefect flow runs (completed, cancelled) are kept; prune-history deletes older.",
+    )
+    retention_failed_flow_run_days: float = Field(
+        30.0, ge=1, description="Days failed and crashed Prefect flow runs are kept (post-incident reviews read them)."
+    )
+    disk_free_min_gb: float = Field(
+        1.0, ge=0, description="Free disk under this (GB, beside the store) tells L2 and runs the retention."
+    )
+    backup_max_age_hours: float = Field(
+        26.0, gt=0,
+        description="A newest good backup older than this tells L2 and takes a backup (daily at 02:30 + slack).",
+    )
+
     # --- backups, sentiment and macro (issue 4) ---
     backup_keep_daily: int = Field(
         3, ge=2, description="Newest daily backups kept (3 always holds yesterday's and the 48 h one)."
@@ -180,13 +205,32 @@ class Settings(BaseSettings):
     # --- recovery and incidents (issue 5) ---
     crash_restart_grace_s: float = Field(
         300.0, ge=0,
-        description="recover-daemon-crash restarts no service that started less than this long ago: it waits "
-        "that out first, then looks again (runbook: don't restart yet if within 5 min).",
+        description="Deprecated: the cap of the restart backoff (restart_backoff_cap_s), which it sets when that "
+        "is not set itself. It was a fixed hold after a start (runbook: don't restart yet if within 5 min).",
+    )
+    restart_backoff_base_s: float = Field(
+        10.0, ge=0,
+        description="recover-daemon-crash restarts a service's first crash at once; the 2nd crash of a loop waits "
+        "this long, each further one twice as long (like systemd's StartLimit, Kubernetes' CrashLoopBackOff).",
+    )
+    restart_backoff_cap_s: float = Field(
+        300.0, ge=0, le=3600,
+        description="Longest hold of the restart backoff (runbook: don't restart yet if within 5 min).",
+    )
+    restart_backoff_reset_s: float = Field(
+        600.0, gt=0,
+        description="A service that ran this long after its start before it crashed starts a new crash loop: "
+        "it is restarted at once again.",
     )
     incidents_db_path: Path = Field(
         Path("db/incidents.db"),
         description="The incident log, a SQLite file of its own so a restore or rollback of the store keeps it; "
         "relative to home.",
+    )
+    page_repeat_after_s: float = Field(
+        14400.0, ge=0,
+        description="A problem the recoveries could not fix is one 'needs a person' incident: the same signal "
+        "detected again joins it, and it is re-paged at most this often (seconds) until it clears.",
     )
 
     # --- the whole stack on this machine: `crypto-agent up` (issue 6) ---
@@ -304,6 +348,12 @@ class Settings(BaseSettings):
             object.__setattr__(self, "receiver_log", self.logs_dir / receiver_log)
         if not self.database_url:
             object.__setattr__(self, "database_url", f"sqlite:///{self.db_path}")
+        return self
+
+    @model_validator(mode="after")
+    def _deprecated_grace_is_the_cap(self) -> Settings:
+        if "crash_restart_grace_s" in self.model_fields_set and "restart_backoff_cap_s" not in self.model_fields_set:
+            object.__setattr__(self, "restart_backoff_cap_s", min(self.crash_restart_grace_s, 3600.0))
         return self
 
     def stale_limit_hours(self, timeframe: str) -> float:

@@ -20,7 +20,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from crypto_agent.errors import StoreError
+from crypto_agent.errors import StoreCorrupt, StoreError, StoreUnreadable
 from crypto_agent.schema import CANDLE_COLUMNS, OHLCV_TABLES, metadata
 from crypto_agent.storelock import is_locked
 
@@ -68,6 +68,40 @@ def _upsert_sql(table_name: str) -> str:
 _UPSERT_SQL: dict[str, str] = {tf: _upsert_sql(table.name) for tf, table in OHLCV_TABLES.items()}
 
 
+# What SQLite says (lower-cased) when it meets a damaged file, and when it cannot open one at all.
+CORRUPT_SIGNS = ("malformed", "not a database", "file is encrypted", "corrupt")
+UNREADABLE_SIGNS = ("unable to open", "readonly database", "disk i/o error", "permission denied", "is a directory")
+CORRUPTION_NEXT = (
+    "run `crypto-agent check-integrity --full`; the recovery is `prefect deployment run "
+    "recover-db-corruption/auto`, or `crypto-agent restore --latest-good` (or `--backup FILE`, "
+    "see `crypto-agent backups`)"
+)
+UNREADABLE_NEXT = (
+    "check that it is a file this user may read and write (owner, permissions, not a folder) and that "
+    "CRYPTO_AGENT_DB_PATH (or db_path, `crypto-agent config`) points at it"
+)
+
+
+def sqlite_reason(exc: BaseException) -> str:
+    """SQLite's own words in a driver or SQLAlchemy error, without SQLAlchemy's statement and link."""
+    orig = getattr(exc, "orig", None)
+    return str(orig if orig is not None else exc).strip()
+
+
+def store_error(
+    exc: BaseException, path: Path | str | None, what: str = "the store", hint: str | None = None
+) -> StoreError | None:
+    """The domain error of a SQLite error met on a database file (StoreCorrupt, StoreUnreadable), else None."""
+    reason = sqlite_reason(exc)
+    low = reason.lower()
+    where = f"{what} {path}" if path else what
+    if any(sign in low for sign in CORRUPT_SIGNS):
+        return StoreCorrupt(f"{where} is corrupt ({reason})", hint=hint or CORRUPTION_NEXT)
+    if any(sign in low for sign in UNREADABLE_SIGNS):
+        return StoreUnreadable(f"{where} cannot be opened ({reason})", hint=UNREADABLE_NEXT)
+    return None
+
+
 def _on_connect(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
@@ -92,7 +126,21 @@ def make_engine(url: str) -> Engine:
     engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _on_connect)
+        if parsed.database not in (None, "", ":memory:"):
+            event.listen(engine, "handle_error", _tag_with_path(Path(str(parsed.database))))
     return engine
+
+
+def _tag_with_path(path: Path) -> Any:
+    """A handle_error listener that leaves the exception as it is, with the file it was met on (`db_path`)."""
+
+    def tag(ctx: Any) -> None:
+        """Set `db_path` on the SQLAlchemy exception and on the driver's."""
+        for exc in (ctx.sqlalchemy_exception, ctx.original_exception):
+            if exc is not None and getattr(exc, "db_path", None) is None:
+                exc.db_path = path
+
+    return tag
 
 
 class Store:
@@ -115,6 +163,9 @@ class Store:
                 # once may collide ("table ... already exists"); the next pass sees the other's tables.
                 if "already exists" in str(exc) and attempt < attempts - 1:
                     continue
+                known = store_error(exc, self.path)
+                if known is not None:
+                    raise known from None
                 raise StoreError(
                     f"cannot open the database {self.url}: {getattr(exc, 'orig', exc)}",
                     hint="check that the path is writable and the file is a SQLite database "

@@ -117,16 +117,15 @@ class AppliedAutomations:
 # --- the automations ---
 
 
-def heartbeat_missing(settings: Settings, deployment_id: UUID) -> AutomationCore:
-    """Proactive: a service whose heartbeat events stop for heartbeat_missing_s runs recover-daemon-crash.
+def silence(name: str, description: str, within_s: float, detection: str, deployment_id: UUID) -> AutomationCore:
+    """Proactive: a service with no heartbeat event for `within_s` runs the deployment, its `event` the `detection`.
 
     `after` and `expect` are the same event and the trigger is per resource, so it fires once per
-    outage and service, never before a service's first heartbeat. The recovery triages dead from hung.
+    outage and service, never before a service's first heartbeat.
     """
     return AutomationCore(
-        name=f"{PREFIX}heartbeat-missing",
-        description=f"No heartbeat event of a service for {settings.heartbeat_missing_s:g} s: "
-        "run the daemon-crash recovery, which tells a dead service from a hung one (runbook scenarios 1 and 4).",
+        name=name,
+        description=description,
         trigger=EventTrigger(
             posture=Posture.Proactive,
             match={"prefect.resource.id": f"{SERVICE_RESOURCE_PREFIX}*"},
@@ -134,12 +133,25 @@ def heartbeat_missing(settings: Settings, deployment_id: UUID) -> AutomationCore
             expect={SERVICE_HEARTBEAT},
             for_each={"prefect.resource.id"},
             threshold=1,
-            within=timedelta(seconds=max(MIN_PROACTIVE_WITHIN_S, settings.heartbeat_missing_s)),
+            within=timedelta(seconds=max(MIN_PROACTIVE_WITHIN_S, within_s)),
         ),
         actions=[RunDeployment(
             source="selected", deployment_id=deployment_id,
-            parameters={"service": "{{ event.payload.service }}", "event": dict(HEARTBEAT_MISSING_PARAMETER)},
+            parameters={"service": "{{ event.payload.service }}", "event": silence_parameter(detection)},
         )],
+    )
+
+
+def heartbeat_missing(settings: Settings, deployment_id: UUID) -> AutomationCore:
+    """Proactive: a service whose heartbeat events stop for heartbeat_missing_s runs recover-daemon-crash.
+
+    It fires once per outage and service; the recovery triages dead from hung.
+    """
+    return silence(
+        f"{PREFIX}heartbeat-missing",
+        f"No heartbeat event of a service for {settings.heartbeat_missing_s:g} s: run the daemon-crash "
+        "recovery, which tells a dead service from a hung one (runbook scenarios 1 and 4).",
+        settings.heartbeat_missing_s, HEARTBEAT_MISSING, deployment_id,
     )
 
 
@@ -151,23 +163,11 @@ def heartbeat_stale(settings: Settings, deployment_id: UUID) -> AutomationCore:
     fires at the limit, when the same triage finds a live process hung and hands it to
     recover-process-hang: a hang is recovered seconds after the limit, not at the next monitor round.
     """
-    return AutomationCore(
-        name=f"{PREFIX}heartbeat-stale",
-        description=f"No heartbeat event of a service for {settings.heartbeat_max_age_s:g} s (the heartbeat limit): "
+    return silence(
+        f"{PREFIX}heartbeat-stale",
+        f"No heartbeat event of a service for {settings.heartbeat_max_age_s:g} s (the heartbeat limit): "
         "run the daemon-crash recovery, which finds a live one hung and recovers it (runbook scenario 4).",
-        trigger=EventTrigger(
-            posture=Posture.Proactive,
-            match={"prefect.resource.id": f"{SERVICE_RESOURCE_PREFIX}*"},
-            after={SERVICE_HEARTBEAT},
-            expect={SERVICE_HEARTBEAT},
-            for_each={"prefect.resource.id"},
-            threshold=1,
-            within=timedelta(seconds=max(MIN_PROACTIVE_WITHIN_S, settings.heartbeat_max_age_s)),
-        ),
-        actions=[RunDeployment(
-            source="selected", deployment_id=deployment_id,
-            parameters={"service": "{{ event.payload.service }}", "event": silence_parameter(HEARTBEAT_STALE)},
-        )],
+        settings.heartbeat_max_age_s, HEARTBEAT_STALE, deployment_id,
     )
 
 

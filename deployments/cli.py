@@ -2,7 +2,7 @@
 
 `crypto-agent blocks-register` registers the Block types and writes the default Block documents;
 `crypto-agent deploy` creates the process work pool if missing and runs `prefect deploy --all` on
-prefect.yaml; `crypto-agent up` / `down` bring the whole stack up and stop it (deployments/stack.py).
+prefect.yaml; `crypto-agent up` / `down` bring the whole stack up and stop it (deployments/stack/).
 Prefect is imported inside the commands, so `crypto-agent --help` stays fast.
 """
 

@@ -28,12 +28,14 @@ from prefect.client.schemas.objects import StateType
 
 from blocks import load_block
 from blocks.register import FRED_SECRET
+from crypto_agent import backup
 from crypto_agent.collector import CollectSummary, collect
 from crypto_agent.errors import CryptoAgentError
 from crypto_agent.exchange import BinanceClient
 from crypto_agent.quality import DataQualityReport, check_data, timeframe_label
 from crypto_agent.sentiment import SentimentMacroSummary, update_sentiment_macro
 from crypto_agent.store import open_store
+from crypto_agent.storelock import is_locked, lock_path
 from crypto_agent.universe import timeframe as parse_timeframe
 from flows.common import (
     UpdateIncomplete,
@@ -42,6 +44,7 @@ from flows.common import (
     symbol_failure_is_transient,
 )
 from flows.events import STORE_OK, STORE_RESOURCE, STORE_STALE, STORE_UPDATE_LATE, emit
+from flows.maintenance import backup_flow
 from flows.notify import CRASH_HOOKS, FAILURE_HOOKS
 
 # The runbook's schedule of the update (prefect.yaml says the same; a test keeps them equal).
@@ -151,9 +154,35 @@ def data_update(
     mode: str = "update",
     lookback_hours: float = 72.0,
     settings: dict[str, Any] | None = None,
+    first_backup: bool = True,
 ) -> dict[str, Any]:
-    """Bring the store up to date from the exchange; retries what a retry can fix, never a 418 or a bad symbol."""
-    return collect_candles(settings, symbols, timeframes, mode, lookback_hours)
+    """Bring the store up to date (retrying what a retry can fix); then a first backup if none is good."""
+    # first_backup: a corruption on the first day must have something to restore (issue 10).
+    result = collect_candles(settings, symbols, timeframes, mode, lookback_hours)
+    if first_backup:
+        result["first_backup"] = take_first_backup(settings)
+    return result
+
+
+def take_first_backup(settings: dict[str, Any] | None) -> str | None:
+    """Run the backup flow when no good backup exists; its path, None when one existed, or why not."""
+    # A failed backup does not fail the update: the backup flow's own failure hook tells L1.
+    logger = get_run_logger()
+    cfg = run_settings(settings)
+    try:
+        backup.choose_backup(cfg.backup_dir)
+        return None
+    except backup.NoGoodBackup:
+        pass
+    if is_locked(cfg.db_path):
+        logger.warning("no first backup: %s exists (a recovery holds the store)", lock_path(cfg.db_path))
+        return "skipped: the store is locked by a recovery"
+    logger.info("the store has no good backup yet: taking its first one")
+    state = backup_flow(settings=settings, return_state=True)
+    if not state.is_completed():
+        logger.warning("the first backup failed: %s", state.message)
+        return f"failed: {state.message}"
+    return str(state.result()["backup"])
 
 
 # --- the deadline of data-update ---

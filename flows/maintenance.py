@@ -1,21 +1,25 @@
 """The runbook's maintenance jobs: backup (+ dry restore + retention), compact, backup-restore-test,
-integrity-check. Thin flows over crypto_agent.backup and the store's integrity check."""
+integrity-check, and storage-watch (hourly: free disk, the store's size, the age of the newest good backup).
+Thin flows over crypto_agent.backup, crypto_agent.retention (through flows.retention) and the integrity check."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime, time
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 
 from crypto_agent import backup
 from crypto_agent.errors import CryptoAgentError
 from crypto_agent.store import IntegrityResult, check_integrity
+from crypto_agent.storelock import is_locked, lock_path
 from flows.common import retry_if_transient, run_settings
-from flows.events import STORE_CORRUPT, STORE_OK, STORE_RESOURCE, STORE_STORAGE_HIGH, emit
-from flows.notify import CRASH_HOOKS, FAILURE_HOOKS
+from flows.events import STORE_CORRUPT, STORE_OK, STORE_RESOURCE, emit
+from flows.notify import CRASH_HOOKS, FAILURE_HOOKS, notify_level
+from flows.retention import answer_storage, measure_storage
 
 # Problems an event or a message names at most; the integrity output can be thousands of lines.
 MAX_PROBLEMS = 20
@@ -133,9 +137,10 @@ def vacuum(settings: dict[str, Any] | None, max_gb: float | None) -> backup.Comp
     on_crashed=CRASH_HOOKS,
 )
 def compact_flow(settings: dict[str, Any] | None = None, max_gb: float | None = None) -> dict[str, Any]:
-    """Compact the store; over the storage limit, emit crypto-agent.store.storage-high and fail (alerting L1)."""
+    """Compact, then the storage check (storage-high, low disk -> L2 and retention); over the limit, fail (L1)."""
     result = vacuum(settings, max_gb)
-    summary = {
+    report = measure_storage(settings, max_gb)
+    summary: dict[str, Any] = {
         "size_before": result.size_before,
         "size_after": result.size_after,
         "limit_bytes": result.storage.limit_bytes,
@@ -147,12 +152,14 @@ def compact_flow(settings: dict[str, Any] | None = None, max_gb: float | None = 
             "## Compact\n\n"
             f"- before: {result.size_before / 1e6:.1f} MB, after: {result.size_after / 1e6:.1f} MB\n"
             f"- {result.storage.message}\n"
+            f"- {report.message}\n"
         ),
         key="compact",
         description=result.storage.message,
     )
+    answered = answer_storage(report, settings, summary, "compact")
+    summary["storage"] = {**report.to_dict(), "told": answered["told"], "retention": answered["retention"]}
     if result.over_limit:
-        emit(STORE_STORAGE_HIGH, STORE_RESOURCE, summary)
         raise StorageOverLimit(
             result.storage.message,
             hint="the database outgrew its limit even after VACUUM: archive old candles or raise storage_max_gb",
@@ -228,3 +235,93 @@ def integrity_check(settings: dict[str, Any] | None = None, full: bool = False) 
         hint="the database-corruption recovery restores yesterday's good backup; "
         "do not copy files over the database by hand",
     )
+
+
+# --- storage-watch: free disk, the store's size, the age of the newest good backup ---
+
+
+@task(name="newest-good-backup", cache_policy=NO_CACHE, timeout_seconds=300)
+def newest_good_backup(settings: dict[str, Any] | None) -> backup.BackupInfo | None:
+    """The newest good backup (the one a restore would choose), None when there is none."""
+    try:
+        return backup.choose_backup(run_settings(settings).backup_dir)
+    except backup.NoGoodBackup:
+        return None
+
+
+def backup_age_hours(info: backup.BackupInfo, now: datetime) -> float:
+    """Hours since a backup was taken (its manifest's created_at; else the start of its day, UTC)."""
+    taken = info.created_at or datetime.combine(info.day, time(0, 0), tzinfo=UTC)
+    return (now - taken.astimezone(UTC)).total_seconds() / 3600
+
+
+def stale_backup_message(info: backup.BackupInfo | None, age_h: float | None, limit_h: float,
+                         action: str) -> tuple[str, str]:
+    """Subject and body telling L2 the newest good backup is too old (or missing), and what is done."""
+    if info is None or age_h is None:
+        subject = "[crypto-agent] no good backup of the store"
+        what = "no good backup of the store exists: a corruption could not be restored from one"
+    else:
+        subject = f"[crypto-agent] newest good backup is {age_h:.1f} h old (limit {limit_h:g} h)"
+        what = (f"the newest good backup, {info.name}, was taken {age_h:.1f} h ago, over the "
+                f"{limit_h:g} h limit (backup_max_age_hours): the daily backup (02:30 UTC) did not run or failed")
+    body = "\n".join([
+        f"what happened: {what}",
+        f"done: {action}",
+        ("to do: look at the backup flow's last runs in the Prefect UI (is the worker up? is the disk full?); "
+         "`crypto-agent backups` lists them"),
+    ])
+    return subject, body
+
+
+def watch_backup_age(settings: dict[str, Any] | None) -> dict[str, Any]:
+    """The newest good backup older than backup_max_age_hours (or none): tell L2 and take a backup."""
+    logger = get_run_logger()
+    cfg = run_settings(settings)
+    if not cfg.db_path.exists():
+        return {"skipped": f"no database at {cfg.db_path} yet: nothing to back up"}
+    info = newest_good_backup(settings)
+    age_h = None if info is None else backup_age_hours(info, datetime.now(UTC))
+    out: dict[str, Any] = {"newest": info.name if info else None,
+                           "age_hours": None if age_h is None else round(age_h, 2),
+                           "limit_hours": cfg.backup_max_age_hours, "told": None, "backup": None}
+    if age_h is not None and age_h <= cfg.backup_max_age_hours:
+        logger.info("newest good backup %s is %.1f h old: fine", out["newest"], age_h)
+        return out
+    locked = is_locked(cfg.db_path)
+    action = (f"no backup now: {lock_path(cfg.db_path)} exists (a recovery holds the store); the next watch retries"
+              if locked else "a backup (the backup flow: online copy, dry restore, retention) starts now")
+    notify_level("l2", *stale_backup_message(info, age_h, cfg.backup_max_age_hours, action))
+    out["told"] = "l2"
+    if locked:
+        out["backup"] = "skipped: the store is locked by a recovery"
+        return out
+    state = backup_flow(settings=settings, return_state=True)
+    out["backup"] = state.result()["backup"] if state.is_completed() else f"failed: {state.message}"
+    return out
+
+
+@flow(
+    name="storage-watch",
+    description="Hourly: the storage check (database + WAL, backups, free disk: low -> L2 and retention) and the "
+    "age of the newest good backup (older than backup_max_age_hours -> L2 and a backup).",
+    timeout_seconds=2 * 3600,
+    on_failure=FAILURE_HOOKS,
+    on_crashed=CRASH_HOOKS,
+)
+def storage_watch(settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Watch what the store takes on disk and how old its newest good backup is; act on what is wrong."""
+    report = measure_storage(settings)
+    storage = answer_storage(report, settings, {}, "storage-watch")
+    backups = watch_backup_age(settings)
+    create_table_artifact(
+        table=[{"check": "storage", "ok": report.ok, "detail": report.message,
+                "done": "L2 told, retention run" if storage["told"] else ""},
+               {"check": "newest good backup", "ok": backups.get("told") is None,
+                "detail": backups.get("skipped") or f"{backups['newest'] or 'none'}, {backups['age_hours']} h old "
+                f"(limit {backups['limit_hours']:g} h)",
+                "done": f"L2 told; backup: {backups['backup']}" if backups.get("told") else ""}],
+        key="storage-watch",
+        description=f"{report.message}; newest good backup: {backups.get('newest') or 'none'}",
+    )
+    return {"storage": {**report.to_dict(), **storage}, "backup": backups}

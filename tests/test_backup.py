@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from crypto_agent import backup
+from crypto_agent import backup, storelock
 from crypto_agent.backup import (
     BackupError,
     NoGoodBackup,
-    RecoveryLocked,
     RestoreRefused,
     RetentionPolicy,
 )
 from crypto_agent.errors import CryptoAgentError, StoreLocked
 from crypto_agent.store import Candle, Store
+from crypto_agent.storelock import RecoveryLocked
 
 HOUR = 3_600_000
 T0 = 1_790_000_000_000 // (4 * HOUR) * (4 * HOUR)
@@ -189,7 +189,7 @@ class TestCreate:
         assert [b.name for b in backup.list_backups(bdir)] == ["db_backup_20260315.db"]
 
     def test_refused_while_a_recovery_holds_the_lock(self, db, bdir):
-        with backup.recovery_lock(db, "recover-db-corruption"), \
+        with storelock.recovery_lock(db, "recover-db-corruption"), \
                 pytest.raises(RecoveryLocked, match="recover-db-corruption"):
             backup.create(db, bdir, now=NOW)
         assert not bdir.exists() or not list(bdir.glob("db_backup_*"))
@@ -233,7 +233,7 @@ class TestDryRestore:
     def test_a_scratch_space_that_fails_is_an_error_and_the_backup_stays_unverified(self, tmp_path, db, bdir):
         scratch = tmp_path / "scratch-is-a-file"
         scratch.write_text("")
-        with pytest.raises(BackupError, match="dry restore of db_backup_20260315.db could not run"):
+        with pytest.raises(BackupError, match=r"dry restore of db_backup_20260315\.db could not run"):
             backup.create(db, bdir, now=NOW, scratch_dir=scratch / "sub")
         assert backup.backup_info(bdir / "db_backup_20260315.db").status == backup.UNVERIFIED
         assert leftovers(bdir) == []
@@ -343,7 +343,7 @@ class TestRestore:
         assert count(db, "ohlcv_h4") == 1200
         assert result.quarantined is not None
         assert count(result.quarantined / "crypto_agent.db", "ohlcv_h4") == 1250
-        assert not backup.lock_path(db).exists()
+        assert not storelock.lock_path(db).exists()
         assert sorted(p.name for p in db.parent.iterdir()) == ["crypto_agent.db"]
 
     def test_restores_where_there_is_no_db(self, tmp_path, db, bdir):
@@ -384,22 +384,22 @@ class TestRestore:
         finally:
             holder.kill()
             holder.wait(timeout=30)
-        assert not (tmp_path / "quarantine").exists() and not backup.lock_path(db).exists()
+        assert not (tmp_path / "quarantine").exists() and not storelock.lock_path(db).exists()
 
     def test_refused_while_someone_else_holds_the_lock(self, tmp_path, db, bdir):
         info = backup.create(db, bdir, now=NOW)
-        with backup.recovery_lock(db, "compact-store"):
+        with storelock.recovery_lock(db, "compact-store"):
             with pytest.raises(RecoveryLocked, match="compact-store"):
                 backup.restore(info.path, db, tmp_path / "quarantine")
             # the owner of the lock may restore under it; the lock stays with the outer holder
             backup.restore(info.path, db, tmp_path / "quarantine", owner="compact-store")
-            assert backup.lock_path(db).exists()
-        assert not backup.lock_path(db).exists()
+            assert storelock.lock_path(db).exists()
+        assert not storelock.lock_path(db).exists()
 
 
 class TestRecoveryLock:
     def test_held_by_another_process_is_refused_naming_the_holder(self, tmp_path, db):
-        code = ("import sys, time\nfrom crypto_agent.backup import recovery_lock\n"
+        code = ("import sys, time\nfrom crypto_agent.storelock import recovery_lock\n"
                 "with recovery_lock(sys.argv[1], 'recover-db-corruption/run-7'):\n"
                 "    print('held', flush=True); time.sleep(60)\n")
         holder = subprocess.Popen([sys.executable, "-c", code, str(db)], stdout=subprocess.PIPE, text=True)
@@ -415,29 +415,34 @@ class TestRecoveryLock:
             holder.wait(timeout=30)
 
     def test_a_lock_touched_by_hand_is_respected(self, db):
-        backup.lock_path(db).touch()
-        with pytest.raises(RecoveryLocked, match="unknown owner"), backup.recovery_lock(db, "me"):
+        storelock.lock_path(db).touch()
+        with pytest.raises(RecoveryLocked, match="unknown owner"), storelock.recovery_lock(db, "me"):
             pass
-        assert backup.lock_path(db).exists()  # not ours to remove
+        assert storelock.lock_path(db).exists()  # not ours to remove
 
     def test_a_dead_holder_is_named_as_such(self, db):
-        backup.lock_path(db).write_text(json.dumps({"owner": "crashed-flow", "pid": 2**22 + 12345}))
+        storelock.lock_path(db).write_text(json.dumps({"owner": "crashed-flow", "pid": 2**22 + 12345}))
         with pytest.raises(RecoveryLocked, match=r"crashed-flow, pid \d+ \(not running\)") as exc, \
-                backup.recovery_lock(db, "me"):
+                storelock.recovery_lock(db, "me"):
             pass
-        assert str(backup.lock_path(db)) in exc.value.hint
+        assert str(storelock.lock_path(db)) in exc.value.hint
 
     def test_released_on_error(self, db):
-        with pytest.raises(RuntimeError), backup.recovery_lock(db, "me"):
-            assert backup.lock_holder(db)["owner"] == "me"
-            raise RuntimeError("boom")
-        assert backup.lock_holder(db) is None
+        def fail_while_held() -> None:
+            with storelock.recovery_lock(db, "me"):
+                assert storelock.lock_holder(db)["owner"] == "me"
+                raise RuntimeError("boom")
+
+        with pytest.raises(RuntimeError, match="boom"):
+            fail_while_held()
+        assert storelock.lock_holder(db) is None
 
 
 class TestSalvage:
     def _corrupt_leaf(self, path: Path) -> None:
         conn = sqlite3.connect(path)
-        page_size, pages = conn.execute("PRAGMA page_size").fetchone()[0], conn.execute("PRAGMA page_count").fetchone()[0]
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
         conn.close()
         with open(path, "r+b") as f:
             f.seek((pages // 2) * page_size)
@@ -491,7 +496,7 @@ class TestCompact:
         result = backup.compact(db, max_gb=1.2)
         assert result.size_after < result.size_before
         assert not result.over_limit and result.storage.message.startswith("storage ok")
-        assert count(db, "ohlcv_h4") == 600 and not backup.lock_path(db).exists()
+        assert count(db, "ohlcv_h4") == 600 and not storelock.lock_path(db).exists()
 
     def test_over_the_limit_is_an_alert(self, db):
         result = backup.compact(db, max_gb=0.00001)

@@ -13,7 +13,7 @@ import httpx
 import psutil
 import pytest
 
-from crypto_agent import backup, chaos, faults, incidents, process, recovery
+from crypto_agent import backup, chaos, faults, holds, incidents, process, storelock
 from crypto_agent.chaos import DrillResult
 from crypto_agent.errors import ConfigError, InputError
 from crypto_agent.faults import FaultError
@@ -78,7 +78,7 @@ class TestStoreDamage:
         assert report.failing_symbols == ["ETHUSDT"]
 
     def test_nothing_is_touched_while_a_recovery_holds_the_store(self, filled) -> None:
-        backup.lock_path(filled.db_path).write_text("{}")
+        storelock.lock_path(filled.db_path).write_text("{}")
         before = count(filled, "BTCUSDT")
         with pytest.raises(FaultError) as err:
             faults.delete_candles(filled, ["BTCUSDT"], 8)
@@ -163,11 +163,11 @@ class TestServices:
         assert "quick_check ok" in chaos.verify(filled).summary
         check = chaos.verify(filled, paused=("backtest",))
         assert not check.ok and "backtest should stay paused, but it is running" in check.problems
-        backup.lock_path(filled.db_path).write_text("{}")
+        storelock.lock_path(filled.db_path).write_text("{}")
         assert any("LOCKED" in p for p in chaos.verify(filled).problems)
 
     def test_verify_says_how_to_resume_a_paused_service(self, filled) -> None:
-        recovery.keep_stopped("backtest", filled, by="rollback-persistent-failures #7", reason="drill")
+        holds.keep_stopped("backtest", filled, by="rollback-persistent-failures #7", reason="drill")
         check = chaos.verify(filled)
         assert ("backtest is paused (by rollback-persistent-failures #7): resume it with "
                 "`crypto-agent service resume backtest`") in check.problems

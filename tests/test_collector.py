@@ -229,7 +229,7 @@ def cli_env(home: Path, url: str, **extra: str) -> dict[str, str]:
     env.update(
         CRYPTO_AGENT_HOME=str(home),
         CRYPTO_AGENT_EXCHANGE_URL=url,
-        CRYPTO_AGENT_SYMBOLS=",".join(SYMBOLS + ("TIAUSDT",)),
+        CRYPTO_AGENT_SYMBOLS=",".join((*SYMBOLS, "TIAUSDT")),
         CRYPTO_AGENT_INITIAL_HISTORY_DAYS="3",
         CRYPTO_AGENT_RETRY_BACKOFF_S="0.01",
         CRYPTO_AGENT_REQUEST_RETRIES="1",

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from service_kit import make_settings, run_cli
 
-from crypto_agent import backup, incidents, process, recovery
+from crypto_agent import holds, incidents, process, recovery, storelock
 from crypto_agent.errors import InputError
 from crypto_agent.health import HealthStatus, ProbeReport
 from crypto_agent.incidents import ESCALATED, FAILED, OPEN, RESOLVED
@@ -186,8 +186,9 @@ class TestMttr:
 class TestReport:
     def test_the_runbook_checklist_is_filled_in(self, log: Store) -> None:
         detected = incidents.parse_time("2026-02-22T14:30:05Z")
-        inc, _ = incidents.open_or_join(log, "db-corruption", STORE, incidents.trigger_of(_event("crypto-agent.store.corrupt")),
-                                        detected, fault_at_s=detected - 120, now=detected + 1)
+        trigger = incidents.trigger_of(_event("crypto-agent.store.corrupt"))
+        inc, _ = incidents.open_or_join(log, "db-corruption", STORE, trigger, detected,
+                                        fault_at_s=detected - 120, now=detected + 1)
         incidents.add_action(log, inc.id, "restore", "restored db_backup_20260221.db\nline two of the detail")
         incidents.told(log, inc.id, "l1")
         closed = incidents.resolve(log, inc.id, summary="restored", impact="Backtest paused, live trading OK",
@@ -310,8 +311,8 @@ def _page_of(path: Path, name: str, leaf: bool = True) -> int:
     conn = sqlite3.connect(path)
     try:
         kind = "leaf" if leaf else "internal"
-        return conn.execute("SELECT pageno FROM dbstat WHERE name = ? AND pagetype = ? ORDER BY pageno LIMIT 1 OFFSET 1",
-                            (name, kind)).fetchone()[0]
+        sql = "SELECT pageno FROM dbstat WHERE name = ? AND pagetype = ? ORDER BY pageno LIMIT 1 OFFSET 1"
+        return conn.execute(sql, (name, kind)).fetchone()[0]
     finally:
         conn.close()
 
@@ -368,11 +369,11 @@ def test_salvage_copies_the_readable_newer_rows_of_non_candle_tables(tmp_path: P
 
 def test_a_lock_handed_to_a_person_outlives_the_recovery_that_held_it(tmp_path: Path) -> None:
     db = tmp_path / "crypto_agent.db"
-    with backup.recovery_lock(db, "recover-db-corruption #3"):
+    with storelock.recovery_lock(db, "recover-db-corruption #3"):
         recovery.hand_lock_to_person(db, "recover-db-corruption #3: escalated")
-    holder = backup.lock_holder(db)
+    holder = storelock.lock_holder(db)
     assert holder is not None and holder["owner"] == "recover-db-corruption #3: escalated" and "pid" not in holder
-    with pytest.raises(backup.RecoveryLocked, match="escalated"), backup.recovery_lock(db, "someone else"):
+    with pytest.raises(storelock.RecoveryLocked, match="escalated"), storelock.recovery_lock(db, "someone else"):
         pass
 
 
@@ -383,26 +384,26 @@ class TestPause:
     def test_a_paused_service_is_not_started_until_resumed(self, tmp_path: Path) -> None:
         s = make_settings(tmp_path)
         spec = process.service_spec("backtest", s)
-        marker = process.pause(spec, reason="rollback incident #4", by="rollback-persistent-failures #4")
+        marker = holds.keep_stopped(spec, reason="rollback incident #4", by="rollback-persistent-failures #4")
         assert marker == s.run_dir / "backtest.paused"
-        assert process.paused(spec)["reason"] == "rollback incident #4"
-        with pytest.raises(process.ServicePaused, match="service resume backtest"):
+        assert holds.read_hold(spec).reason == "rollback incident #4"
+        with pytest.raises(holds.ServicePaused, match="service resume backtest"):
             process.start(spec, s)
         assert not spec.pidfile.exists() and not spec.log.exists()  # nothing was spawned
-        assert process.resume(spec)["by"] == "rollback-persistent-failures #4"
-        assert process.paused(spec) is None and process.resume(spec) is None
+        assert holds.release_hold(spec).by == "rollback-persistent-failures #4"
+        assert holds.read_hold(spec) is None and holds.release_hold(spec) is None
 
     def test_the_cli_pauses_and_resumes(self, tmp_path: Path) -> None:
         s = make_settings(tmp_path)
         spec = process.service_spec("backtest", s)
         paused = run_cli(["service", "pause", "backtest", "--reason", "investigating"], s)
         assert paused.returncode == 0, paused.stderr
-        assert "it was not running" in paused.stdout and process.paused(spec)["reason"] == "investigating"
+        assert "it was not running" in paused.stdout and holds.read_hold(spec).reason == "investigating"
         refused = run_cli(["service", "start", "backtest"], s)
         assert refused.returncode == 1 and "is paused (investigating" in refused.stderr
         resumed = run_cli(["service", "resume", "backtest", "--no-start"], s)
         assert resumed.returncode == 0 and "resumed backtest" in resumed.stdout and "investigating" in resumed.stdout
-        assert process.paused(spec) is None
+        assert holds.read_hold(spec) is None
         assert "was not paused" in run_cli(["service", "resume", "backtest", "--no-start"], s).stdout
 
 
@@ -439,3 +440,106 @@ class TestIncidentsCommand:
             pass
         missing = run_cli(["incidents", "--report", "99"], s)
         assert missing.returncode == 1 and "no incident #99" in missing.stderr
+
+
+# --- a problem the recoveries cannot fix: one incident that needs a person (issue 10) ---
+
+
+class TestNeedsPerson:
+    def test_an_incident_log_written_before_the_new_columns_gains_them_and_keeps_its_rows(
+        self, settings: Settings
+    ) -> None:
+        with incidents.open_incident_store(settings) as log:
+            old, _ = incidents.open_or_join(log, "db-corruption", STORE, {"event": "e"}, 50.0, now=50.0)
+            incidents.escalate(log, old.id, "l2", "no good backup", now=80.0)
+        path = incidents.incidents_db_path(settings)
+        conn = sqlite3.connect(path)
+        try:  # back to the file an older version wrote
+            for name in incidents.log.ADDED_COLUMNS:
+                conn.execute(f"ALTER TABLE incidents DROP COLUMN {name}")
+            conn.commit()
+            assert not {r[1] for r in conn.execute("PRAGMA table_info(incidents)")} & set(incidents.log.ADDED_COLUMNS)
+        finally:
+            conn.close()
+        with incidents.open_incident_store(settings) as log:
+            kept = incidents.get(log, old.id)
+            assert (kept.status, kept.summary, kept.needs_person, kept.detections) == (ESCALATED, "no good backup",
+                                                                                       False, 0)
+            new, joined = incidents.open_or_join(log, "db-corruption", STORE, {}, 90.0, now=90.0)
+            assert not joined and new.id != old.id
+            incidents.escalate(log, new.id, "l2", "still no backup", now=95.0)
+            assert incidents.needs_person_incident(log, "db-corruption", STORE).id == new.id
+        with incidents.open_incident_store(settings) as log:  # a second open adds nothing twice
+            assert len(incidents.list_incidents(log)) == 2
+
+    def test_an_unfixed_incident_needs_a_person_and_is_rejoined_until_it_resolves(self, log: Store) -> None:
+        inc, _ = incidents.open_or_join(log, "stale-data", STORE, {}, 100.0, now=100.0)
+        assert not inc.needs_person and incidents.needs_person_incident(log, "stale-data", STORE) is None
+        incidents.told(log, inc.id, "l2", now=110.0)
+        closed = incidents.escalate(log, inc.id, "l2", "the exchange cannot be used", now=120.0)
+        assert closed.needs_person and closed.needs_person_since == 120_000 and closed.last_paged_at == 110_000
+        assert incidents.needs_person_incident(log, "stale-data", STORE).id == inc.id
+        assert incidents.needs_person_incident(log, "db-corruption", STORE) is None  # another scenario
+        assert incidents.needs_person_incident(log, "stale-data", DAEMON) is None  # another resource
+
+        again = incidents.rejoin(log, inc.id, flow_run_id="run-2")
+        assert again is not None and again.is_open and again.detections == 1 and again.flow_run_id == "run-2"
+        assert again.resolved_at is None and again.outcome is None
+        assert incidents.rejoin(log, inc.id) is None  # open already: a second recovery joins it as usual
+        absorbed, joined = incidents.open_or_join(log, "stale-data", STORE, {}, 130.0)  # opened long ago, but
+        assert joined and absorbed.id == inc.id  # rejoined just now: not abandoned
+        failed = incidents.escalate(log, inc.id, "l2", "still down", now=200.0)
+        assert failed.needs_person and failed.needs_person_since == 120_000  # since the first time
+        third = incidents.rejoin(log, inc.id)
+        assert third is not None and third.detections == 2
+        fixed = incidents.resolve(log, inc.id, summary="backfilled", now=300.0)
+        assert fixed.status == RESOLVED and not fixed.needs_person and fixed.recovery_time_s == 200.0
+        assert incidents.needs_person_incident(log, "stale-data", STORE) is None
+        assert incidents.rejoin(log, inc.id) is None
+        new, joined = incidents.open_or_join(log, "stale-data", STORE, {}, 400.0)
+        assert not joined and new.id != inc.id
+
+    def test_a_rejoin_waits_for_another_open_incident_of_the_family(self, log: Store) -> None:
+        crash, _ = incidents.open_or_join(log, "daemon-crash", DAEMON, {}, 1.0)
+        incidents.fail(log, crash.id, "the restart failed")
+        hang, _ = incidents.open_or_join(log, "process-hang", DAEMON, {}, 2.0)
+        assert incidents.rejoin(log, crash.id) is None  # the unique open index: one per resource and family
+        assert not incidents.get(log, crash.id).is_open
+        incidents.resolve(log, hang.id, summary="restarted")
+        assert incidents.rejoin(log, crash.id) is not None
+
+    def test_a_person_clears_it_and_the_next_detection_opens_a_new_incident(self, log: Store) -> None:
+        inc, _ = incidents.open_or_join(log, "db-corruption", STORE, {}, 1.0)
+        with pytest.raises(InputError, match="is open"):
+            incidents.clear_needs_person(log, inc.id, by="alice")
+        escalated = incidents.escalate(log, inc.id, "l2", "no good backup")
+        assert [i.id for i in incidents.needing_person(log)] == [inc.id]
+        assert (f"**Status:** escalated (escalated); NEEDS A PERSON since {incidents.iso(escalated.resolved_at)} "
+                f"(0 detection(s) since; once fixed by hand: `crypto-agent incidents --resolve {inc.id}`)"
+                ) in incidents.render_report(escalated)
+        cleared = incidents.clear_needs_person(log, inc.id, by="alice", note="restored by hand")
+        assert not cleared.needs_person and cleared.status == ESCALATED  # how the recovery ended stays
+        assert cleared.actions[-1]["step"] == "resolved-by-person"
+        assert cleared.actions[-1]["detail"] == "resolved by alice: restored by hand"
+        assert incidents.needing_person(log) == [] and incidents.rejoin(log, inc.id) is None
+        with pytest.raises(InputError, match="does not need a person"):
+            incidents.clear_needs_person(log, inc.id, by="alice")
+
+    def test_the_cli_lists_and_resolves_what_needs_a_person(self, tmp_path: Path) -> None:
+        s = make_settings(tmp_path, create_store=False)
+        with incidents.open_incident_store(s) as log:
+            a, _ = incidents.open_or_join(log, "stale-data", STORE, {}, 100.0, now=100.0)
+            incidents.escalate(log, a.id, "l2", "the exchange cannot be used", now=130.0)
+            b, _ = incidents.open_or_join(log, "daemon-crash", DAEMON, {}, 200.0, now=200.0)
+            incidents.resolve(log, b.id, summary="restarted", now=210.0)
+        listed = run_cli(["incidents", "--needs-person"], s)
+        assert listed.returncode == 0, listed.stderr
+        assert "stale-data" in listed.stdout and "NEEDS A PERSON (0 detections since" in listed.stdout
+        assert "daemon-crash" not in listed.stdout
+        done = run_cli(["incidents", "--resolve", str(a.id), "--note", "exchange back"], s)
+        assert done.returncode == 0, done.stderr
+        assert f"incident #{a.id} (stale-data, {STORE}) no longer needs a person" in done.stdout
+        with incidents.open_incident_store(s) as log:
+            assert not incidents.get(log, a.id).needs_person
+        again = run_cli(["incidents", "--resolve", str(a.id)], s)
+        assert again.returncode != 0 and "does not need a person" in again.stderr

@@ -153,3 +153,46 @@ def test_the_package_keeps_every_name_and_never_imports_prefect() -> None:
             "assert not any(m == 'prefect' or m.startswith('prefect.') for m in sys.modules), 'prefect imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True)
     assert replace(incident(), id=8).id == 8
+
+
+class TestNeedsPersonAction:
+    """The same unfixed signal joins the incident that needs a person; paged at most every repeat_after_s."""
+
+    HOUR_MS = 3_600_000
+
+    def waiting(self, last_paged_at: int | None = 10 * 3_600_000, detections: int = 3) -> Incident:
+        return replace(incident(status=ESCALATED, summary="the exchange cannot be used"), needs_person=True,
+                       needs_person_since=9 * self.HOUR_MS, last_paged_at=last_paged_at, detections=detections)
+
+    def test_without_an_incident_that_needs_a_person_it_opens_and_pages_as_usual(self) -> None:
+        for waiting in (None, incident(status=RESOLVED), incident(status=ESCALATED)):  # the last: a person cleared it
+            got = incidents.needs_person_action(waiting, now_ms=0, repeat_after_s=14400)
+            assert (got.join, got.page) == (False, incidents.policy.PAGE_AS_USUAL)
+            closing = incidents.needs_person_action(waiting, FAILED, now_ms=0, repeat_after_s=14400)
+            assert (closing.join, closing.page) == (False, incidents.policy.PAGE_AS_USUAL)
+
+    def test_a_new_detection_joins_it_with_its_paging_held(self) -> None:
+        got = incidents.needs_person_action(self.waiting(), now_ms=11 * self.HOUR_MS, repeat_after_s=14400)
+        assert (got.join, got.page) == (True, incidents.policy.PAGE_HOLD)
+        assert got.why == ("incident #7 needs a person (3 detections since 1970-01-01T09:00:00Z): "
+                           "the recovery runs again in it, its paging held")
+
+    @pytest.mark.parametrize("status", [FAILED, ESCALATED])
+    def test_failing_again_is_held_until_the_last_page_is_repeat_after_s_old(self, status: str) -> None:
+        held = incidents.needs_person_action(self.waiting(), status, now_ms=14 * self.HOUR_MS - 1,
+                                             repeat_after_s=14400)
+        assert (held.join, held.page) == (True, incidents.policy.PAGE_HOLD)
+        assert "last paged 1970-01-01T10:00:00Z, re-paged from 1970-01-01T14:00:00Z" in held.why
+        again = incidents.needs_person_action(self.waiting(), status, now_ms=14 * self.HOUR_MS, repeat_after_s=14400)
+        assert (again.join, again.page) == (True, incidents.policy.PAGE_REPEAT)
+        assert again.why == "still needs a person (3 detections since 1970-01-01T09:00:00Z)"
+
+    def test_never_paged_it_is_re_paged_and_one_detection_is_singular(self) -> None:
+        got = incidents.needs_person_action(self.waiting(None, 1), ESCALATED, now_ms=0, repeat_after_s=14400)
+        assert got.page == incidents.policy.PAGE_REPEAT and "(1 detection since" in got.why
+
+    def test_fixed_by_a_later_recovery_it_pages_resolved_once(self) -> None:
+        got = incidents.needs_person_action(self.waiting(), RESOLVED, now_ms=10 * self.HOUR_MS + 1,
+                                            repeat_after_s=14400)
+        assert (got.join, got.page) == (True, incidents.policy.PAGE_RESOLVED)
+        assert got.why == "fixed after it needed a person (3 detections since 1970-01-01T09:00:00Z)"

@@ -208,7 +208,7 @@ class TestLockedPause:
         wait_until(lambda: read_heartbeat(spec.heartbeat).epoch >= beat.epoch + 2, what="two more heartbeats")
         assert result_count(settings) == paused_at
         assert heartbeat_state(spec) == STATE_PAUSED_LOCKED
-        assert any("WARNING" in l and "writes paused" in l for l in read_lines(spec.log))
+        assert any("WARNING" in line and "writes paused" in line for line in read_lines(spec.log))
 
         lock.unlink()
         wait_until(lambda: result_count(settings) > paused_at, what="writes to resume")
@@ -220,7 +220,8 @@ class TestLog:
         try:
             raise RuntimeError("boom\nsecond line")
         except RuntimeError:
-            record = logging.LogRecord("crypto_agent.x", logging.ERROR, __file__, 1, "unit failed", None, sys.exc_info())
+            info = sys.exc_info()
+            record = logging.LogRecord("crypto_agent.x", logging.ERROR, __file__, 1, "unit failed", None, info)
         lines = ServiceLogFormatter().format(record).splitlines()
         assert len(lines) > 3
         kinds = [LOG_LINE_RE.match(line.encode()) for line in lines]
@@ -232,7 +233,7 @@ class TestLog:
         seed_store(settings)
         spec = process.service_spec("backtest", settings)
         keeper.start(spec, settings, env={FAULT_ENV: "log-errors:3"})
-        wait_until(lambda: sum("synthetic error" in l for l in read_lines(spec.log)) >= 6, what="error lines")
+        wait_until(lambda: sum("synthetic error" in line for line in read_lines(spec.log)) >= 6, what="error lines")
         process.stop(spec)
         lines = read_lines(spec.log)
         assert lines and all(LOG_LINE_RE.match(line.encode()) for line in lines)

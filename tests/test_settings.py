@@ -52,6 +52,33 @@ class TestDefaults:
         # 3 crashes in 24 h -> rollback 48 h; storage < 1.2 GB
         assert (s.persistent_failures, s.persistent_window_hours, s.rollback_hours) == (3, 24.0, 48.0)
         assert s.storage_max_gb == 1.2
+        # a crash loop backs off 10 s doubling to 5 min, reset after 10 min healthy
+        assert (s.restart_backoff_base_s, s.restart_backoff_cap_s, s.restart_backoff_reset_s) == (10.0, 300.0, 600.0)
+
+    def test_the_deprecated_crash_grace_sets_the_backoff_cap(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        assert load_settings(crash_restart_grace_s=2).restart_backoff_cap_s == 2.0
+        assert load_settings(crash_restart_grace_s=2, restart_backoff_cap_s=30).restart_backoff_cap_s == 30.0
+        monkeypatch.setenv("CRYPTO_AGENT_CRASH_RESTART_GRACE_S", "0")
+        s = load_settings()
+        assert (s.crash_restart_grace_s, s.restart_backoff_cap_s) == (0.0, 0.0)
+        assert load_settings(**s.model_dump()).restart_backoff_cap_s == 0.0  # a dump passed on keeps it
+
+    def test_bounded_growth_defaults_are_the_retention_module_defaults(self) -> None:
+        # issue 10: retention, free disk and the age of the newest good backup
+        from crypto_agent import retention
+
+        s = load_settings()
+        assert s.retention_keep_runs == retention.KEEP_RUNS == 30
+        assert (s.retention_probe_sample_days, s.retention_service_event_days) == (
+            retention.PROBE_SAMPLE_DAYS, retention.SERVICE_EVENT_DAYS)
+        assert (s.retention_flow_run_days, s.retention_failed_flow_run_days) == (
+            retention.FLOW_RUN_DAYS, retention.FAILED_FLOW_RUN_DAYS) == (14.0, 30.0)
+        assert s.disk_free_min_gb == retention.MIN_FREE_GB == 1.0
+        assert s.backup_max_age_hours == 26.0
+        with pytest.raises(ConfigError, match="retention_keep_runs"):
+            load_settings(retention_keep_runs=0)
+        with pytest.raises(ConfigError, match="retention_probe_sample_days"):
+            load_settings(retention_probe_sample_days=0.5)
 
     def test_paths_are_resolved_against_home(self, tmp_path: Path) -> None:
         s = load_settings(home=tmp_path)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from sqlalchemy import text
 
-from crypto_agent.errors import StoreError
+from crypto_agent.errors import StoreCorrupt, StoreError, StoreUnreadable
 from crypto_agent.store import (
     BUSY_TIMEOUT_MS,
     Candle,
@@ -249,12 +249,15 @@ class TestOpenErrors:
     def test_a_folder_where_the_file_should_be_is_a_store_error(self, tmp_path: Path) -> None:
         folder = tmp_path / "crypto_agent.db"
         folder.mkdir()
-        with pytest.raises(StoreError, match="cannot open the database"):
+        with pytest.raises(StoreUnreadable, match=f"the store {folder} cannot be opened") as info:
             Store(f"sqlite:///{folder}")
+        assert isinstance(info.value, StoreError) and info.value.hint and "CRYPTO_AGENT_DB_PATH" in info.value.hint
 
     def test_a_file_that_is_not_a_database_is_a_store_error(self, tmp_path: Path) -> None:
         path = tmp_path / "text.db"
         path.write_bytes(b"plain text, not SQLite " * 500)
-        with pytest.raises(StoreError, match="cannot open the database"):
+        with pytest.raises(StoreCorrupt, match=r"is corrupt \(file is not a database\)") as info:
             Store(f"sqlite:///{path}")
+        assert isinstance(info.value, StoreError) and str(path) in info.value.message
+        assert info.value.hint and "crypto-agent check-integrity" in info.value.hint
         assert path.read_bytes().startswith(b"plain text")

@@ -20,6 +20,7 @@ from crypto_agent.cli import (  # noqa: F401
     watchdog,
 )
 from crypto_agent.cli.app import app
+from crypto_agent.cli.storeerrors import DB_ERRORS, as_store_error, database_error
 from crypto_agent.errors import CryptoAgentError
 
 PLUGIN_GROUP = "crypto_agent.cli"
@@ -48,10 +49,19 @@ def load_plugins() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run a command; an operator error becomes a message on stderr and a non-zero exit."""
+    """Entry point: run a command; an operator error becomes a message on stderr and a non-zero exit.
+
+    A SQLite or SQLAlchemy error that escapes a command (a corrupt or unreadable store met mid-way) is
+    reported the same way, never as a traceback.
+    """
     load_plugins()
     try:
         app(args=argv, standalone_mode=True)
     except CryptoAgentError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        err = as_store_error(exc)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except DB_ERRORS as exc:
+        err = database_error(exc)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)

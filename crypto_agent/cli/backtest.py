@@ -14,7 +14,8 @@ from sqlalchemy.engine import make_url
 
 from crypto_agent import backtest as engine
 from crypto_agent.cli.app import app
-from crypto_agent.errors import InputError, StoreError
+from crypto_agent.cli.data import check_store_sound
+from crypto_agent.errors import InputError, StoreError, StoreUnreadable
 from crypto_agent.settings import load_settings
 from crypto_agent.store import Store
 from crypto_agent.universe import timeframe as parse_timeframe
@@ -47,6 +48,11 @@ def _open_existing_store(url: str, create: bool) -> Store:
     parsed = make_url(url)
     database = parsed.database or ""
     is_file = parsed.get_backend_name() == "sqlite" and database not in ("", ":memory:")
+    if is_file and Path(database).exists() and not Path(database).is_file():
+        raise StoreUnreadable(
+            f"the store {database} is not a file (a folder or device is in its place)",
+            hint="point CRYPTO_AGENT_DB_PATH at the store, or restore it (`crypto-agent restore --latest-good`)",
+        )
     if is_file and not Path(database).is_file():
         raise StoreError(
             f"no database at {database}",
@@ -104,6 +110,8 @@ def backtest_command(
         raise InputError(f"--days must be > 0, got {days}", hint="e.g. --days 365")
 
     settings = load_settings()
+    if save:  # a result is never written into a damaged store
+        check_store_sound(settings)
     store = _open_existing_store(settings.database_url, create=save)
     try:
         candles = engine.load_candles(store, sym, tf, days)

@@ -22,10 +22,10 @@ from sqlalchemy.engine import make_url
 
 from crypto_agent.cli.app import app
 from crypto_agent.collector import MODES, CollectSummary, collect
-from crypto_agent.errors import CryptoAgentError, InputError, StoreError
+from crypto_agent.errors import CryptoAgentError, InputError, StoreCorrupt, StoreError, StoreUnreadable
 from crypto_agent.exchange import BinanceClient
 from crypto_agent.settings import Settings, load_settings
-from crypto_agent.store import Store
+from crypto_agent.store import CORRUPTION_NEXT, Store, check_integrity, store_error
 from crypto_agent.universe import parse_symbols, timeframe
 
 
@@ -49,7 +49,9 @@ def check_db_writable(settings: Settings) -> None:
     path = Path(url.database).expanduser().absolute()
     hint = "set CRYPTO_AGENT_DB_PATH (or db_path in the config file) to a writable place"
     if path.exists() and not path.is_file():
-        raise StoreError(f"the database path {path} exists and is not a file", hint=hint)
+        raise StoreUnreadable(f"the store {path} is not a file (a folder or device is in its place)",
+                              hint="move it aside and restore the store (`crypto-agent restore --latest-good`), "
+                              "or " + hint)
     folder = path.parent
     while not folder.exists():
         folder = folder.parent
@@ -62,6 +64,31 @@ def check_db_writable(settings: Settings) -> None:
     except OSError as exc:
         raise StoreError(f"cannot create the database {path}: {folder} is not writable ({exc.strerror})",
                          hint=hint) from None
+
+
+def check_store_sound(settings: Settings) -> None:
+    """StoreCorrupt (or StoreUnreadable) when the existing store fails quick_check: a writer never writes into it.
+
+    About 0.35 s per 50 MB of store; a store that does not exist yet passes (it is created later).
+    """
+    url = make_url(settings.database_url)
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return
+    path = Path(url.database).expanduser().absolute()
+    if not path.is_file():
+        return
+    result = check_integrity(path)
+    if result.ok:
+        return
+    # "DatabaseError: file is not a database" -> SQLite's words; quick_check's own rows stay as they are
+    first = result.problems[0] if result.problems else "quick_check failed"
+    name, sep, rest = first.partition(": ")
+    reason = rest if sep and name.endswith("Error") else first
+    more = f"; {len(result.problems) - 1} more problem(s)" if len(result.problems) > 1 else ""
+    known = store_error(Exception(reason), path)
+    if known is not None:
+        raise known
+    raise StoreCorrupt(f"the store {path} is corrupt ({reason}{more})", hint=CORRUPTION_NEXT)
 
 
 def progress_bar(stack: ExitStack, console: Console) -> Callable[[int, int, str], None] | None:
@@ -134,6 +161,7 @@ def collect_command(
                              hint="pass e.g. --exchange-url=https://api.binance.com")
         settings = load_settings(exchange_url=exchange_url)
     check_db_writable(settings)
+    check_store_sound(settings)
 
     out = Console()
     err = Console(stderr=True)

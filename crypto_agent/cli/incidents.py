@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 
 import typer
@@ -19,6 +20,13 @@ def _seconds(value: float | None) -> str:
     return f"{value / 60:.1f} min"
 
 
+def _person() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return "a person"
+
+
 def _hours(value: float | None) -> str:
     return "-" if value is None else f"{value:g} h"
 
@@ -29,10 +37,25 @@ def incidents_command(
     open_only: bool = typer.Option(False, "--open", help="Only the incidents a recovery is still working on."),
     limit: int = typer.Option(50, "--limit", min=1, max=10_000, help="Newest incidents shown."),
     report: int | None = typer.Option(None, "--report", help="Print the post-incident report of this incident."),
+    needs_person: bool = typer.Option(
+        False, "--needs-person", help="Only the incidents the recoveries could not fix, which wait for a person."),
+    resolve: int | None = typer.Option(
+        None, "--resolve", help="A person fixed this incident: it no longer needs a person (nor is re-paged)."),
+    note: str = typer.Option("", "--note", help="With --resolve: what was done, kept in the incident."),
 ) -> None:
     """List the incidents (newest first) and the MTTR of each runbook scenario against its ETA (2/15/30/5/60 min)."""
     settings = load_settings()
     path = incidents.incidents_db_path(settings)
+    if resolve is not None:
+        if not path.exists():
+            raise incidents.IncidentError(f"no incident #{resolve}", hint="list them with `crypto-agent incidents`")
+        with incidents.open_incident_store(settings) as store:
+            done = incidents.clear_needs_person(store, resolve, by=f"{_person()} (crypto-agent incidents)",
+                                                note=note)
+        print(f"incident #{done.id} ({done.scenario}, {done.resource}) no longer needs a person: "
+              "the next detection of it opens a new incident")
+        return
+    open_only = open_only and not needs_person
     if not path.exists():
         if as_json:
             print(json.dumps({"incident_log": str(path), "incidents": [], "mttr": []}, indent=2))
@@ -46,7 +69,8 @@ def incidents_command(
             inc = incidents.get(store, report)
             print(inc.report_md or incidents.render_report(inc))
             return
-        found = incidents.list_incidents(store, open_only=open_only, limit=limit)
+        found = incidents.needing_person(store)[-limit:][::-1] if needs_person \
+            else incidents.list_incidents(store, open_only=open_only, limit=limit)
         stats = incidents.mttr_by_scenario(store)
     if as_json:
         rows = []
@@ -66,10 +90,13 @@ def incidents_command(
         for inc in found:
             told = ",".join(inc.levels_told) or "-"
             absorbed = f" (+{inc.events_absorbed} absorbed)" if inc.events_absorbed else ""
+            if inc.needs_person:
+                since = incidents.iso(inc.needs_person_since)
+                absorbed += f" NEEDS A PERSON ({inc.detections} detections since {since})"
             print(f"{inc.id:>5}  {inc.scenario:<20} {inc.status:<10} {inc.outcome or '-':<10} "
                   f"{incidents.iso(inc.opened_at):<21} {_seconds(inc.recovery_time_s):>9} "
                   f"{_hours(inc.data_lost_hours):>9}  {told:<9} {inc.resource}{absorbed}")
-    if open_only:
+    if open_only or needs_person:
         return
     print("\n# MTTR per scenario (recovered incidents, detection to verified recovery) against the runbook's ETA")
     print(f"{'scenario':<24} {'incidents':>9} {'recovered':>9} {'escalated':>9} {'failed':>6} "

@@ -9,6 +9,7 @@ import typer
 
 from crypto_agent import backup as backups_mod
 from crypto_agent.cli.app import app
+from crypto_agent.cli.data import check_store_sound
 from crypto_agent.errors import InputError
 from crypto_agent.settings import load_settings
 
@@ -28,7 +29,11 @@ def backup_cmd(
 ) -> None:
     """Online backup of the store to backup_dir/db_backup_YYYYMMDD.db with a manifest; exit 1 if it is bad."""
     s = load_settings()
-    info = backups_mod.create(s.db_path, s.backup_dir, verify=verify)
+    try:
+        info = backups_mod.create(s.db_path, s.backup_dir, verify=verify)
+    except backups_mod.BackupError:
+        check_store_sound(s)  # a damaged live store is said as such, with its recovery
+        raise
     print(f"backup {info.path}: {info.status}, {_mb(info.size)}, {_rows(info.tables)}")
     if prune:
         removed = backups_mod.retention(s.backup_dir, backups_mod.RetentionPolicy.from_settings(s))
@@ -69,6 +74,7 @@ def restore_test_cmd() -> None:
 def compact_cmd() -> None:
     """VACUUM the store under the recovery lock, then check storage; exit 1 when over storage_max_gb."""
     s = load_settings()
+    check_store_sound(s)  # VACUUM of a damaged store fails, or rewrites the damage into every page
     result = backups_mod.compact(s.db_path, max_gb=s.storage_max_gb, owner="crypto-agent compact (cli)")
     print(f"compacted {result.db_path}: {_mb(result.size_before)} -> {_mb(result.size_after)} "
           f"in {result.duration_s:.1f} s")
@@ -116,6 +122,7 @@ def sentiment_update_cmd(
     from crypto_agent.store import open_store
 
     s = load_settings()
+    check_store_sound(s)
     with open_store(s) as store:
         summary = update_sentiment_macro(store, s, fred_api_key=fred_key)
     print(summary.message)

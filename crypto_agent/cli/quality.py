@@ -33,6 +33,12 @@ def existing_db_path(settings: Settings) -> Path | None:
     if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
         return None
     path = Path(url.database).expanduser().absolute()
+    if path.exists() and not path.is_file():
+        raise ConfigError(
+            f"the store {path} is not a file (a folder or device is in its place)",
+            hint="move it aside and restore the store (`crypto-agent restore --latest-good`), or point "
+            "CRYPTO_AGENT_DB_PATH (or db_path in the config file) at the store",
+        )
     if not path.is_file():
         raise ConfigError(
             f"database file {path} does not exist",
@@ -119,5 +125,7 @@ def check_integrity_command(
         print(f"CORRUPT ({result.mode}) {path}: {len(result.problems)} problem(s)")
         for problem in result.problems:
             print(f"  {problem}")
-        print("  what to do: stop the writers and restore the newest good backup (runbook scenario 3)")
+        print("  what to do: stop the writers and recover (runbook scenario 3): "
+              "`prefect deployment run recover-db-corruption/auto`, or restore the newest good backup "
+              "with `crypto-agent restore --latest-good`")
     raise typer.Exit(0 if result.ok else 1)

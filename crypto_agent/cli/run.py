@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from crypto_agent.cli.app import app
-from crypto_agent.cli.data import check_db_writable, progress_bar
+from crypto_agent.cli.data import check_db_writable, check_store_sound, progress_bar
 from crypto_agent.cli.quality import print_report
 from crypto_agent.collector import collect
 from crypto_agent.errors import ConfigError
@@ -63,6 +63,7 @@ def run_command() -> None:
     """The main job on embedded defaults: start the simulator, backfill the universe, check the data, report."""
     settings = load_settings()
     check_db_writable(settings)
+    check_store_sound(settings)
     out, err = Console(), Console(stderr=True)
     started = time.perf_counter()
     with ExitStack() as stack:

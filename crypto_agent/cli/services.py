@@ -15,7 +15,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from crypto_agent import health, holds, process
 from crypto_agent.cli.app import app
+from crypto_agent.cli.data import check_store_sound
+from crypto_agent.cli.storeerrors import database_error
 from crypto_agent.errors import CryptoAgentError
+from crypto_agent.service import EXIT_CRASHED
 from crypto_agent.settings import Settings, load_settings
 from crypto_agent.store import Store
 
@@ -39,7 +42,7 @@ def _existing_store(settings: Settings) -> Iterator[Store | None]:
     try:
         store = Store(settings.database_url)
     except CryptoAgentError as exc:
-        print(f"warning: history not recorded: {exc.message}", file=sys.stderr)
+        print(f"warning: history not recorded: {exc}", file=sys.stderr)
         yield None
         return
     try:
@@ -48,12 +51,26 @@ def _existing_store(settings: Settings) -> Iterator[Store | None]:
         store.close()
 
 
+def _service_exit(name: str, code: int, settings: Settings) -> None:
+    """Exit with a service's code; after a crash, say on stderr why when it is the store, else where the log is."""
+    if code == EXIT_CRASHED:
+        log = process.service_spec(name, settings).log
+        try:
+            check_store_sound(settings)
+        except CryptoAgentError as exc:
+            print(f"error: the {name} service stopped (exit {code}): {exc}\n  its log: {log}", file=sys.stderr)
+        else:
+            print(f"error: the {name} service crashed (exit {code}); its log {log} says why", file=sys.stderr)
+    raise typer.Exit(code)
+
+
 @app.command("daemon")
 def daemon_command() -> None:
     """Run the 24/7 backtest daemon in the foreground until SIGTERM (`service start backtest` detaches it)."""
     from crypto_agent.daemon import run_daemon
 
-    raise typer.Exit(run_daemon(load_settings()))
+    settings = load_settings()
+    _service_exit("backtest", run_daemon(settings), settings)
 
 
 @app.command("trader")
@@ -61,7 +78,8 @@ def trader_command() -> None:
     """Run the paper live-trading service in the foreground until SIGTERM; it never sends an order."""
     from crypto_agent.trader import run_trader
 
-    raise typer.Exit(run_trader(load_settings()))
+    settings = load_settings()
+    _service_exit("trader", run_trader(settings), settings)
 
 
 @app.command("status")
@@ -81,7 +99,7 @@ def status_command(
                 try:
                     recorded = health.record(store, report)
                 except SQLAlchemyError as exc:
-                    print(f"warning: history not recorded: {exc}", file=sys.stderr)
+                    print(f"warning: history not recorded: {database_error(exc)}", file=sys.stderr)
     if as_json:
         print(json.dumps({**report.to_dict(), "recorded": recorded}, indent=2))
     else:

@@ -3,7 +3,8 @@
 - scenarios: the five scenarios and their ETAs (the one table), statuses, outcomes, levels.
 - log: the incident log in its own SQLite file, so it survives a restore or rollback of the store.
 - report: the runbook's post-incident checklist filled in from an incident.
-- policy: who beyond L1 is told at the close (`levels_to_tell`).
+- policy: who beyond L1 is told at the close (`levels_to_tell`); join, page or hold while an incident needs a
+  person (`needs_person_action`).
 - root_cause: the root cause of each scenario from what the recovery found (`crash_root_cause`, ...).
 
 No Prefect here: the flows act on what these return. Every name is importable from
@@ -21,6 +22,7 @@ from crypto_agent.incidents.log import (
     IncidentError,
     ScenarioStats,
     add_action,
+    clear_needs_person,
     close,
     detected_at,
     escalate,
@@ -31,6 +33,8 @@ from crypto_agent.incidents.log import (
     iso,
     list_incidents,
     mttr_by_scenario,
+    needing_person,
+    needs_person_incident,
     open_incident_store,
     open_incidents,
     open_or_join,
@@ -39,12 +43,13 @@ from crypto_agent.incidents.log import (
     parse_time,
     percentile,
     recent_count,
+    rejoin,
     resolve,
     told,
     trigger_of,
     update_fields,
 )
-from crypto_agent.incidents.policy import levels_to_tell
+from crypto_agent.incidents.policy import NeedsPersonAction, levels_to_tell, needs_person_action
 from crypto_agent.incidents.report import render_report, root_cause_boxes
 from crypto_agent.incidents.scenarios import (
     ABSORBED,
@@ -66,10 +71,12 @@ from crypto_agent.incidents.scenarios import (
 __all__ = [
     "ABANDONED_AFTER_S", "ABSORBED", "ESCALATED", "FAILED", "LEVELS", "MAX_ACTION_DETAIL", "MAX_TRIGGER_CHARS",
     "OPEN", "OUTCOMES", "RECOVERED", "RESOLVED", "ROOT_CAUSES", "SCENARIOS", "SKIPPED", "STATUSES",
-    "Incident", "IncidentError", "Scenario", "ScenarioStats",
-    "add_action", "close", "detected_at", "escalate", "event_payload", "fail", "get", "incidents_db_path", "iso",
-    "levels_to_tell", "list_incidents", "mttr_by_scenario", "open_incident_store", "open_incidents",
+    "Incident", "IncidentError", "NeedsPersonAction", "Scenario", "ScenarioStats",
+    "add_action", "clear_needs_person", "close", "detected_at", "escalate", "event_payload", "fail", "get",
+    "incidents_db_path", "iso",
+    "levels_to_tell", "list_incidents", "mttr_by_scenario", "needing_person",
+    "needs_person_action", "needs_person_incident", "open_incident_store", "open_incidents",
     "open_or_join", "owner_alive", "owner_id", "parse_time", "percentile", "policy", "recent_count",
-    "render_report", "resolve", "root_cause", "root_cause_boxes", "scenario", "told", "trigger_of",
+    "rejoin", "render_report", "resolve", "root_cause", "root_cause_boxes", "scenario", "told", "trigger_of",
     "update_fields",
 ]

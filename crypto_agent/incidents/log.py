@@ -4,6 +4,10 @@ One row per incident in the `incidents` table of its own SQLite file (settings.i
 so the log survives the restore or rollback of the store that a recovery may do. At most one
 incident per resource and family is open at a time: a unique index on the open row makes
 `open_or_join` atomic, and a second event during a recovery joins (is absorbed by) the open one.
+A recovery that closes an incident failed or escalated leaves it needing a person (`needs_person`):
+the next recovery of that scenario and resource opens it again (`rejoin`) instead of a new one, until
+a recovery resolves it or a person clears it (`clear_needs_person`, `crypto-agent incidents --resolve`).
+Columns added after the first version are added to an older file with ALTER TABLE (`ADDED_COLUMNS`).
 """
 
 from __future__ import annotations
@@ -79,6 +83,11 @@ class Incident:
     flow_run_id: str | None
     owner: str
     report_md: str | None = None
+    needs_person: bool = False  # the recoveries could not fix it: the same signal rejoins it until it clears
+    needs_person_since: int | None = None
+    last_paged_at: int | None = None  # the last message about it that was delivered
+    detections: int = 0  # recoveries that rejoined it while it needed a person
+    rejoined_at: int | None = None  # the last of them
 
     @property
     def is_open(self) -> bool:
@@ -148,6 +157,11 @@ def _from_row(row: Any) -> Incident:
         flow_run_id=m["flow_run_id"],
         owner=m["owner"],
         report_md=m["report_md"],
+        needs_person=bool(m.get("needs_person") or 0),
+        needs_person_since=m.get("needs_person_since"),
+        last_paged_at=m.get("last_paged_at"),
+        detections=int(m.get("detections") or 0),
+        rejoined_at=m.get("rejoined_at"),
     )
 
 
@@ -169,12 +183,38 @@ def incidents_db_path(settings: Settings) -> Path:
     return path if path.is_absolute() else Path(settings.home).expanduser() / path
 
 
+# Columns later versions added to the incidents table: ALTER TABLE adds them to an older file.
+ADDED_COLUMNS = {
+    "needs_person": "INTEGER NOT NULL DEFAULT 0",
+    "needs_person_since": "BIGINT",
+    "last_paged_at": "BIGINT",
+    "detections": "INTEGER NOT NULL DEFAULT 0",
+    "rejoined_at": "BIGINT",
+}
+
+
+def _add_missing_columns(store: Store) -> None:
+    """Add the columns an incident log written by an older version lacks (another process may add them too)."""
+    with store.engine.connect() as conn:
+        have = {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(incidents)")}
+    for name, ddl in ADDED_COLUMNS.items():
+        if name in have:
+            continue
+        try:
+            with store.engine.begin() as conn:
+                conn.exec_driver_sql(f"ALTER TABLE incidents ADD COLUMN {name} {ddl}")
+        except SQLAlchemyError as exc:
+            if "duplicate column" not in str(exc):
+                raise
+
+
 def open_incident_store(settings: Settings) -> Store:
-    """The incident log: its own SQLite file, with the incidents table created when missing."""
+    """The incident log: its own SQLite file, the incidents table created (or its new columns added) when missing."""
     store = Store(f"sqlite:///{incidents_db_path(settings)}", create=False)
     for attempt in range(5):
         try:
             incidents_metadata.create_all(store.engine)
+            _add_missing_columns(store)
             return store
         except SQLAlchemyError as exc:
             # two recoveries opening a fresh file at once race on CREATE: the next pass sees the table
@@ -311,7 +351,8 @@ def open_or_join(
             current = conn.execute(select(incidents).where(is_open)).first()
         if current is not None:
             found = _from_row(current)
-            if not owner_alive(found.owner) or now_ms - found.opened_at > abandoned_after_s * 1000:
+            started = max(found.opened_at, found.rejoined_at or 0)
+            if not owner_alive(found.owner) or now_ms - started > abandoned_after_s * 1000:
                 _abandon(store, found, now_ms)
                 continue
             with store.engine.begin() as conn:
@@ -374,12 +415,13 @@ def add_action(
     return action
 
 
-def told(store: Store, incident_id: int, level: str) -> None:
-    """Record that an escalation level (l1, l2, l3) was told about the incident (once per level)."""
+def told(store: Store, incident_id: int, level: str, now: float | None = None) -> None:
+    """Record that an escalation level (l1, l2, l3) was told about the incident (once per level), and when."""
     level = level.lower()
     if level not in LEVELS:
         raise InputError(f"unknown escalation level {level!r}", hint="use l1, l2 or l3")
     with store.engine.begin() as conn:
+        conn.execute(update(incidents).where(incidents.c.id == int(incident_id)).values(last_paged_at=_now_ms(now)))
         conn.execute(
             text(
                 "UPDATE incidents SET levels_told = json_insert(levels_told, '$[#]', :level) "
@@ -412,12 +454,14 @@ def close(
     impact: str | None = None,
     root_cause: str | None = None,
     data_lost_hours: float | None = None,
+    needs_person: bool | None = None,
     now: float | None = None,
 ) -> Incident:
     """Close an open incident (resolved, failed or escalated), computing detection delay and recovery time.
 
     Recovery time runs from the detection to now; detection delay from the fault, when known, to
-    the detection. Closing an incident that is not open changes nothing and returns it as it is.
+    the detection. Closed failed or escalated it needs a person (unless needs_person=False says
+    otherwise), resolved it no longer does. Closing an incident that is not open changes nothing.
     """
     if status not in (RESOLVED, FAILED, ESCALATED):
         raise InputError(f"cannot close an incident as {status!r}", hint="use resolved, failed or escalated")
@@ -437,6 +481,11 @@ def close(
         values["root_cause"] = root_cause
     if data_lost_hours is not None:
         values["data_lost_hours"] = round(float(data_lost_hours), 3)
+    if needs_person is None:
+        needs_person = status != RESOLVED
+    values["needs_person"] = int(needs_person)
+    if needs_person:
+        values["needs_person_since"] = current.needs_person_since or now_ms
     with store.engine.begin() as conn:
         conn.execute(update(incidents).where(incidents.c.id == int(incident_id), incidents.c.status == OPEN)
                      .values(**values))
@@ -458,6 +507,74 @@ def fail(store: Store, incident_id: int, error: str, **kw: Any) -> Incident:
     """Close the incident as failed: the recovery itself broke (an unexpected error)."""
     add_action(store, incident_id, "recovery-failed", error, ok=False)
     return close(store, incident_id, FAILED, outcome="failed", summary=error, **kw)
+
+
+# --- the incidents that need a person ---
+
+
+def needs_person_incident(store: Store, scenario_name: str, resource: str) -> Incident | None:
+    """The newest incident of this scenario and resource that still needs a person (open again or not), or None."""
+    c = incidents.c
+    q = (select(incidents).where(c.scenario == scenario_name, c.resource == resource, c.needs_person == 1)
+         .order_by(c.id.desc()).limit(1))
+    with store.engine.connect() as conn:
+        row = conn.execute(q).first()
+    return None if row is None else _from_row(row)
+
+
+def rejoin(
+    store: Store,
+    incident_id: int,
+    *,
+    flow_run_id: str | None = None,
+    owner: str | None = None,
+    now: float | None = None,
+) -> Incident | None:
+    """Open again a closed incident that needs a person, for a recovery that works in it (detections + 1).
+
+    None when it is open already, no longer needs a person, or another incident of its resource and
+    family is open (the unique index): the caller then opens or joins as usual.
+    """
+    c = incidents.c
+    try:
+        with store.engine.begin() as conn:
+            done = conn.execute(
+                update(incidents).where(c.id == int(incident_id), c.status != OPEN, c.needs_person == 1)
+                .values(status=OPEN, outcome=None, resolved_at=None, owner=owner or owner_id(),
+                        flow_run_id=flow_run_id, detections=c.detections + 1, rejoined_at=_now_ms(now))
+                .returning(c.id)
+            ).scalar()
+    except IntegrityError:
+        return None
+    return None if done is None else get(store, done)
+
+
+def clear_needs_person(
+    store: Store, incident_id: int, by: str, note: str = "", now: float | None = None
+) -> Incident:
+    """A person resolved it: it no longer needs a person, and the next detection opens a new incident."""
+    current = get(store, incident_id)
+    if current.is_open:
+        raise InputError(f"incident #{current.id} is open: a recovery is working in it",
+                         hint="wait until it closes, then resolve it")
+    if not current.needs_person:
+        raise InputError(f"incident #{current.id} does not need a person ({current.status})",
+                         hint="list those that do with `crypto-agent incidents --needs-person`")
+    detail = f"resolved by {by}" + (f": {note}" if note else "")
+    action = {"at": _now_ms(now), "step": "resolved-by-person", "ok": True, "detail": detail[:MAX_ACTION_DETAIL]}
+    with store.engine.begin() as conn:
+        conn.execute(
+            update(incidents).where(incidents.c.id == current.id).values(
+                needs_person=0, actions=func.json_insert(incidents.c.actions, "$[#]", func.json(json.dumps(action))))
+        )
+    return get(store, current.id)
+
+
+def needing_person(store: Store) -> list[Incident]:
+    """The incidents that need a person, oldest first."""
+    q = select(incidents).where(incidents.c.needs_person == 1).order_by(incidents.c.id)
+    with store.engine.connect() as conn:
+        return [_from_row(r) for r in conn.execute(q)]
 
 
 # --- questions asked of the log ---

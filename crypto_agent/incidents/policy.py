@@ -1,13 +1,15 @@
-"""The runbook's escalation path: who beyond L1 is told when an incident closes, and why.
+"""The runbook's escalation path: who beyond L1 is told when an incident closes, and why; and what to do when
+the same unfixed signal comes back while its incident needs a person (join it, page or hold).
 
-A function of the closed incident and a few facts the recovery gathered; it decides, the flows tell.
+Functions of the incident and a few facts the recovery gathered; they decide, the flows tell.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
-from crypto_agent.incidents.log import Incident
+from crypto_agent.incidents.log import Incident, iso
 from crypto_agent.incidents.scenarios import ESCALATED, FAILED, RESOLVED
 
 REPEATS_FOR_L2 = 3  # the same scenario this often within the persistent-failures window: L2 looks at it
@@ -48,3 +50,48 @@ def levels_to_tell(
         elif why not in levels[level]:
             levels[level] = f"{levels[level]}; {why}"
     return dict(sorted(levels.items()))
+
+
+# What a recovery does about paging (NeedsPersonAction.page).
+PAGE_AS_USUAL = "as-usual"  # no incident needs a person: open one, tell L1 and levels_to_tell's levels
+PAGE_HOLD = "hold"  # it needs a person and was paged recently: tell nobody, record why in the incident
+PAGE_REPEAT = "repeat"  # it still needs a person and the last page is older than the repeat interval
+PAGE_RESOLVED = "resolved"  # the recovery fixed it: one "resolved" message to L1 and each level told
+
+
+@dataclass(frozen=True)
+class NeedsPersonAction:
+    """Whether a recovery works in the incident that needs a person, and how it pages."""
+
+    join: bool  # work in that incident (its actions appended) instead of opening a new one
+    page: str  # PAGE_AS_USUAL, PAGE_HOLD, PAGE_REPEAT or PAGE_RESOLVED
+    why: str
+
+
+def needs_person_action(
+    waiting: Incident | None,
+    status: str | None = None,
+    *,
+    now_ms: int,
+    repeat_after_s: float,
+) -> NeedsPersonAction:
+    """What to do about `waiting`, the incident of this scenario and resource that needs a person (None: none).
+
+    At the start (`status` None) a recovery joins it and holds its paging; at the close with `status`:
+    resolved pages "resolved" once, failed or escalated again re-pages only when its last page is
+    `repeat_after_s` old or older ("still needs a person (N detections since ...)"), else holds.
+    """
+    if waiting is None or not waiting.needs_person:
+        return NeedsPersonAction(False, PAGE_AS_USUAL, "no incident of it needs a person")
+    since = iso(waiting.needs_person_since) or "its escalation"
+    seen = f"{waiting.detections} detection{'s' if waiting.detections != 1 else ''} since {since}"
+    if status is None:
+        return NeedsPersonAction(True, PAGE_HOLD, f"incident #{waiting.id} needs a person ({seen}): "
+                                 "the recovery runs again in it, its paging held")
+    if status == RESOLVED:
+        return NeedsPersonAction(True, PAGE_RESOLVED, f"fixed after it needed a person ({seen})")
+    last = waiting.last_paged_at
+    if last is None or now_ms - last >= repeat_after_s * 1000:
+        return NeedsPersonAction(True, PAGE_REPEAT, f"still needs a person ({seen})")
+    return NeedsPersonAction(True, PAGE_HOLD, f"still needs a person ({seen}); last paged {iso(last)}, "
+                             f"re-paged from {iso(last + int(repeat_after_s * 1000))} if it still fails")

@@ -71,6 +71,9 @@ def render_report(incident: Incident, flow_run_link: str | None = None) -> str:
                 if incident.events_absorbed else "")
     told = ", ".join(lv.upper() for lv in incident.levels_told) or "nobody yet"
     status = incident.status + (f" ({incident.outcome})" if incident.outcome else "")
+    if incident.needs_person:
+        status += (f"; NEEDS A PERSON since {iso(incident.needs_person_since)} ({incident.detections} detection(s) "
+                   f"since; once fixed by hand: `crypto-agent incidents --resolve {incident.id}`)")
     due = (started + timedelta(days=2)).strftime("%Y-%m-%d")
     lines = [
         f"# Incident Report #{incident.id}: {title}",

@@ -1,6 +1,7 @@
-"""Runbook scenario 1, daemon crashed: confirm it is dead (a grace period after a start), triage (alive but hung
-goes to recover-process-hang), attach the log's errors, a quick integrity check (corrupt: recover-db-corruption),
-clean the state files, restart, confirm HEALTHY."""
+"""Runbook scenario 1, daemon crashed: confirm it is dead, attach the log's errors, the restart policy (the first
+crash at once, a crash loop backs off; died of the store: recover-db-corruption at once), triage (alive but hung
+goes to recover-process-hang), a quick integrity check (corrupt: recover-db-corruption), clean the state files,
+restart, confirm HEALTHY."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from sqlalchemy.exc import SQLAlchemyError
 
-from crypto_agent import incidents, process, recovery
+from crypto_agent import incidents, process, recovery, restart_policy
 from crypto_agent.incidents import RECOVERED, RESOLVED, SKIPPED
 from crypto_agent.settings import Settings
 from flows.common import run_settings
@@ -22,6 +24,7 @@ from flows.recovery.skeleton import (
     RECOVERY_CRASH_HOOKS,
     RECOVERY_FAILURE_HOOKS,
     Absorbed,
+    Recovery,
     check_hold,
     limit_name,
     recovery_incident,
@@ -30,27 +33,49 @@ from flows.recovery.skeleton import (
 from flows.recovery.steps import clean_and_restart, integrity_detail, probe_service, read_log_errors, sound_store
 
 
-def last_start(cfg: Settings, spec: process.ServiceSpec) -> float | None:
-    """When the service last started: its ownership record, or the store's newest `started` event."""
+def restart_decision(cfg: Settings, spec: process.ServiceSpec, errors: list[str]) -> restart_policy.Decision:
+    """The restart policy's answer for a dead service: its starts and crashes of the last 24 h (service events,
+    and its ownership record's start), the log's errors (a store fault), the backoff settings."""
+    starts: list[float] = []
+    crashes: list[float] = []
     store = sound_store(cfg)
     try:
-        return recovery.last_start(spec, store)
+        if store is not None:
+            try:
+                starts, crashes = restart_policy.history(store, spec.name)
+            except SQLAlchemyError:  # a damaged store: the ownership record alone says when it started
+                starts, crashes = [], []
+        started = recovery.last_start(spec, store)
+        if started is not None:
+            starts.append(started)
     finally:
         if store is not None:
             store.close()
+    return restart_policy.decide(starts, crashes, log_lines=errors, base_s=cfg.restart_backoff_base_s,
+                                 cap_s=cfg.restart_backoff_cap_s, reset_after_s=cfg.restart_backoff_reset_s)
 
 
-@task(name="hold-restart", timeout_seconds=3600, cache_policy=NO_CACHE)
+def log_errors_reported(run: Recovery, settings: dict[str, Any] | None, service: str,
+                        spec: process.ServiceSpec) -> list[str]:
+    """The log's error lines (the runbook's tail | grep), recorded in the incident."""
+    errors = read_log_errors(settings, service)
+    run.act("log-errors", f"{len(errors)} error line(s) in the last 100 of {spec.log}:\n" + "\n".join(errors[-40:])
+            if errors else f"no error in the last 100 lines of {spec.log}")
+    return errors
+
+
+@task(name="hold-restart", timeout_seconds=3700, cache_policy=NO_CACHE)
 def hold_restart(seconds: float) -> float:
-    """Wait out the grace period after the service's last start (runbook: don't restart yet if within 5 min)."""
+    """Wait out the restart backoff of a crash loop (at most restart_backoff_cap_s)."""
     time.sleep(max(0.0, seconds))
     return seconds
 
 
 @flow(
     name="recover-daemon-crash",
-    description="Runbook scenario 1: confirm dead (grace after a start), triage (a hang goes to recover-process-hang), "
-    "attach the log's errors, quick integrity check (corrupt: recover-db-corruption), clean, restart, confirm HEALTHY.",
+    description="Runbook scenario 1: confirm dead, the log's errors, the restart policy (first crash at once, a loop "
+    "backs off; died of the store: recover-db-corruption), triage (a hang goes to recover-process-hang), quick "
+    "integrity check (corrupt: recover-db-corruption), clean, restart, confirm HEALTHY.",
     timeout_seconds=3 * 3600,
     on_failure=RECOVERY_FAILURE_HOOKS,
     on_crashed=RECOVERY_CRASH_HOOKS,
@@ -85,19 +110,34 @@ def recover_daemon_crash(
                               impact="none (held on purpose)", root_cause="Other: service held on purpose",
                               data_lost_hours=0)
 
-        # 1. confirm it is dead: the probe, looked at again after the grace period that follows a start
+        # 1. confirm it is dead; 2. the log's errors say why it died; the restart policy says when to restart
         report = probe_service(settings, service)
         verdict = recovery.triage(report, cfg.heartbeat_max_age_s)
         run.act("probe", f"{report.summary} -> {verdict.verdict.value}: {verdict.reason}")
+        errors: list[str] | None = None
         if verdict.verdict is recovery.Verdict.DEAD:
-            wait = recovery.restart_wait_s(last_start(cfg, spec), cfg.crash_restart_grace_s)
-            if wait > 0:
-                run.act("grace", f"{service} started less than {cfg.crash_restart_grace_s:g} s ago: holding the "
-                        f"restart {wait:.1f} s, then looking again")
-                hold_restart(wait)
+            errors = log_errors_reported(run, settings, service, spec)
+            decision = restart_decision(cfg, spec, errors)
+            run.act("restart-policy", decision.reason)
+            if decision.state is restart_policy.RestartState.STORE_CORRUPT:
+                if Path(cfg.db_path).exists():
+                    run.describe(root_cause=incidents.root_cause.crash_root_cause(service, errors), impact=impact)
+                    sub = recover_db_corruption(service=service, event=event, settings=settings,
+                                                handover={"incident_id": None, "held": run.held})
+                    if sub.get("outcome") != SKIPPED:
+                        return run.finish_from(sub)
+                    run.act("store-sound", f"incident #{sub.get('incident_id')}: {sub.get('summary')}; restarting "
+                            f"{service} as a crash")
+                else:
+                    run.act("store-sound", f"no database at {cfg.db_path}: nothing to repair; restarting {service} "
+                            "as a crash")
+                decision = restart_decision(cfg, spec, [])
+                run.act("restart-policy", decision.reason)
+            if not decision.at_once:
+                hold_restart(decision.delay_s)
                 report = probe_service(settings, service)
                 verdict = recovery.triage(report, cfg.heartbeat_max_age_s)
-                run.act("probe", f"after the grace period: {report.summary} -> {verdict.verdict.value}")
+                run.act("probe", f"after the backoff: {report.summary} -> {verdict.verdict.value}")
         if verdict.verdict is recovery.Verdict.HUNG:
             run.act("triage", f"alive but hung ({verdict.reason}): handing over to recover-process-hang")
             sub = recover_process_hang(service=service, event=event, settings=settings,
@@ -113,11 +153,8 @@ def recover_daemon_crash(
         if verdict.foreign:
             run.act("refused", f"{verdict.foreign}: that process is not ours and is left alone; the stale "
                     "pidfile will be cleaned, nothing signalled", ok=False)
-
-        # 2. the log's errors say why it died
-        errors = read_log_errors(settings, service)
-        run.act("log-errors", f"{len(errors)} error line(s) in the last 100 of {spec.log}:\n" + "\n".join(errors[-40:])
-                if errors else f"no error in the last 100 lines of {spec.log}")
+        if errors is None:
+            errors = log_errors_reported(run, settings, service, spec)
         root_cause = incidents.root_cause.crash_root_cause(service, errors)
         run.describe(root_cause=root_cause, impact=impact)
 

@@ -1,6 +1,7 @@
 """Runbook scenario 3, database corruption: stop the services, lock the store, REINDEX a scratch copy or restore
-the newest good backup (the corrupt file quarantined), resync, salvage, validate, the trader first then the daemon.
-Also run by recover-daemon-crash when the quick integrity check fails."""
+the newest good backup (the corrupt file quarantined), resync, salvage; without a good backup (or when the restore
+fails) rebuild a fresh store from every readable row and re-fetch the candles; validate, the trader first then the
+daemon. Also run by recover-daemon-crash when the quick integrity check fails or the service died of the store."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from crypto_agent import backup, incidents, recovery
+from crypto_agent import incidents, recovery, storelock
 from crypto_agent.incidents import ESCALATED, RECOVERED, RESOLVED, SKIPPED
 from flows.common import run_settings
 from flows.daily import check_data_quality
@@ -20,10 +21,21 @@ from flows.recovery.skeleton import (
     RECOVERY_CRASH_HOOKS,
     RECOVERY_FAILURE_HOOKS,
     Absorbed,
+    Recovery,
     recovery_incident,
     resource_of,
 )
-from flows.recovery.steps import integrity_detail, restore_and_resync, start_verified, stop_all, store_lock
+from flows.recovery.steps import (
+    Rebuilt,
+    RestoreUnsound,
+    integrity_detail,
+    quarantine_corrupt,
+    rebuild_and_refetch,
+    restore_and_resync,
+    start_verified,
+    stop_all,
+    store_lock,
+)
 
 
 @task(name="reindex-scratch-copy", timeout_seconds=3600, cache_policy=NO_CACHE)
@@ -41,10 +53,32 @@ def install_repaired_copy(settings: dict[str, Any] | None, repaired: str, reason
     return recovery.put_repaired_in_place(cfg.db_path, repaired, cfg.quarantine_dir, reason)
 
 
+def escalate_unrebuilt(run: Recovery, no_backup: str, rebuilt: Rebuilt, impact: str, root_cause: str) -> dict[
+        str, Any]:
+    """Even the rebuild failed: keep the lock for a person, the services stopped, and page L2 and L3."""
+    cfg = run.cfg
+    recovery.hand_lock_to_person(
+        cfg.db_path, f"{run.lock_owner}: escalated, no good backup and the rebuild failed; delete this file once "
+        "a person has restored the store")
+    where = f"the corrupt database is in {rebuilt.quarantined.parent} (nothing overwritten)" \
+        if rebuilt.quarantined is not None else f"the corrupt database stays at {cfg.db_path}"
+    in_place = (f"a rebuilt store with the readable rows is at {cfg.db_path} ({rebuilt.result.summary})"
+                if rebuilt.result is not None else f"nothing was put at {cfg.db_path}")
+    why = (f"no good backup to restore: {no_backup}. The rebuild without a backup failed too: {rebuilt.error or ''}"
+           f"{'; ' if rebuilt.error else ''}candles: {rebuilt.refetch.failures if rebuilt.refetch else 'not fetched'}"
+           f". {where}; {in_place}; the services stay stopped and {storelock.lock_path(cfg.db_path)} stays so nothing "
+           "writes or starts on it. Next: delete LOCKED, then `crypto-agent restore --backup FILE` (or rebuild "
+           "with `crypto-agent collect`), then start the services")
+    run.extra_levels["l3"] = "the store is down with no good backup and the rebuild failed"
+    run.act("escalate", why, ok=False)
+    return run.finish(ESCALATED, "escalated", summary=why, impact=impact, root_cause=root_cause)
+
+
 @flow(
     name="recover-db-corruption",
     description="Runbook scenario 3: stop the services, lock the store, REINDEX a scratch copy or restore the newest "
-    "good backup (the corrupt file quarantined), resync, salvage, validate, trader first then the daemon.",
+    "good backup (the corrupt file quarantined), resync, salvage; no good backup: rebuild from the readable rows and "
+    "re-fetch the candles; validate, trader first then the daemon.",
     timeout_seconds=2 * 3600,
     on_failure=RECOVERY_FAILURE_HOOKS,
     on_crashed=RECOVERY_CRASH_HOOKS,
@@ -75,6 +109,7 @@ def recover_db_corruption(
         root_cause = incidents.root_cause.corruption_root_cause(check.problems)
         run.describe(root_cause=root_cause)
 
+        details: dict[str, Any] = {}
         with store_lock(run):
             # 2. stop everything that writes; running until we stopped it, or found dead: live trading was hit
             stopped = stop_all(run, settings)
@@ -90,33 +125,44 @@ def recover_db_corruption(
                                                f"incident #{run.id}: corrupt; replaced by its REINDEXed copy")
                 run.act("install-repaired", f"the corrupt database (with -wal/-shm) is in {folder}; "
                         "the repaired copy is in place")
-                lost, how = 0.0, "repaired by REINDEX"
+                lost: float | None = 0.0
+                how = "repaired by REINDEX"
             else:
                 run.act("reindex", "REINDEX did not repair a scratch copy: " + "; ".join(reindexed.problems[:5]),
                         ok=False)
-                restored = restore_and_resync(run, settings, f"incident #{run.id}: corrupt database", None,
-                                              salvage=True)
+                try:
+                    restored = restore_and_resync(run, settings, f"incident #{run.id}: corrupt database", None,
+                                                  salvage=True)
+                    unsound = None
+                except RestoreUnsound as exc:  # the backup put in place is no better: rebuild from the original
+                    restored, unsound = recovery.Restoration(None, message=exc.message), exc
+                    quarantine_corrupt(settings, f"incident #{run.id}: the restored backup fails its check")
                 if restored.backup is None:
-                    recovery.hand_lock_to_person(
-                        cfg.db_path, f"{run.lock_owner}: escalated, no good backup; delete this file once a person "
-                        "has restored the store")
-                    why = (f"no good backup to restore: {restored.message}. Left as found: the corrupt database "
-                           f"stays at {cfg.db_path} (nothing overwritten), the services stay stopped and "
-                           f"{backup.lock_path(cfg.db_path)} stays so nothing writes or starts on it. Next: "
-                           "delete LOCKED, then `crypto-agent restore --backup FILE` (or rebuild with "
-                           "`crypto-agent collect`), then start the services")
-                    run.extra_levels["l3"] = "the store is down with no good backup"
-                    run.act("escalate", why, ok=False)
-                    return run.finish(ESCALATED, "escalated", summary=why, impact=impact, root_cause=root_cause)
-                lost, how = restored.data_lost_hours, f"restored from {restored.backup.name}"
+                    # 4b. no good backup is not a dead end: rebuild from every readable row, re-fetch the candles
+                    rebuilt = rebuild_and_refetch(run, settings, f"incident #{run.id}: corrupt database, no good "
+                                                  "backup", unsound.quarantined if unsound is not None else None)
+                    result = rebuilt.result
+                    if not rebuilt.ok or result is None:
+                        return escalate_unrebuilt(run, restored.message, rebuilt, impact, root_cause)
+                    lost = 0.0 if rebuilt.lost == "nothing" else None
+                    how = f"no good backup ({restored.message}): {result.summary}"
+                    details["rebuild"] = result.to_dict()
+                    run.act("rebuilt", f"rebuilt without a backup: {result.summary}; lost: {rebuilt.lost}")
+                    run.extra_levels["l2"] = (
+                        f"the store was rebuilt without a backup: {result.summary}; "
+                        f"{rebuilt.refetch.written if rebuilt.refetch else 0} candles re-fetched from the exchange; "
+                        f"lost: {rebuilt.lost}")
+                else:
+                    lost, how = restored.data_lost_hours, f"restored from {restored.backup.name}"
 
             # 5. validate the data
             validation = check_data_quality(settings)
             run.act("validate", "data checks pass" if validation.ok else "; ".join(validation.reasons[:5]),
                     ok=validation.ok)
             if not validation.ok:
-                run.extra_levels["l2"] = "the store is sound again but its data fails validation: " + \
+                failing = "the store is sound again but its data fails validation: " + \
                     "; ".join(validation.reasons[:3])
+                run.extra_levels["l2"] = "; ".join(filter(None, [run.extra_levels.get("l2"), failing]))
         run.act("unlock", "released the store's lock")
 
         # 6. the trader first, then the daemon once the trader is healthy
@@ -124,4 +170,4 @@ def recover_db_corruption(
         daemon = start_verified(run, settings, "backtest")
         state = f"trader {'HEALTHY' if trader else 'paused'}, daemon {'HEALTHY' if daemon else 'paused'}"
         return run.finish(RESOLVED, RECOVERED, summary=f"{how}; {state}", impact=impact, root_cause=root_cause,
-                          data_lost_hours=lost)
+                          data_lost_hours=lost, **details)

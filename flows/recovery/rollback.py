@@ -8,7 +8,7 @@ from typing import Any
 
 from prefect import flow
 
-from crypto_agent import health, incidents, recovery
+from crypto_agent import health, holds, incidents
 from crypto_agent.incidents import ESCALATED, RECOVERED, RESOLVED
 from flows.common import run_settings
 from flows.daily import check_data_quality
@@ -64,7 +64,7 @@ def rollback_persistent_failures(
         root_cause = f"Other: persistent failures of the backtest daemon ({failure_count(run)})"
 
         # 1. pause the backtest: nothing restarts it until a person has investigated
-        marker = recovery.keep_stopped("backtest", cfg, by=run.lock_owner,
+        marker = holds.keep_stopped("backtest", cfg, by=run.lock_owner,
                                        reason=f"rollback incident #{run.id}: persistent failures, under investigation")
         run.act("pause-backtest",
                 f"{marker}: nothing restarts the backtest until `crypto-agent service resume backtest`")

@@ -3,7 +3,10 @@ guard, and the close with the report (who is told, the events, the markdown arti
 
 A flow opens with `with recovery_incident(...) as run:`; when another recovery already has it (its
 incident is open, or it holds the store's lock) `run` is an `Absorbed` carrying the flow's summary,
-otherwise the `Recovery` whose incident the flow works in and closes with `run.finish(...)`.
+otherwise the `Recovery` whose incident the flow works in and closes with `run.finish(...)`. A problem the
+recoveries could not fix is one incident: the same scenario on the same resource detected again works in
+the incident that needs a person (rejoined), its paging held, re-paged at most every page_repeat_after_s,
+and one "resolved" message when a later run fixes it (crypto_agent.incidents.policy.needs_person_action).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from prefect.flows import FlowStateHook
 from prefect.runtime import flow_run as current_flow_run
 from prefect.settings import PREFECT_UI_URL
 
-from crypto_agent import backup, incidents, process, recovery
+from crypto_agent import holds, incidents, process, recovery, storelock
 from crypto_agent.errors import CryptoAgentError, InputError
 from crypto_agent.incidents import ESCALATED, FAILED, RECOVERED, RESOLVED, SKIPPED, Incident
 from crypto_agent.settings import Settings
@@ -75,20 +78,20 @@ def flow_run_link() -> str:
 
 def lock_blocker(cfg: Settings) -> str | None:
     """Who holds the store's lock without a live process behind it (a person, after an escalation), or None."""
-    holder = backup.lock_holder(cfg.db_path)
+    holder = storelock.lock_holder(cfg.db_path)
     if holder is None:
         return None
     pid = holder.get("pid")
     if isinstance(pid, int) and psutil.pid_exists(pid):
         return None  # a live recovery or compaction: wait for it
-    return f"{backup.lock_path(cfg.db_path)} held by {holder.get('owner', 'an unknown owner')}"
+    return f"{storelock.lock_path(cfg.db_path)} held by {holder.get('owner', 'an unknown owner')}"
 
 
 def wait_for_store_lock(cfg: Settings) -> str | None:
     """Before a service recovery takes anything: wait while a live process (a store recovery, a compaction)
     holds the store's lock, up to LOCK_WAIT_S; who still holds it then (or holds it with no process behind it)."""
     deadline = time.monotonic() + LOCK_WAIT_S
-    while backup.lock_holder(cfg.db_path) is not None:
+    while storelock.lock_holder(cfg.db_path) is not None:
         blocker = lock_blocker(cfg)
         if blocker is not None:
             return blocker
@@ -107,8 +110,13 @@ class HoldCheck:
 
 
 def check_hold(service: str, cfg: Settings) -> HoldCheck:
-    """The one hold check of the recoveries: the service's pause marker and the hold that covers its state now."""
-    return HoldCheck(process.paused(process.service_spec(service, cfg)), recovery.hold_in_force(service, cfg))
+    """The one hold check of the recoveries (holds.read_hold, the one reader): the hold in force as its marker
+    says it, and its description when it accounts for what process control sees now."""
+    hold = holds.read_hold(service, cfg)
+    if hold is None:
+        return HoldCheck(None, None)
+    covers = hold.covers(process.inspect(process.service_spec(service, cfg)))
+    return HoldCheck(hold.marker(), hold.description if covers else None)
 
 
 # --- the incident a recovery works in ---
@@ -128,6 +136,7 @@ class Recovery:
     live_trading_affected: bool = False
     rollback_failed: bool = False
     escalated_in: int | None = None  # another incident (a handover's) that does the paging for this one
+    rejoined: bool = False  # works again in an incident that needs a person: its paging held (see finish)
     extra_levels: dict[str, str] = field(default_factory=dict)
     undelivered: list[str] = field(default_factory=list)
     result: dict[str, Any] | None = None
@@ -258,19 +267,14 @@ class Recovery:
                 **details,
             }
             return self.result
+        before = incidents.get(self.log_store, self.id)
         inc = incidents.close(self.log_store, self.id, status, outcome=outcome, summary=summary, impact=impact,
                               root_cause=root_cause, data_lost_hours=data_lost_hours)
         link = flow_run_link()
-        levels = {} if self.escalated_in is not None else self._levels(inc)
-        report = incidents.render_report(inc, link)
-        for level, why in levels.items():
-            subject, body = self.message(f"escalated to {level.upper()}",
-                                         extra=f"Why {level.upper()}: {why}\n\n{report}")
-            if self.tell(level, subject, body):
-                emit(INCIDENT_ESCALATED, incident_resource(self.id), self._event_payload(level=level, reason=why))
-        headline = {RESOLVED: "resolved", FAILED: "closed: recovery FAILED", ESCALATED: "closed: ESCALATED"}[status]
-        subject, body = self.message(headline)
-        self.tell("l1", subject, body)
+        if self.rejoined:
+            l1_event = self._page_rejoined(before, inc, status, link)
+        else:
+            l1_event = self._page_as_usual(inc, status, link)
         final = incidents.get(self.log_store, self.id)
         report = incidents.render_report(final, link)
         incidents.update_fields(self.log_store, self.id, report_md=report)
@@ -281,15 +285,47 @@ class Recovery:
         if status == RESOLVED:
             emit(INCIDENT_RESOLVED, incident_resource(self.id), self._event_payload(
                 recovery_time_s=final.recovery_time_s, data_lost_hours=final.data_lost_hours))
-        elif not levels and self.escalated_in is None:
+        elif l1_event:
             emit(INCIDENT_ESCALATED, incident_resource(self.id), self._event_payload(level="l1", reason=summary))
         self.result = {
             "incident_id": self.id, "scenario": final.scenario, "status": final.status, "outcome": final.outcome,
             "summary": final.summary, "recovery_time_s": final.recovery_time_s,
             "data_lost_hours": final.data_lost_hours, "levels_told": final.levels_told,
-            "undelivered": list(self.undelivered), **details,
+            "needs_person": final.needs_person, "undelivered": list(self.undelivered), **details,
         }
         return self.result
+
+    def _page_as_usual(self, inc: Incident, status: str, link: str) -> bool:
+        """levels_to_tell's levels, then L1; whether the close still wants the L1 escalated event."""
+        levels = {} if self.escalated_in is not None else self._levels(inc)
+        report = incidents.render_report(inc, link)
+        for level, why in levels.items():
+            subject, body = self.message(f"escalated to {level.upper()}",
+                                         extra=f"Why {level.upper()}: {why}\n\n{report}")
+            if self.tell(level, subject, body):
+                emit(INCIDENT_ESCALATED, incident_resource(self.id), self._event_payload(level=level, reason=why))
+        headline = {RESOLVED: "resolved", FAILED: "closed: recovery FAILED", ESCALATED: "closed: ESCALATED"}[status]
+        self.tell("l1", *self.message(headline))
+        return status != RESOLVED and not levels and self.escalated_in is None
+
+    def _page_rejoined(self, before: Incident, inc: Incident, status: str, link: str) -> bool:
+        """A rejoined incident's close (policy.needs_person_action): one "resolved" message to L1 and each level
+        told, a re-page when its last page is old enough, else nothing but a note in the incident."""
+        decision = incidents.needs_person_action(before, status, now_ms=int(time.time() * 1000),
+                                                 repeat_after_s=self.cfg.page_repeat_after_s)
+        if decision.page == incidents.policy.PAGE_RESOLVED:
+            for level in sorted({"l1", *before.levels_told}):
+                self.tell(level, *self.message("resolved", extra=f"It is {decision.why}."))
+        elif decision.page == incidents.policy.PAGE_REPEAT and self.escalated_in is None:
+            headline = decision.why
+            report = incidents.render_report(inc, link)
+            for level, why in self._levels(inc).items():
+                if self.tell(level, *self.message(headline, extra=f"Why {level.upper()}: {why}\n\n{report}")):
+                    emit(INCIDENT_ESCALATED, incident_resource(self.id), self._event_payload(level=level, reason=why))
+            self.tell("l1", *self.message(headline))
+        else:
+            incidents.add_action(self.log_store, self.id, "page-held", decision.why)
+        return False
 
     def finish_from(self, sub: dict[str, Any], **details: Any) -> dict[str, Any]:
         """Close this incident with the outcome a subflow reached (a handover)."""
@@ -352,6 +388,18 @@ def begin(
         inc = incidents.get(log_store, int(handover["incident_id"]))
         run = Recovery(scenario, resource, cfg, log_store, inc, handed_over=True, held=held)
         run.act("handover", f"{scenario} recovery takes over (flow run {current_flow_run.id})")
+        return run
+    waiting = incidents.needs_person_incident(log_store, scenario, resource)
+    decision = incidents.needs_person_action(waiting, now_ms=int(time.time() * 1000),
+                                             repeat_after_s=cfg.page_repeat_after_s)
+    rejoined = None
+    if decision.join and waiting is not None:
+        rejoined = incidents.rejoin(log_store, waiting.id, flow_run_id=str(current_flow_run.id or "") or None)
+    if rejoined is not None:
+        run = Recovery(scenario, resource, cfg, log_store, rejoined, held=held, rejoined=True)
+        trigger = (event or {}).get("event") or "a manual run"
+        again = incidents.needs_person_action(rejoined, now_ms=0, repeat_after_s=cfg.page_repeat_after_s)
+        run.act("detected-again", f"{trigger} ({scenario}): {again.why}")
         return run
     inc, joined = incidents.open_or_join(
         log_store, scenario, resource, incidents.trigger_of(event), incidents.detected_at(event),

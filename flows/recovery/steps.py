@@ -1,5 +1,6 @@
 """The steps several recoveries share: probe, stop, clean, start and confirm a service; restore a good
-backup, resync the candles since it and salvage the newer rows; with the store's lock held.
+backup, resync the candles since it and salvage the newer rows; without one, rebuild a fresh store from
+every readable row and re-fetch the candle history; with the store's lock held.
 
 Tasks return crypto_agent's values (health.ProbeReport, recovery.ServiceStop, recovery.Restoration ...);
 the helpers below them run a sequence of tasks and record each in the incident (`run.act`).
@@ -7,18 +8,19 @@ the helpers below them run a sequence of tasks and record each in the incident (
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from crypto_agent import backup, health, incidents, process, recovery
-from crypto_agent.collector import backfill
+from crypto_agent import backup, health, incidents, process, rebuild, recovery, storelock
+from crypto_agent.collector import Window, backfill
 from crypto_agent.errors import CryptoAgentError
 from crypto_agent.exchange import BinanceClient
 from crypto_agent.settings import Settings
@@ -37,6 +39,12 @@ class ServiceUnhealthy(CryptoAgentError):
 
 class RecoveryFailed(CryptoAgentError):
     """A verification step of a recovery failed; the incident is closed as failed and L2 is told."""
+
+
+class RestoreUnsound(RecoveryFailed):
+    """The restored backup fails its integrity check; `quarantined` is the database it replaced (None: none)."""
+
+    quarantined: Path | None = None
 
 
 def sound_store(cfg: Settings) -> Store | None:
@@ -228,14 +236,14 @@ def store_lock(run: Recovery) -> Iterator[None]:
     with ExitStack() as stack:
         while True:
             try:
-                stack.enter_context(backup.recovery_lock(run.cfg.db_path, owner))
+                stack.enter_context(storelock.recovery_lock(run.cfg.db_path, owner))
                 break
-            except backup.RecoveryLocked as exc:
+            except storelock.RecoveryLocked as exc:
                 if lock_blocker(run.cfg) is not None or time.monotonic() > deadline:
                     raise
                 get_run_logger().info("waiting for the store's lock: %s", exc.message)
                 time.sleep(2.0)
-        run.act("lock", f"took {backup.lock_path(run.cfg.db_path)} as {owner!r}: writers pause until it goes")
+        run.act("lock", f"took {storelock.lock_path(run.cfg.db_path)} as {owner!r}: writers pause until it goes")
         yield
 
 
@@ -255,8 +263,11 @@ def restore_and_resync(
     verified = check_store_integrity(settings, True)
     run.act("verify-restore", integrity_detail(verified), ok=verified.ok)
     if not verified.ok:
-        raise RecoveryFailed(f"the restored database fails its integrity check: {'; '.join(verified.problems[:3])}",
-                             hint="restore another backup by hand: `crypto-agent restore --backup FILE`")
+        unsound = RestoreUnsound(
+            f"the restored database fails its integrity check: {'; '.join(verified.problems[:3])}",
+            hint="restore another backup by hand: `crypto-agent restore --backup FILE`")
+        unsound.quarantined = good.quarantined
+        raise unsound
     since = good.created_at_ms - BACKUP_SINCE_MARGIN_MS
     lost_hours = 0.0
     try:
@@ -280,3 +291,108 @@ def restore_and_resync(
         # a rollback drops everything newer than the backup on purpose; it stays in quarantine
         lost_hours = max(lost_hours, recovery.hours_between(since, int(time.time() * 1000)))
     return replace(restored, resync=resync, salvage=salvaged, data_lost_hours=round(lost_hours, 3))
+
+
+# --- no good backup: rebuild a fresh store from the readable rows, re-fetch the candles ---
+
+
+@dataclass(frozen=True)
+class Rebuilt:
+    """A store rebuilt without a backup: the rebuild (None: it failed, `error` says why), the quarantined corrupt
+    file it read, and the candle history re-fetched from the exchange (None: not tried)."""
+
+    result: rebuild.RebuildResult | None
+    quarantined: Path | None
+    refetch: recovery.ResyncSummary | None = None
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """Whether a sound store is in place with its candle history fetched again."""
+        return self.result is not None and self.refetch is not None and self.refetch.ok and not self.error
+
+    @property
+    def lost(self) -> str:
+        """What the rebuild could not give back and the exchange cannot refill, for an operator (and L2)."""
+        if self.result is None:
+            return "not known: the rebuild did not finish"
+        candles = set(rebuild.candle_tables())
+        gone = [f"{name} ({len(self.result.tables[name].unreadable)} unreadable range(s), "
+                f"{self.result.tables[name].recovered} rows kept)"
+                for name in self.result.damaged_tables if name not in candles]
+        if self.refetch is None or not self.refetch.ok:
+            gone += [f"{name} (not re-fetched)" for name in self.result.damaged_tables if name in candles]
+        return "nothing" if not gone else "rows of " + ", ".join(gone)
+
+
+@task(name="quarantine-corrupt", timeout_seconds=600, cache_policy=NO_CACHE)
+def quarantine_corrupt(settings: dict[str, Any] | None, reason: str) -> Path:
+    """Move the database in place (with -wal/-shm; never overwritten) into a new quarantine folder; the moved file."""
+    cfg = run_settings(settings)
+    return backup.quarantine(cfg.db_path, cfg.quarantine_dir, reason) / Path(cfg.db_path).name
+
+
+@task(name="rebuild-store", timeout_seconds=3600, cache_policy=NO_CACHE)
+def rebuild_store(settings: dict[str, Any] | None, corrupt_db: str) -> rebuild.RebuildResult:
+    """Build a fresh store at db_path from every readable row of the (quarantined) corrupt file."""
+    cfg = run_settings(settings)
+    return rebuild.rebuild(corrupt_db, cfg.db_path, symbols=cfg.symbols)
+
+
+@task(name="plan-refetch", timeout_seconds=600, retries=2, retry_delay_seconds=[5, 20],
+      retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
+def plan_refetch(settings: dict[str, Any] | None) -> tuple[list[Window], int]:
+    """The candle windows a rebuilt store lacks over the initial history, and the exchange's time (ms)."""
+    cfg = run_settings(settings)
+    with open_store(cfg) as store, BinanceClient.from_settings(cfg) as client:
+        now_ms = client.server_time()
+        windows = rebuild.refetch_windows(store, cfg.symbols, cfg.timeframes,
+                                          initial_history_days=cfg.initial_history_days, now_ms=now_ms)
+    return windows, now_ms
+
+
+@task(name="refetch-candles", retries=2, retry_delay_seconds=[5, 20], retry_condition_fn=retry_if_transient,
+      timeout_seconds=3600, cache_policy=NO_CACHE)
+def refetch_candles(settings: dict[str, Any] | None, windows: list[Window], now_ms: int) -> recovery.ResyncSummary:
+    """Fetch the windows into the rebuilt store (the collector's backfill, within the exchange's weight budget)."""
+    cfg = run_settings(settings)
+    with open_store(cfg) as store, BinanceClient.from_settings(cfg) as client:
+        summary = backfill(store, client, windows, now_ms=now_ms, lock_held=True)
+    return recovery.ResyncSummary(len(windows), summary.total, dict(summary.failures), now_ms)
+
+
+def rebuild_and_refetch(run: Recovery, settings: dict[str, Any] | None, reason: str,
+                        corrupt: Path | None = None) -> Rebuilt:
+    """No good backup: quarantine the corrupt database (unless `corrupt` is already its quarantined copy), rebuild a
+    fresh store from every readable row, check it, re-fetch the candle history from the exchange; what was done.
+    Runs under the store's lock, the services stopped."""
+    try:
+        if corrupt is None:
+            corrupt = quarantine_corrupt(settings, reason)
+            run.act("quarantine", f"the corrupt database (with -wal/-shm) is in {corrupt.parent}, never overwritten")
+        result = rebuild_store(settings, str(corrupt))
+    except (CryptoAgentError, OSError, sqlite3.Error) as exc:
+        why = exc.message if isinstance(exc, CryptoAgentError) else f"{type(exc).__name__}: {exc}"
+        run.act("rebuild", f"the rebuild from {corrupt or 'the corrupt database'} failed: {why}", ok=False)
+        return Rebuilt(None, corrupt, error=why)
+    counts = ", ".join(f"{t} {v.recovered}" for t, v in sorted(result.tables.items()) if v.recovered) or "no rows"
+    notes = "".join(f"\n{n}" for n in result.notes)
+    run.act("rebuild", f"{result.summary} in {result.seconds:.1f} s\nrows per table: {counts}{notes}")
+    verified = check_store_integrity(settings, True)
+    run.act("verify-rebuild", integrity_detail(verified), ok=verified.ok)
+    if not verified.ok:
+        return Rebuilt(result, corrupt, error=f"the rebuilt store fails its integrity check: "
+                       f"{'; '.join(verified.problems[:3])}")
+    try:
+        windows, now_ms = plan_refetch(settings)
+        cost = rebuild.fetch_cost(windows)
+        run.act("refetch-plan", f"{len(windows)} window(s) to fetch again: {cost.candles} candles in "
+                f"{cost.requests} request(s), weight {cost.weight} (at least "
+                f"{cost.minutes_at(run.cfg.weight_limit_per_minute * run.cfg.weight_safety_margin):.1f} min "
+                "within the weight budget)")
+        refetch = refetch_candles(settings, windows, now_ms)
+    except CryptoAgentError as exc:
+        refetch = recovery.ResyncSummary(None, 0, {"*": exc.message}, int(time.time() * 1000))
+    run.act("refetch-candles", f"{refetch.written} candles in {refetch.windows} window(s) from the exchange"
+            + (f"; failed: {refetch.failures}" if refetch.failures else ""), ok=refetch.ok)
+    return Rebuilt(result, corrupt, refetch)

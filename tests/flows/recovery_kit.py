@@ -20,7 +20,7 @@ from flow_kit import flow_run_events
 from prefect.events.schemas.events import ReceivedEvent
 from service_kit import Keeper, wait_until
 
-from crypto_agent import incidents, process
+from crypto_agent import holds, incidents, process
 from crypto_agent.collector import collect
 from crypto_agent.exchange import BinanceClient
 from crypto_agent.incidents import Incident
@@ -92,6 +92,28 @@ def messages(inbox: Receiver, level: str) -> list[dict[str, Any]]:
     return [m["body"] for m in inbox.messages(f"/{level}")]
 
 
+def crash_loop(keeper: Keeper, cfg: Settings, service: str = "backtest") -> None:
+    """A service started, crashed (recorded as process control records it), started again and killed: the
+    crash about to be recovered is the 2nd of a loop, which the restart policy backs off."""
+    spec = process.service_spec(service, cfg)
+    kill_and_wait(keeper.start(spec, cfg).pid)
+    with Store(cfg.database_url) as store:
+        process.clean_state(spec, store=store)  # records the first crash
+    kill_and_wait(keeper.start(spec, cfg).pid)
+
+
+def died_of_the_store(cfg: Settings, service: str = "backtest") -> str:
+    """Append to the service's log the line a service writes when it dies of a corrupt store; that line."""
+    spec = process.service_spec(service, cfg)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+    line = (f"{stamp}.000Z CRITICAL {service}[4242]: {service} service crashed: "
+            "(sqlite3.DatabaseError) database disk image is malformed")
+    spec.log.parent.mkdir(parents=True, exist_ok=True)
+    with spec.log.open("a", encoding="utf-8") as f:
+        f.write(line + "\n")
+    return line
+
+
 def stop_services(cfg: Settings) -> None:
     """Stop what a recovery started in this home (our PIDs only), and lift any pause."""
     for name in ("backtest", "trader"):
@@ -100,7 +122,7 @@ def stop_services(cfg: Settings) -> None:
             process.stop(spec, grace_s=2.0)
         except process.NotOurProcess:
             pass
-        process.resume(spec)
+        holds.release_hold(spec)
 
 
 def running_pid(cfg: Settings, service: str) -> int | None:

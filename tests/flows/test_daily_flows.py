@@ -19,6 +19,7 @@ from sqlalchemy import func, select
 
 import flows.daily as daily
 from blocks.register import register_defaults
+from crypto_agent import backup
 from crypto_agent.schema import macro_series, sentimento_mercado
 from crypto_agent.settings import load_settings
 from crypto_agent.simulator import Simulator
@@ -76,6 +77,26 @@ class TestDataUpdate:
         # at most the candle or two that closed in between
         assert again["written"] == (after["1h"] - before["1h"]) + (after["4h"] - before["4h"])
         assert again["written"] <= 2 * len(TEST_SYMBOLS) * 2
+
+    def test_the_first_successful_update_takes_the_first_backup_of_a_store_that_has_none(
+        self, simulator: Simulator, settings_for: Settings
+    ) -> None:
+        settings = settings_for(simulator)
+        backups = load_settings(**settings).backup_dir
+        first = daily.data_update(settings=settings)
+        [taken] = backup.list_backups(backups)
+        assert first["first_backup"] == str(taken.path)
+        assert taken.status == backup.GOOD and taken.tables["ohlcv_h4"] == store_counts(settings)["4h"]
+        # a good backup exists: the next update takes none
+        again = daily.data_update(settings=settings)
+        assert again["first_backup"] is None
+        assert [b.path for b in backup.list_backups(backups)] == [taken.path]
+
+    def test_a_failed_update_takes_no_backup(self, simulator: Simulator, settings_for: Settings, inbox: Any) -> None:
+        settings = settings_for(simulator)
+        state = daily.data_update(symbols=["NOPEUSDT"], settings=settings, return_state=True)
+        assert state.is_failed()
+        assert backup.list_backups(load_settings(**settings).backup_dir) == []
 
     def test_a_418_ban_is_not_retried_and_the_failure_hook_tells_l1(
         self, simulator: Simulator, settings_for: Settings, inbox: Any, fast_retries: None

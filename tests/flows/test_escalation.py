@@ -66,7 +66,7 @@ class TestNotify:
         assert inbox.messages("/l1") == []
 
     def test_a_receiver_that_is_down_is_an_error_not_silence(self) -> None:
-        with pytest.raises(NotificationUndelivered, match="L1 .*not delivered") as exc:
+        with pytest.raises(NotificationUndelivered, match=r"L1 .*not delivered") as exc:
             escalation_at(closed_port_url()).notify("l1", "daemon DEAD", "pid 123")
         assert "crypto-agent receiver" in str(exc.value)
 
@@ -123,7 +123,7 @@ class TestSavedBlocks:
         settings = load_settings(receiver_url=receiver.url)
         without = register_defaults(settings)
         assert f"secret/{FRED_SECRET}" not in without.documents
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="Unable to find block document"):
             Secret.load(FRED_SECRET)
         done = register_defaults(settings, fred_api_key="c" * 32)
         try:

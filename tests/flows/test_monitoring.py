@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for serv
 from service_kit import FAST, keeper, make_settings, seed_store, wait_until  # noqa: F401
 
 import flows.daily as daily
-from crypto_agent import process
+from crypto_agent import holds, process
 from crypto_agent.daemon import FAULT_ENV
 from crypto_agent.guard import GUARD_NAME
 from crypto_agent.holds import HOLD_PAUSED, HOLD_STOPPED, place_hold, read_hold
@@ -205,8 +205,7 @@ class TestHealthMonitor:
     def test_a_held_service_raises_no_alarm(self, tmp_path: Path) -> None:
         settings = make_settings(tmp_path)
         # what a rollback leaves behind: the pause marker process control and the recoveries honour
-        process.pause(process.service_spec("backtest", settings), reason="paused for investigation",
-                      by="rollback-persistent-failures")
+        holds.keep_stopped("backtest", settings, reason="paused for investigation", by="rollback-persistent-failures")
         result, run_id = run(health_monitor, services=["backtest"], store_checks=False, settings=overrides(tmp_path))
         assert result["services"]["backtest"]["conditions"] == ["held"]
         assert "stopped by rollback-persistent-failures" in result["services"]["backtest"]["reasons"][0]

@@ -19,6 +19,7 @@ import flows.daily as daily
 import flows.maintenance as maintenance
 import flows.monitoring as monitoring
 import flows.recovery as recovery
+import flows.retention as retention
 from flows.notify import notify_crashed, notify_failure
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
@@ -92,7 +93,7 @@ class TestEveryDeployment:
 def test_every_runbook_flow_has_a_deployment() -> None:
     deployed = {entrypoint_flow(d["entrypoint"]).name for d in DEPLOYMENTS}
     defined = {
-        obj.name for module in (daily, maintenance, monitoring, recovery)
+        obj.name for module in (daily, maintenance, monitoring, recovery, retention)
         for obj in vars(module).values() if isinstance(obj, Flow)
     }
     assert defined == deployed

@@ -23,6 +23,8 @@ from recovery_kit import (
     Make,
     action,
     all_incidents,
+    crash_loop,
+    died_of_the_store,
     event,
     incident_of,
     kill_and_wait,
@@ -39,6 +41,7 @@ from crypto_agent.daemon import FAULT_ENV
 from crypto_agent.receiver import Receiver
 from crypto_agent.service import Heartbeat, read_heartbeat
 from crypto_agent.settings import Settings
+from crypto_agent.store import Store
 from flows.events import INCIDENT_OPENED, INCIDENT_RESOLVED
 from flows.recovery import (
     close_incidents_of_run,
@@ -78,17 +81,20 @@ class TestDaemonCrash:
     def test_a_killed_daemon_is_restarted_healthy_and_l1_hears_of_the_open_and_the_close(
         self, env: dict[str, Any], keeper: Keeper, inbox: Receiver
     ) -> None:
-        overrides = {**env, "crash_restart_grace_s": 3.0}
+        overrides = {**env, "crash_restart_grace_s": 300.0}  # deprecated: the backoff's cap, no fixed hold
         cfg = settings_of(overrides)
         old = start(keeper, cfg)
         kill_and_wait(old)
+        started = time.monotonic()
         result = recover_daemon_crash(settings=overrides, event=event("crypto-agent.service.dead", DAEMON))
 
         assert result["outcome"] == "recovered", result
+        assert time.monotonic() - started < 60  # the first crash is restarted at once, not after 300 s
         inc = incident_of(cfg, result)
         assert inc.status == "resolved" and inc.scenario == "daemon-crash" and inc.resource == DAEMON
-        assert steps(inc) == ["probe", "grace", "probe", "log-errors", "integrity-check", "clean-state", "start",
+        assert steps(inc) == ["probe", "log-errors", "restart-policy", "integrity-check", "clean-state", "start",
                               "confirm-healthy"]
+        assert action(inc, "restart-policy")["detail"] == "restart at once: first crash"
         assert "quick_check: ok" in action(inc, "integrity-check")["detail"]
         assert inc.root_cause.startswith("Other: backtest died without logging an error")
         assert inc.data_lost_hours == 0 and inc.recovery_time_s is not None and inc.detection_delay_s is not None
@@ -110,6 +116,49 @@ class TestDaemonCrash:
         [resolved] = flow_run_events(inc.flow_run_id, INCIDENT_RESOLVED)
         assert resolved.payload["incident_id"] == inc.id and resolved.payload["outcome"] == "recovered"
         assert inc.levels_told == ["l1"]
+
+    def test_a_crash_loop_backs_off_and_a_healthy_stretch_resets_it(
+        self, env: dict[str, Any], keeper: Keeper, inbox: Receiver
+    ) -> None:
+        overrides = {**env, "restart_backoff_base_s": 2.0, "restart_backoff_cap_s": 30.0}
+        cfg = settings_of(overrides)
+        crash_loop(keeper, cfg)
+        started = time.monotonic()
+        result = recover_daemon_crash(settings=overrides, event=event("crypto-agent.service.dead", DAEMON))
+
+        assert result["outcome"] == "recovered", result
+        assert time.monotonic() - started >= 2.0
+        inc = incident_of(cfg, result)
+        assert steps(inc)[:5] == ["probe", "log-errors", "restart-policy", "probe", "integrity-check"]
+        policy = action(inc, "restart-policy")["detail"]
+        assert policy.startswith("backoff 2 s: 2nd crash within 10 min of a start"), policy
+        assert action(inc, "probe")["detail"].startswith("after the backoff:")
+        healthy(cfg)
+        # the same loop with a 10 min reset counted as over: the next crash is restarted at once again
+        kill_and_wait(running_pid(cfg, "backtest") or 0)
+        again = recover_daemon_crash(settings={**overrides, "restart_backoff_reset_s": 0.5})
+        assert again["outcome"] == "recovered", again
+        assert action(incident_of(cfg, again), "restart-policy")["detail"].startswith("restart at once: first crash")
+        healthy(cfg)
+
+    def test_a_daemon_that_died_of_a_sound_store_is_checked_then_restarted(
+        self, env: dict[str, Any], keeper: Keeper, inbox: Receiver
+    ) -> None:
+        cfg = settings_of(env)
+        Store(cfg.database_url).close()  # a sound store: the log's "malformed" is not confirmed
+        kill_and_wait(start(keeper, cfg))
+        died_of_the_store(cfg)
+        result = recover_daemon_crash(settings=env, event=event("crypto-agent.service.dead", DAEMON))
+
+        assert result["outcome"] == "recovered", result
+        inc = incident_of(cfg, result)
+        assert next(a["detail"] for a in inc.actions if a["step"] == "restart-policy").startswith(
+            "corruption recovery at once, whatever the backoff: the service died of the store")
+        assert "integrity_check says ok" in action(inc, "store-sound")["detail"]
+        assert steps(inc)[-3:] == ["clean-state", "start", "confirm-healthy"]
+        [store_incident] = [i for i in all_incidents(cfg) if i.scenario == "db-corruption"]
+        assert store_incident.outcome == "skipped"
+        healthy(cfg)
 
     def test_a_crashing_daemon_gets_its_log_errors_attached(
         self, env: dict[str, Any], keeper: Keeper, inbox: Receiver
@@ -187,9 +236,9 @@ class TestDaemonCrash:
     def test_two_recoveries_at_once_one_recovers_and_the_other_is_absorbed(
         self, env: dict[str, Any], keeper: Keeper, inbox: Receiver
     ) -> None:
-        overrides = {**env, "crash_restart_grace_s": 4.0}  # the first one holds its restart a few seconds
+        overrides = {**env, "restart_backoff_base_s": 4.0, "restart_backoff_cap_s": 30.0}
         cfg = settings_of(overrides)
-        kill_and_wait(start(keeper, cfg))
+        crash_loop(keeper, cfg)  # the first recovery backs its restart off a few seconds
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(recover_daemon_crash, settings=overrides,
                                 event=event("crypto-agent.service.dead", DAEMON))

@@ -21,6 +21,8 @@ from recovery_kit import (
     add_result,
     all_incidents,
     checkpoint,
+    crash_loop,
+    died_of_the_store,
     event,
     events_of,
     execute,
@@ -38,7 +40,7 @@ from recovery_kit import (
     wait_until,
 )
 
-from crypto_agent import backup, health, process, recovery
+from crypto_agent import backup, health, holds, process, storelock
 from crypto_agent.quality import check_data
 from crypto_agent.receiver import Receiver
 from crypto_agent.settings import Settings
@@ -150,7 +152,7 @@ class TestCorruption:
             f.seek((page - 1) * size)
             assert f.read(size) == smashed
         # the store is sound and complete again: resynced from the simulator, the newer row salvaged
-        assert check_integrity(db, full=True).ok and backup.lock_holder(db) is None
+        assert check_integrity(db, full=True).ok and storelock.lock_holder(db) is None
         assert candle_count(db) >= full
         assert rows(db, "SELECT run_id FROM backtest_results WHERE run_id = 'written-after-the-backup'")
         assert rows(db, "SELECT COUNT(*) FROM backtest_results WHERE run_id LIKE 'daemon-%'")[0][0] > 0  # from the WAL
@@ -212,7 +214,7 @@ class TestCorruption:
         healthy(cfg, "backtest")
 
     @pytest.mark.parametrize("backups", ["missing", "corrupted"])
-    def test_without_a_good_backup_it_escalates_and_leaves_everything_as_found(
+    def test_without_a_good_backup_the_store_is_rebuilt_refetched_and_the_services_come_back(
         self, env: dict[str, Any], keeper: Keeper, inbox: Receiver, backups: str
     ) -> None:
         cfg = settings_of(env)
@@ -222,27 +224,94 @@ class TestCorruption:
             with info.path.open("r+b") as f:
                 f.seek(info.size // 2)
                 f.write(b"\x00garbage\x00" * 64)
+        add_result(db, "kept-by-the-rebuild", now_ms())
         checkpoint(db)
-        daemon = keeper.start(process.service_spec("backtest", cfg), cfg).pid
+        full = candle_count(db)
+        pids = start_both(keeper, cfg)
         page = leaf_page(db, "ohlcv_h1")
         smashed = smash_page(db, page)
+        started = time.monotonic()
         result = recover_db_corruption(settings=env, event=corrupt_event())
+        took = time.monotonic() - started
+
+        assert result["outcome"] == "recovered", result
+        inc = incident_of(cfg, result)
+        assert inc.status == "resolved" and "no good backup" in inc.summary and "rebuilt" in inc.summary
+        if backups == "corrupted":
+            assert backup.backup_info(info.path).status == backup.BAD  # never chosen again
+            assert "marked bad" in action(inc, "backup-refused")["detail"]
+        order = steps(inc)
+        assert "restore" not in order
+        assert order.index("reindex") < order.index("quarantine") < order.index("rebuild") \
+            < order.index("verify-rebuild") < order.index("refetch-plan") < order.index("refetch-candles") \
+            < order.index("validate") < order.index("unlock")
+        rebuilt = action(inc, "rebuild")["detail"]
+        assert "rebuilt crypto_agent.db from crypto_agent.db by" in rebuilt and "rows per table:" in rebuilt
+        assert "backtest_results" in rebuilt and "ohlcv_h4" in rebuilt  # per-table counts
+        assert action(inc, "verify-rebuild")["ok"] and action(inc, "refetch-candles")["ok"]
+        assert "window(s) to fetch again" in action(inc, "refetch-plan")["detail"]
+        tables = result["rebuild"]["tables"]
+        assert tables["ohlcv_h1"]["unreadable"] and tables["ohlcv_h4"]["recovered"] > 0  # the smashed page
+        assert action(inc, "validate")["detail"] == "data checks pass"
+        starts = [a["detail"] for a in inc.actions if a["step"] == "start"]
+        assert starts[0].startswith("started trader") and starts[1].startswith("started backtest")  # trader first
+        # the corrupt file is in quarantine as found; a sound store, candles back, salvaged rows kept, unlocked
+        [folder] = [p for p in Path(cfg.quarantine_dir).iterdir() if p.is_dir()]
+        size = rows(folder / "crypto_agent.db", "PRAGMA page_size")[0][0]
+        with (folder / "crypto_agent.db").open("rb") as f:
+            f.seek((page - 1) * size)
+            assert f.read(size) == smashed
+        assert check_integrity(db, full=True).ok and storelock.lock_holder(db) is None
+        assert candle_count(db) >= full
+        assert rows(db, "SELECT run_id FROM backtest_results WHERE run_id = 'kept-by-the-rebuild'")
+        with Store(cfg.database_url) as store:
+            assert check_data(store, cfg).ok
+        healthy(cfg, "trader")
+        healthy(cfg, "backtest")
+        assert all(not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE
+                   for p in pids.values())
+        # L2 is told what was rebuilt and what is lost (nothing: the candles came back from the exchange)
+        [l2] = wait_for_messages(inbox, "/l2", 1)
+        assert "the store was rebuilt without a backup: rebuilt crypto_agent.db" in l2["body"]["body"]
+        assert "candles re-fetched from the exchange; lost: nothing" in l2["body"]["body"]
+        assert inc.levels_told == ["l1", "l2", "l3"]  # L3: live trading was affected
+        assert inc.data_lost_hours == 0
+        print(f"\nno-backup rebuild ({backups}): recover-db-corruption took {took:.1f} s, "
+              f"rebuild {result['rebuild']['seconds']} s by {result['rebuild']['method']}, "
+              f"recovery_time_s {inc.recovery_time_s}")
+
+    @pytest.mark.parametrize("failure", ["target-unwritable", "exchange-down"])
+    def test_when_even_the_rebuild_fails_it_escalates_and_keeps_everything_stopped_for_a_person(
+        self, env: dict[str, Any], simulator: Simulator, keeper: Keeper, inbox: Receiver, failure: str
+    ) -> None:
+        overrides = {**env, "request_retries": 0, "request_timeout_s": 2.0}
+        cfg = settings_of(overrides)
+        db = Path(cfg.db_path)
+        checkpoint(db)
+        daemon = keeper.start(process.service_spec("backtest", cfg), cfg).pid
+        smash_page(db, leaf_page(db, "ohlcv_h1"))
+        if failure == "target-unwritable":  # where the rebuild builds the new store, something it cannot replace
+            (db.parent / f".{db.name}.rebuilding").mkdir()
+        else:
+            simulator.go_down("refuse")
+        result = recover_db_corruption(settings=overrides, event=corrupt_event())
 
         assert result["outcome"] == "escalated", result
         inc = incident_of(cfg, result)
         assert inc.status == "escalated" and "no good backup" in inc.summary
-        if backups == "corrupted":
-            assert backup.backup_info(info.path).status == backup.BAD  # never chosen again
-            assert "marked bad" in action(inc, "backup-refused")["detail"]
-        # left as found: the corrupt file in place (its page untouched), services stopped, the lock kept
-        size = rows(db, "PRAGMA page_size")[0][0]
-        with db.open("rb") as f:
-            f.seek((page - 1) * size)
-            assert f.read(size) == smashed
+        assert "The rebuild without a backup failed too" in inc.summary
+        if failure == "target-unwritable":
+            assert not action(inc, "rebuild")["ok"] and "refetch-candles" not in steps(inc)
+            assert not db.exists()  # nothing half-built was put in place
+        else:
+            assert action(inc, "rebuild")["ok"] and not action(inc, "refetch-candles")["ok"]
+            assert check_integrity(db, full=True).ok  # the rebuilt store waits in place for a person
+        [folder] = [p for p in Path(cfg.quarantine_dir).iterdir() if p.is_dir()]
+        assert (folder / "crypto_agent.db").exists()  # the corrupt file, never overwritten
         assert not psutil.pid_exists(daemon) or psutil.Process(daemon).status() == psutil.STATUS_ZOMBIE
         assert running_pid(cfg, "backtest") is None and running_pid(cfg, "trader") is None
-        holder = backup.lock_holder(db)
-        assert holder is not None and "escalated, no good backup" in holder["owner"]
+        holder = storelock.lock_holder(db)
+        assert holder is not None and "escalated, no good backup and the rebuild failed" in holder["owner"]
         for level in ("l2", "l3"):
             [msg] = wait_for_messages(inbox, f"/{level}", 1)
             assert "no good backup to restore" in msg["body"]["body"]
@@ -251,7 +320,7 @@ class TestCorruption:
         escalated = events_of(inc.flow_run_id, INCIDENT_ESCALATED, 2)  # one per level, delivered one by one
         assert sorted(e.payload["level"] for e in escalated) == ["l2", "l3"]
         # the kept lock keeps the crash recovery from starting the daemon on a broken store
-        absorbed = recover_daemon_crash(settings=env)
+        absorbed = recover_daemon_crash(settings=overrides)
         assert absorbed["outcome"] == "absorbed" and absorbed["incident_id"] is None
         assert running_pid(cfg, "backtest") is None and len(all_incidents(cfg)) == 1
 
@@ -274,6 +343,33 @@ class TestCorruption:
         assert crash.status == store_incident.status == "resolved"
         assert "handing over to recover-db-corruption" in action(crash, "integrity-check")["detail"]
         assert f"handed over to incident #{store_incident.id}" in crash.summary
+        assert "restore" in steps(store_incident) and check_integrity(db, full=True).ok
+        healthy(cfg, "trader")
+        healthy(cfg, "backtest")
+
+    def test_a_daemon_that_died_of_the_store_goes_to_the_corruption_recovery_at_once_whatever_the_backoff(
+        self, env: dict[str, Any], simulator: Simulator, keeper: Keeper, inbox: Receiver
+    ) -> None:
+        overrides = {**env, "restart_backoff_base_s": 120.0, "restart_backoff_cap_s": 300.0}
+        cfg = settings_of(overrides)
+        db = Path(cfg.db_path)
+        backup_lacking_newest_hours(cfg, simulator, hours=6)
+        checkpoint(db)
+        crash_loop(keeper, cfg)  # a 2nd crash in a row: the backoff alone would hold it 120 s
+        smash_page(db, leaf_page(db, "ohlcv_h4"))
+        line = died_of_the_store(cfg)
+        started = time.monotonic()
+        result = recover_daemon_crash(settings=overrides, event=event("crypto-agent.service.dead",
+                                                                      "crypto-agent.service.backtest-daemon"))
+
+        assert result["outcome"] == "recovered", result
+        assert time.monotonic() - started < 120  # no backoff hold
+        crash = incident_of(cfg, result)
+        assert steps(crash)[:3] == ["probe", "log-errors", "restart-policy"] and "integrity-check" not in steps(crash)
+        policy = action(crash, "restart-policy")["detail"]
+        assert policy.startswith("corruption recovery at once, whatever the backoff") and line in policy
+        store_incident = incident_of(cfg, {"incident_id": result["handed_to"]})
+        assert store_incident.scenario == "db-corruption" and store_incident.status == "resolved"
         assert "restore" in steps(store_incident) and check_integrity(db, full=True).ok
         healthy(cfg, "trader")
         healthy(cfg, "backtest")
@@ -377,16 +473,16 @@ class TestRollback:
         healthy(cfg, "trader")
         assert running_pid(cfg, "backtest") is None
         daemon = process.service_spec("backtest", cfg)
-        assert process.paused(daemon)["by"] == f"rollback-persistent-failures #{inc.id}"
-        assert recovery.hold_in_force("backtest", cfg) is not None  # monitoring stays quiet about it
+        assert holds.read_hold(daemon).by == f"rollback-persistent-failures #{inc.id}"
+        assert holds.covering_hold(daemon, cfg, process.inspect(daemon)) is not None  # monitoring stays quiet
         [l3] = wait_for_messages(inbox, "/l3", 1)
         assert "a rollback to the 48 h backup was done" in l3["body"]["body"]
         assert "# Incident Report" in l3["body"]["body"]
         # nothing restarts the paused daemon until a person resumes it
         again = recover_daemon_crash(settings=env)
         assert again["outcome"] == "skipped" and running_pid(cfg, "backtest") is None
-        assert recovery.resume_kept("backtest", cfg) is not None
-        assert recovery.hold_in_force("backtest", cfg) is None and process.paused(daemon) is None
+        assert holds.release_hold(daemon) is not None
+        assert holds.read_hold(daemon) is None
 
     def test_a_rollback_without_a_48h_backup_fails_loudly_but_live_trading_resumes(
         self, env: dict[str, Any], keeper: Keeper, inbox: Receiver
@@ -397,7 +493,7 @@ class TestRollback:
         result = rollback_persistent_failures(settings=env)
         assert result["outcome"] == "escalated"
         inc = incident_of(cfg, result)
-        assert "rollback FAILED" in inc.summary and backup.lock_holder(cfg.db_path) is None
+        assert "rollback FAILED" in inc.summary and storelock.lock_holder(cfg.db_path) is None
         healthy(cfg, "trader")
         assert running_pid(cfg, "backtest") is None
         [l3] = wait_for_messages(inbox, "/l3", 1)

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from deployments.stack import deployment_names
 from tests.stack_kit import (
     PROJECT_DIR,
     RunningStack,
     api,
     expected_deployments,
+    prefect_yaml,
     run_deployment,
 )
 
@@ -98,7 +100,9 @@ def test_the_ui_lists_every_deployment(stack: RunningStack, tmp_path: Path) -> N
 def test_the_ui_shows_the_last_incident_report(stack: RunningStack, tmp_path: Path) -> None:
     # an incident: the daemon-crash recovery run by hand on a healthy daemon opens one, finds nothing to
     # restart, closes it and publishes its post-incident report as the markdown artifact incident-<id>
-    assert (PROJECT_DIR / "flows" / "recovery.py").is_file()
+    entrypoints = dict(zip(deployment_names(PROJECT_DIR), (d["entrypoint"] for d in prefect_yaml()["deployments"]),
+                           strict=True))
+    assert (PROJECT_DIR / entrypoints[RECOVERY].partition(":")[0]).is_file()  # the recovery's flow, where it lives
     run = run_deployment(stack, RECOVERY)
     assert run.state_type.value == "COMPLETED", f"{RECOVERY}: {run.state_name}: {run.state and run.state.message}"
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
