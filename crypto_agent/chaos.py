@@ -159,16 +159,20 @@ def ensure_backup(settings: Settings, hours_ago: float = 0.0, now: datetime | No
 
 def incidents_since(settings: Settings, since: float, scenarios: tuple[str, ...] | None = None,
                     resource: str | None = None) -> list[Incident]:
-    """Incidents opened at or after `since` (epoch s), oldest first, of these scenarios and resource when given."""
+    """Incidents opened (or rejoined, a needs-person incident run again) at or after `since` (epoch s), oldest
+    first, of these scenarios and resource when given."""
     path = incidents.incidents_db_path(settings)
     if not path.exists():
         return []
     with incidents.open_incident_store(settings) as log:
         found = incidents.list_incidents(log, limit=500)
     since_ms = int(since * 1000)
-    return sorted((i for i in found if i.opened_at >= since_ms
+    def started(i: Incident) -> int:
+        return max(i.opened_at, i.rejoined_at or 0)
+
+    return sorted((i for i in found if started(i) >= since_ms
                    and (scenarios is None or i.scenario in scenarios)
-                   and (resource is None or i.resource == resource)), key=lambda i: (i.opened_at, i.id))
+                   and (resource is None or i.resource == resource)), key=lambda i: (started(i), i.id))
 
 
 def incident(settings: Settings, incident_id: int) -> Incident:

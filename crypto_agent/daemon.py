@@ -4,7 +4,9 @@ Run it with `crypto-agent daemon` (foreground) or `crypto-agent service start ba
 or `python -m crypto_agent.daemon`. It is service "backtest": run/backtest.pid, run/backtest.heartbeat,
 logs/backtest_24h7.log. One unit of work is one backtest of one (symbol, timeframe, strategy),
 saved to backtest_results; the heartbeat is written between units. It lowers its own CPU priority
-(`daemon_niceness`), pauses while `db/LOCKED` exists and stops cleanly on SIGTERM.
+(`daemon_niceness`), pauses while `db/LOCKED` exists, pauses while live trading comes first (a
+`run/backtest.yield` request, crypto_agent.priority: it finishes the unit in progress, then starts no
+new one and writes nothing, heart-beating "paused: live trading first") and stops cleanly on SIGTERM.
 
 Fault injection, for tests and chaos drills only (read by the daemon alone, never by the trader):
 
@@ -29,7 +31,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from crypto_agent import backtest
+from crypto_agent import backtest, priority
 from crypto_agent.errors import ConfigError, CryptoAgentError, StoreLocked
 from crypto_agent.service import (
     EXIT_CRASHED,
@@ -197,11 +199,26 @@ def run_daemon(settings: Settings | None = None, fault: Fault | None = None) -> 
     return rt.exit_code
 
 
+def yield_reason(settings: Settings) -> str | None:
+    """Why the daemon yields now (a live-trading-first request, one line), None when it does not."""
+    request = priority.yield_request(settings)
+    return None if request is None else f"live trading first ({request.description})"
+
+
+def _hold(rt: ServiceRuntime, store: Store, settings: Settings) -> bool:
+    """Pause while live trading comes first or the store is locked (both ended at once); False on stop."""
+    while True:
+        if not rt.hold_while_yielding(lambda: yield_reason(settings)) or not rt.hold_while_locked(store):
+            return False
+        if yield_reason(settings) is None:
+            return True
+
+
 def _serve(rt: ServiceRuntime, store: Store, settings: Settings, faults: _FaultInjector) -> None:
     cycle = 0
     warned_empty = False
     while not rt.stopping:
-        if not rt.hold_while_locked(store):
+        if not _hold(rt, store, settings):
             break
         units = plan_units(store, settings)
         idle_s = min(settings.daemon_cycle_pause_s, settings.heartbeat_interval_s)
@@ -234,7 +251,7 @@ def _run_cycle(
     log.info("cycle %d (%s): %d units", cycle, run_id, len(units))
     i = 0
     while i < len(units) and not rt.stopping:
-        if not rt.hold_while_locked(store):
+        if not _hold(rt, store, settings):
             break
         unit = units[i]
         faults.step()

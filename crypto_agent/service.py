@@ -13,7 +13,8 @@ A service (the backtest daemon, the paper trader) wraps its main loop in a `Serv
 - logs to a rotating file with the UTC time and the level on every line, continuation lines of a
   traceback included, so errors per minute can be counted (`health.log_errors_per_minute`).
 - handles SIGTERM/SIGINT (stop after the current unit), SIGUSR1 (every thread's stack to
-  `logs/<name>_stacks_<epoch>.txt`), and pauses writes while `db/LOCKED` exists.
+  `logs/<name>_stacks_<epoch>.txt`), and pauses writes while `db/LOCKED` exists (and, for the backtest,
+  while live trading comes first: `hold_while_yielding`, crypto_agent.priority).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ SERVICE_MODULES: dict[str, str] = {"backtest": "crypto_agent.daemon", "trader": 
 STATE_STARTING = "starting"
 STATE_RUNNING = "running"
 STATE_PAUSED_LOCKED = "paused: db/LOCKED"
+STATE_PAUSED_LIVE_TRADING = "paused: live trading first"  # the backtest yields to the trader (crypto_agent.priority)
 STATE_STOPPED = "stopped"
 
 # Exit code of a service whose main loop died of an unexpected exception (BSD's EX_SOFTWARE).
@@ -488,6 +490,25 @@ class ServiceRuntime:
                 return False
         self._paused = False
         self.log.info("%s removed: writes resumed", self._lock_path(store))
+        self.beat(resume_state)
+        return not self.stopping
+
+    def hold_while_yielding(self, requested: Callable[[], str | None]) -> bool:
+        """Return at once when `requested()` is None; else pause, heart-beating, until it is; False on stop.
+
+        `requested()` says why to yield (one line for the log), None when there is no reason; it is asked
+        about every min(1 s, heartbeat interval), so the service resumes within a heartbeat of it ending.
+        """
+        why = requested()
+        if why is None:
+            return not self.stopping
+        self.log.warning("%s: new work paused until the request is withdrawn", why)
+        resume_state = self.state if self.state != STATE_PAUSED_LIVE_TRADING else STATE_RUNNING
+        self.beat(STATE_PAUSED_LIVE_TRADING)
+        while requested() is not None:
+            if not self.wait(min(1.0, self.settings.heartbeat_interval_s)):
+                return False
+        self.log.info("the yield request was withdrawn: work resumed")
         self.beat(resume_state)
         return not self.stopping
 

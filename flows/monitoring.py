@@ -14,7 +14,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from sqlalchemy.exc import SQLAlchemyError
 
-from crypto_agent import health
+from crypto_agent import health, incidents, priority
 from crypto_agent.errors import CryptoAgentError, InputError
 from crypto_agent.guard import (
     BACKTEST,
@@ -152,6 +152,36 @@ def probe_service(service: str, settings: dict[str, Any] | None) -> Assessment:
     return assessment
 
 
+@task(name="release-stale-yield", cache_policy=NO_CACHE, timeout_seconds=120)
+def release_stale_yield(settings: dict[str, Any] | None, trader_healthy: bool) -> str | None:
+    """Withdraw a live-trading-first request left behind (its recovery failed or ended without releasing it)
+    once the trader is HEALTHY and the incident that asked is closed; what was released, None when nothing."""
+    cfg = run_settings(settings)
+    request = priority.yield_request(cfg)
+    if request is None or not trader_healthy:
+        return None
+    incident_open = False
+    if request.incident_id is not None:
+        try:
+            log_store = incidents.open_incident_store(cfg)
+            try:
+                incident_open = incidents.get(log_store, request.incident_id).is_open
+            finally:
+                log_store.close()
+        except CryptoAgentError:  # no such incident: nobody works on it
+            incident_open = False
+        except SQLAlchemyError as exc:  # cannot tell: keep the request (live trading first)
+            get_run_logger().warning("the yield request stays: incident #%s cannot be read: %s",
+                                     request.incident_id, exc)
+            return None
+    if not priority.should_release(request, trader_healthy, incident_open):
+        return None
+    priority.release_yield(cfg)
+    done = f"the trader is HEALTHY and its incident is closed: the backtest resumes (request {request.description})"
+    get_run_logger().info("%s", done)
+    return done
+
+
 def emit_assessment(assessment: Assessment) -> list[str]:
     """Emit the events of a service's conditions on its resource; the event names emitted."""
     resource = resource_of_service(assessment.service)
@@ -239,6 +269,8 @@ def health_monitor(
                 "reasons": list(assessment.reasons),
             }
             summary["events"].extend(emitted)
+            if name == "trader":
+                summary["yield_released"] = release_stale_yield(settings, Condition.HEALTHY in assessment.conditions)
         summary["crashes"] = report_crashes(names, settings)
         summary["events"].extend(SERVICE_CRASHED for _ in summary["crashes"])
         if store_checks:

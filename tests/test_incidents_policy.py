@@ -196,3 +196,8 @@ class TestNeedsPersonAction:
                                             repeat_after_s=14400)
         assert (got.join, got.page) == (True, incidents.policy.PAGE_RESOLVED)
         assert got.why == "fixed after it needed a person (3 detections since 1970-01-01T09:00:00Z)"
+
+    def test_resolved_only_by_a_handover_to_another_incident_holds_that_one_pages(self) -> None:
+        got = incidents.needs_person_action(self.waiting(), RESOLVED, now_ms=0, repeat_after_s=14400, handed_to=9)
+        assert (got.join, got.page, got.why) == (True, incidents.policy.PAGE_HOLD,
+                                                 "handed over to incident #9, which pages for it")

@@ -74,12 +74,14 @@ def needs_person_action(
     *,
     now_ms: int,
     repeat_after_s: float,
+    handed_to: int | None = None,
 ) -> NeedsPersonAction:
     """What to do about `waiting`, the incident of this scenario and resource that needs a person (None: none).
 
     At the start (`status` None) a recovery joins it and holds its paging; at the close with `status`:
     resolved pages "resolved" once, failed or escalated again re-pages only when its last page is
     `repeat_after_s` old or older ("still needs a person (N detections since ...)"), else holds.
+    Resolved only because another incident (`handed_to`) already works on it, it holds: that one pages.
     """
     if waiting is None or not waiting.needs_person:
         return NeedsPersonAction(False, PAGE_AS_USUAL, "no incident of it needs a person")
@@ -88,6 +90,8 @@ def needs_person_action(
     if status is None:
         return NeedsPersonAction(True, PAGE_HOLD, f"incident #{waiting.id} needs a person ({seen}): "
                                  "the recovery runs again in it, its paging held")
+    if status == RESOLVED and handed_to is not None:
+        return NeedsPersonAction(True, PAGE_HOLD, f"handed over to incident #{handed_to}, which pages for it")
     if status == RESOLVED:
         return NeedsPersonAction(True, PAGE_RESOLVED, f"fixed after it needed a person ({seen})")
     last = waiting.last_paged_at

@@ -19,7 +19,7 @@ from crypto_agent.settings import Settings
 from flows.common import run_settings
 from flows.maintenance import check_store_integrity
 from flows.recovery.db_corruption import recover_db_corruption
-from flows.recovery.process_hang import recover_process_hang
+from flows.recovery.process_hang import recover_process_hang, resume_backtest, yield_to_trader
 from flows.recovery.skeleton import (
     RECOVERY_CRASH_HOOKS,
     RECOVERY_FAILURE_HOOKS,
@@ -109,6 +109,7 @@ def recover_daemon_crash(
             return run.finish(RESOLVED, SKIPPED, summary=f"{service} is {kept.hold}: nothing done",
                               impact="none (held on purpose)", root_cause="Other: service held on purpose",
                               data_lost_hours=0)
+        yield_to_trader(run, cfg, service)
 
         # 1. confirm it is dead; 2. the log's errors say why it died; the restart policy says when to restart
         report = probe_service(settings, service)
@@ -125,6 +126,8 @@ def recover_daemon_crash(
                     sub = recover_db_corruption(service=service, event=event, settings=settings,
                                                 handover={"incident_id": None, "held": run.held})
                     if sub.get("outcome") != SKIPPED:
+                        if sub.get("outcome") == RECOVERED:
+                            resume_backtest(run, cfg, service, probe_service(settings, service))
                         return run.finish_from(sub)
                     run.act("store-sound", f"incident #{sub.get('incident_id')}: {sub.get('summary')}; restarting "
                             f"{service} as a crash")
@@ -145,6 +148,7 @@ def recover_daemon_crash(
             return run.finish_from(sub)
         if verdict.verdict is recovery.Verdict.RUNNING:
             # nothing done by this run: "skipped", so MTTR counts real recoveries only
+            resume_backtest(run, cfg, service, report)
             return run.finish(
                 RESOLVED, SKIPPED, summary=f"{service} is running ({report.summary}): no restart needed",
                 impact="none" if report.healthy else impact,
@@ -164,6 +168,8 @@ def recover_daemon_crash(
             run.act("integrity-check", integrity_detail(check) + "\nhanding over to recover-db-corruption", ok=False)
             sub = recover_db_corruption(service=service, event=event, settings=settings,
                                         handover={"incident_id": None, "held": run.held})
+            if sub.get("outcome") == RECOVERED:
+                resume_backtest(run, cfg, service, probe_service(settings, service))
             return run.finish_from(sub)
         run.act("integrity-check", integrity_detail(check) if check.ok else
                 f"no database yet at {cfg.db_path}: the service creates it")
@@ -173,5 +179,6 @@ def recover_daemon_crash(
         if healthy is None:
             return run.finish(RESOLVED, SKIPPED, summary=f"{service} was paused meanwhile: not restarted",
                               impact=impact, root_cause=root_cause, data_lost_hours=0)
+        resume_backtest(run, cfg, service, healthy)
         return run.finish(RESOLVED, RECOVERED, summary=f"{service} restarted and HEALTHY (PID {healthy.pid})",
                           impact=impact, root_cause=root_cause, data_lost_hours=0, pid=healthy.pid)

@@ -11,14 +11,16 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from crypto_agent import incidents, process, recovery
+from crypto_agent import health, incidents, priority, process, recovery
 from crypto_agent.incidents import RECOVERED, RESOLVED, SKIPPED
+from crypto_agent.settings import Settings
 from flows.common import run_settings
 from flows.events import SERVICE_CPU_HIGH, SERVICE_MEMORY_HIGH
 from flows.recovery.skeleton import (
     RECOVERY_CRASH_HOOKS,
     RECOVERY_FAILURE_HOOKS,
     Absorbed,
+    Recovery,
     check_hold,
     recovery_incident,
     resource_of,
@@ -48,6 +50,29 @@ def capture_stacks(settings: dict[str, Any] | None, service: str) -> recovery.St
     except psutil.NoSuchProcess:
         return recovery.StackDump(None, "", continued, timeout="the process ended before its dump")
     return recovery.StackDump(path, path.read_text(encoding="utf-8", errors="replace"), continued)
+
+
+def yield_to_trader(run: Recovery, cfg: Settings, service: str) -> None:
+    """Live trading first: while the trader is recovered, the backtest pauses (run/backtest.yield)."""
+    if service != priority.FIRST_SERVICE:
+        return
+    asked = priority.yield_request(cfg)
+    if asked is not None and asked.incident_id == run.id:
+        return  # asked already in this incident (a handover)
+    priority.request_yield(cfg, f"recover-{run.scenario} #{run.id}", "the trader is being recovered",
+                           incident_id=run.id)
+    run.act("pause-backtest",
+            f"live trading first: the backtest pauses until the trader is HEALTHY (incident #{run.id})")
+
+
+def resume_backtest(run: Recovery, cfg: Settings, service: str, report: health.ProbeReport | None) -> None:
+    """The trader confirmed HEALTHY: withdraw the yield request, the backtest resumes (a failed recovery keeps it)."""
+    if service != priority.FIRST_SERVICE or report is None or not report.healthy:
+        return
+    released = priority.release_yield(cfg)
+    if released is not None:
+        run.act("resume-backtest", f"the trader is HEALTHY ({report.summary}): the backtest resumes (request "
+                f"{released.description})")
 
 
 @flow(
@@ -80,6 +105,7 @@ def recover_process_hang(
             return run.finish(RESOLVED, SKIPPED, summary=f"{service} is {held}: nothing done",
                               impact="none (held on purpose)", root_cause="Other: service held on purpose",
                               data_lost_hours=0)
+        yield_to_trader(run, cfg, service)
 
         # 1. look: the probe (one healthy sample does not refute cpu-high and memory-high, judged over minutes)
         report = probe_service(settings, service)
@@ -87,6 +113,7 @@ def recover_process_hang(
         run.act("probe", f"{report.summary}{also}", ok=report.healthy)
         judged = (event or {}).get("event") in (SERVICE_CPU_HIGH, SERVICE_MEMORY_HIGH)
         if report.healthy and not run.handed_over and not judged:
+            resume_backtest(run, cfg, service, report)
             return run.finish(RESOLVED, SKIPPED, summary=f"{service} is healthy again: nothing done",
                               impact="none", root_cause="Other: transient (healthy when the recovery looked)",
                               data_lost_hours=0)
@@ -113,5 +140,6 @@ def recover_process_hang(
         if healthy is None:
             return run.finish(RESOLVED, SKIPPED, summary=f"{service} stopped; not restarted: it is paused",
                               impact=impact, root_cause=root_cause, data_lost_hours=0)
+        resume_backtest(run, cfg, service, healthy)
         return run.finish(RESOLVED, RECOVERED, summary=f"{service} restarted and HEALTHY (PID {healthy.pid})",
                           impact=impact, root_cause=root_cause, data_lost_hours=0, pid=healthy.pid)

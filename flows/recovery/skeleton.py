@@ -272,7 +272,9 @@ class Recovery:
                               root_cause=root_cause, data_lost_hours=data_lost_hours)
         link = flow_run_link()
         if self.rejoined:
-            l1_event = self._page_rejoined(before, inc, status, link)
+            handed = details.get("handed_to")  # a dict when another recovery, already running, absorbed the handover
+            other = handed.get("incident_id") if isinstance(handed, dict) else None
+            l1_event = self._page_rejoined(before, inc, status, link, other if isinstance(other, int) else None)
         else:
             l1_event = self._page_as_usual(inc, status, link)
         final = incidents.get(self.log_store, self.id)
@@ -308,11 +310,12 @@ class Recovery:
         self.tell("l1", *self.message(headline))
         return status != RESOLVED and not levels and self.escalated_in is None
 
-    def _page_rejoined(self, before: Incident, inc: Incident, status: str, link: str) -> bool:
+    def _page_rejoined(self, before: Incident, inc: Incident, status: str, link: str, handed_to: int | None) -> bool:
         """A rejoined incident's close (policy.needs_person_action): one "resolved" message to L1 and each level
         told, a re-page when its last page is old enough, else nothing but a note in the incident."""
         decision = incidents.needs_person_action(before, status, now_ms=int(time.time() * 1000),
-                                                 repeat_after_s=self.cfg.page_repeat_after_s)
+                                                 repeat_after_s=self.cfg.page_repeat_after_s,
+                                                 handed_to=handed_to)
         if decision.page == incidents.policy.PAGE_RESOLVED:
             for level in sorted({"l1", *before.levels_told}):
                 self.tell(level, *self.message("resolved", extra=f"It is {decision.why}."))
