@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crypto_agent import faults, incidents, process
+from crypto_agent import faults, holds, incidents, process
 from crypto_agent.quality import check_data
 from crypto_agent.service import read_heartbeat
 from crypto_agent.settings import Settings
@@ -101,7 +101,7 @@ def settle(stack: RunningStack) -> None:
             return False
         if not stack.probe("trader").healthy:
             return False
-        return stack.probe("backtest").healthy or process.paused(process.service_spec("backtest", stack.settings))
+        return stack.probe("backtest").healthy or holds.read_hold(process.service_spec("backtest", stack.settings))
     stack.wait(quiet, WAIT_S, "a quiet stack")
     time.sleep(stack.settings.heartbeat_missing_s + 2)  # let any late proactive firing pass
 
@@ -177,6 +177,11 @@ def stale_data(stack: RunningStack) -> tuple[float, float | None, float | None]:
     return took, incident.detection_delay_s, None
 
 
+
+def later_incidents(stack: RunningStack, after_id: int) -> list[tuple[int, str, str | None, str | None]]:
+    """The incidents opened after incident `after_id`: (id, scenario, outcome, summary)."""
+    return [(i.id, i.scenario, i.outcome, i.summary) for i in stack.incidents() if i.id > after_id]
+
 def db_corruption(stack: RunningStack) -> tuple[float, float | None, float | None]:
     started, since = time.time(), int(time.time() * 1000)
     faults.corrupt_pages(stack.settings)
@@ -192,7 +197,7 @@ def db_corruption(stack: RunningStack) -> tuple[float, float | None, float | Non
         raise RuntimeError(f"{exc}: quick_check ok {stack.integrity_ok()}, {stack.probe('trader').summary}, "
                            f"backtest {stack.probe('backtest').summary}; incident #{incident.id}: "
                            f"{incident.summary}; later incidents: "
-                           f"{[(i.id, i.scenario, i.outcome, i.summary) for i in stack.incidents() if i.id > incident.id]}"
+                           f"{later_incidents(stack, incident.id)}"
                            ) from None
     return time.time() - started, incident.detection_delay_s, None
 
@@ -201,8 +206,7 @@ def persistent_failures(stack: RunningStack) -> tuple[float, float | None, float
     stack.run_monitor(wait_s=120)  # report the crashes of earlier scenarios first: they must not count here
     reset_threshold(stack)  # the threshold fires once per 24 h window: a fresh automation per repetition
     spec = process.service_spec("backtest", stack.settings)
-    if process.paused(spec) is not None:  # the previous rollback left it paused: a person resumes it
-        process.resume(spec)
+    if holds.release_hold(spec) is not None:  # the previous rollback left it paused: a person resumes it
         stack.start_service("backtest")
     since = int(time.time() * 1000)
     started = time.time()

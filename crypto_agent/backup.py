@@ -31,11 +31,9 @@ from typing import TYPE_CHECKING
 import psutil
 
 from crypto_agent.errors import CryptoAgentError
-from crypto_agent.storelock import (  # noqa: F401 (backup.lock_holder etc. stay importable)
-    LOCK_FILE_NAME,
+from crypto_agent.storelock import (
     RecoveryLocked,
     describe_holder,
-    lock_holder,
     lock_path,
     recovery_lock,
 )

@@ -25,8 +25,7 @@ from pydantic_settings import NoDecode
 from sqlalchemy.exc import SQLAlchemyError
 
 from crypto_agent.errors import CryptoAgentError
-from crypto_agent.holds import ServicePaused as ServicePaused  # raised by start, caught as process.ServicePaused
-from crypto_agent.holds import keep_stopped, read_hold, refuse_start, release_hold
+from crypto_agent.holds import refuse_start
 from crypto_agent.service import (
     SERVICE_MODULES,
     PidRecord,
@@ -665,30 +664,3 @@ def _alive(proc: psutil.Process) -> bool:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
-
-
-# --- compat: the old pause API over crypto_agent.holds, for callers not yet moved ---
-
-
-# compat: removed by the lead after flows/recovery moves
-def pause_marker(spec: ServicePaths) -> Path:
-    """The service's hold marker, run/<name>.paused."""
-    return spec.hold_marker
-
-
-# compat: removed by the lead after flows/recovery moves
-def pause(spec: ServicePaths, reason: str, by: str) -> Path:
-    """Keep the service stopped (a stopped hold without end); the marker's path."""
-    return keep_stopped(spec, by=by, reason=reason)
-
-
-# compat: removed by the lead after flows/recovery moves
-def paused(spec: ServicePaths) -> dict[str, Any] | None:
-    """The hold in force on the service as its marker says it ({reason, by, since, ...}), None when there is none."""
-    return None if (hold := read_hold(spec)) is None else hold.marker()
-
-
-# compat: removed by the lead after flows/recovery moves
-def resume(spec: ServicePaths) -> dict[str, Any] | None:
-    """Release the service's hold; what it said, None when there was none."""
-    return None if (hold := release_hold(spec)) is None else hold.marker()

@@ -150,25 +150,6 @@ def log_errors(log_path: Path, lines: int = 100) -> list[str]:
     return out
 
 
-# compat: removed by the lead after flows/recovery moves
-def keep_stopped(service: str, settings: Settings, *, by: str, reason: str) -> Path:
-    """Keep a service stopped until a person resumes it (holds.keep_stopped); the marker's path."""
-    return holds.keep_stopped(service, settings, by=by, reason=reason)
-
-
-# compat: removed by the lead after flows/recovery moves
-def resume_kept(service: str, settings: Settings) -> dict[str, Any] | None:
-    """Release the service's hold (holds.release_hold); what its marker said, None if there was none."""
-    return None if (h := holds.release_hold(service, settings)) is None else h.marker()
-
-
-# compat: removed by the lead after flows/recovery moves
-def hold_in_force(service: str, settings: Settings) -> str | None:
-    """The hold that accounts for the service's state right now (holds.covering_hold), described, or None."""
-    hold = holds.covering_hold(service, settings, inspect(service_spec(service, settings)))
-    return None if hold is None else hold.description
-
-
 def service_state(name: str, settings: Settings) -> str:
     """One line on a service for a message: running (PID, heartbeat age), held, or not running and why."""
     spec = service_spec(name, settings)

@@ -327,11 +327,13 @@ def _message(decision: GuardDecision, usage: WindowUsage, done: str) -> tuple[st
         if decision.live_affected
         else f"[crypto-agent] backtest window over budget: {decision.action.value}"
     )
+    trader_problems = f" ({'; '.join(decision.trader_problems)})" if decision.trader_problems else ""
+    rss = usage.backtest.rss_mb or 0
     body = "\n".join([
         f"what happened: {decision.reason}",
         f"breaches: {'; '.join(decision.breaches) or 'none'}",
-        f"live trading: {usage.trader.summary}" + (f" ({'; '.join(decision.trader_problems)})" if decision.trader_problems else ""),
-        f"backtest: {usage.backtest.summary}, CPU {usage.backtest_cpu_pct:.0f}%, RSS {usage.backtest.rss_mb or 0:.0f} MB",
+        f"live trading: {usage.trader.summary}{trader_problems}",
+        f"backtest: {usage.backtest.summary}, CPU {usage.backtest_cpu_pct:.0f}%, RSS {rss:.0f} MB",
         f"done: {done}",
         ("live trading was not touched; the backtest resumes when the window ends "
          "(or by hand: crypto-agent service resume backtest)"),

@@ -121,12 +121,3 @@ class TestKeepStopped:
         released = release_hold("backtest", settings)
         assert released is not None and released.by == "rollback-persistent-failures #4" and not marker.exists()
         assert release_hold("backtest", settings) is None
-
-    def test_the_old_names_delegate_to_holds(self, tmp_path) -> None:
-        settings = make_settings(tmp_path)
-        spec = process.service_spec("backtest", settings)
-        assert recovery.keep_stopped("backtest", settings, by="op", reason="r") == spec.hold_marker
-        assert process.paused(spec)["by"] == "op"
-        assert recovery.hold_in_force("backtest", settings) == "stopped by op: r"
-        assert recovery.resume_kept("backtest", settings)["reason"] == "r"
-        assert process.paused(spec) is None and recovery.resume_kept("backtest", settings) is None

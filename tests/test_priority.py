@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 
 from sqlalchemy import func, select
 
@@ -121,3 +124,20 @@ class TestDaemonYields:
         assert result_count(settings) == 0
         priority.release_yield(settings)
         wait_until(lambda: result_count(settings) > 0, what="backtests to start")
+
+    def test_the_window_guards_sigstop_and_sigcont_leave_a_yielding_daemon_yielding(self, tmp_path, keeper) -> None:
+        settings = make_settings(tmp_path)
+        seed_store(settings)
+        spec = process.service_spec("backtest", settings)
+        pid = keeper.start(spec, settings).pid
+        priority.request_yield(settings, "test", "the trader is down")
+        wait_until(lambda: heartbeat_state(spec) == STATE_PAUSED_LIVE_TRADING, what="the yielding heartbeat")
+        paused_at = result_count(settings)
+        os.kill(pid, signal.SIGSTOP)  # what guard.pause_backtest does (under its own hold)
+        time.sleep(0.5)
+        os.kill(pid, signal.SIGCONT)  # guard.resume_backtest
+        beat = read_heartbeat(spec.heartbeat)
+        wait_until(lambda: read_heartbeat(spec.heartbeat).epoch >= beat.epoch + 2, what="two more heartbeats")
+        assert heartbeat_state(spec) == STATE_PAUSED_LIVE_TRADING and result_count(settings) == paused_at
+        priority.release_yield(settings)
+        wait_until(lambda: result_count(settings) > paused_at, what="backtests to resume")

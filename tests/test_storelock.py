@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from crypto_agent import backup, storelock
 from crypto_agent.errors import CryptoAgentError, StoreLocked
 from crypto_agent.storelock import (
     RecoveryLocked,
@@ -61,11 +60,6 @@ class TestRecoveryLock:
     def test_an_owner_name_is_required(self, tmp_path: Path) -> None:
         with pytest.raises(CryptoAgentError, match="needs an owner"), recovery_lock(tmp_path / "x.db", " "):
             pass
-
-    def test_backup_keeps_the_same_names(self) -> None:
-        assert backup.recovery_lock is storelock.recovery_lock
-        assert backup.lock_holder is storelock.lock_holder and backup.lock_path is storelock.lock_path
-        assert backup.RecoveryLocked is storelock.RecoveryLocked
 
 
 def test_writers_error_says_what_was_not_written_and_what_to_do(tmp_path: Path) -> None:

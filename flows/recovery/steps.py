@@ -19,7 +19,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from crypto_agent import backup, health, incidents, process, rebuild, recovery, storelock
+from crypto_agent import backup, health, holds, incidents, process, rebuild, recovery, storelock
 from crypto_agent.collector import Window, backfill
 from crypto_agent.errors import CryptoAgentError
 from crypto_agent.exchange import BinanceClient
@@ -98,7 +98,7 @@ def clean_service_state(settings: dict[str, Any] | None, service: str) -> list[s
 
 
 @task(name="start-service", retries=1, retry_delay_seconds=5, timeout_seconds=300, cache_policy=NO_CACHE,
-      retry_condition_fn=lambda task, run, state: not isinstance(failure_of(state), process.ServicePaused))
+      retry_condition_fn=lambda task, run, state: not isinstance(failure_of(state), holds.ServicePaused))
 def start_service(settings: dict[str, Any] | None, service: str) -> process.StartResult:
     """Start the service detached, without any injected fault of its previous instance; wait for its first heartbeat."""
     cfg = run_settings(settings)

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 import psutil
 import pytest
 
-from crypto_agent import faults, health, process
+from crypto_agent import faults, health, holds, process
 from crypto_agent.incidents import Incident
 from crypto_agent.quality import check_data
 from crypto_agent.store import Store
@@ -152,7 +152,7 @@ def test_three_crashes_in_a_row_roll_back_to_the_48h_backup_with_the_backtest_pa
     assert restored and "db_backup_" in restored[0]
     assert stack.probe("trader").healthy
     assert stack.pid("backtest") is None
-    assert process.paused(process.service_spec("backtest", stack.settings)) is not None
+    assert holds.read_hold(process.service_spec("backtest", stack.settings)) is not None
     assert any(f"incident #{incident.id}" in s for s in subjects(stack, "l3", since_iso))
     # the paused backtest is vouched for, not "recovered": no daemon-crash recovery after the rollback
     time.sleep(stack.settings.heartbeat_missing_s + 5)

@@ -3,6 +3,8 @@ resumes once the trader is HEALTHY; a failed recovery leaves the request, which 
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -29,7 +31,7 @@ from sqlalchemy import func, select
 from crypto_agent import health, incidents, priority, process
 from crypto_agent.receiver import Receiver
 from crypto_agent.schema import backtest_results
-from crypto_agent.service import STATE_PAUSED_LIVE_TRADING, read_heartbeat
+from crypto_agent.service import STATE_PAUSED_LIVE_TRADING, Heartbeat, read_heartbeat
 from crypto_agent.settings import Settings
 from crypto_agent.store import Store
 from flows.monitoring import health_monitor
@@ -168,3 +170,26 @@ class TestLiveTradingFirst:
             incidents.resolve(log, inc.id, summary="done elsewhere")
         summary = health_monitor(services=["trader"], store_checks=False, settings=env)
         assert summary["yield_released"] is not None and priority.yield_request(cfg) is None
+
+    def test_a_hung_trader_handed_to_the_hang_recovery_is_asked_for_once_and_released_once(
+        self, env: dict[str, Any], keeper: Keeper, inbox: Receiver
+    ) -> None:
+        cfg = settings_of(env)
+        start_daemon(keeper, cfg)
+        spec = process.service_spec("trader", cfg)
+        trader = keeper.start(spec, cfg).pid
+        os.kill(trader, signal.SIGSTOP)  # alive, its heartbeat going stale: hung
+        wait_until(lambda: (read_heartbeat(spec.heartbeat) or Heartbeat(0, "", None)).age_s() > 3.5, 30,
+                   "a stale trader heartbeat")
+        result = recover_daemon_crash(service="trader", settings=env)
+
+        assert result["outcome"] == "recovered", result
+        inc = incident_of(cfg, result)
+        assert "handover" in steps(inc)
+        assert steps(inc).count("pause-backtest") == 1 and steps(inc)[0] == "pause-backtest"
+        assert steps(inc).count("resume-backtest") == 1
+        assert steps(inc).index("resume-backtest") == steps(inc).index("confirm-healthy") + 1
+        assert priority.yield_request(cfg) is None
+        assert health.probe("trader", cfg).pid != trader
+        resumed = results(cfg)
+        wait_until(lambda: results(cfg) > resumed, 60, "the backtest to resume")

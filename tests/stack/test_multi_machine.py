@@ -30,6 +30,7 @@ from crypto_agent import process
 from crypto_agent.receiver import Receiver
 from crypto_agent.settings import load_settings
 from crypto_agent.simulator import Simulator
+from crypto_agent.store import Store
 from tests.stack_kit import CRYPTO_AGENT, PREFECT, PROJECT_DIR, free_port
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -231,6 +232,14 @@ def test_the_prefect_server_keeps_its_state_in_postgresql(cluster: Cluster) -> N
 def test_two_workers_on_one_pool_run_one_recovery_once(cluster: Cluster) -> None:
     settings = load_settings(home=cluster.home)
     spec = process.service_spec("backtest", settings)
+    # the 2nd crash of a loop: the restart policy backs the restart off (restart_backoff_base_s), so the two
+    # runs overlap however fast the first one would restart a first crash
+    process.start(spec, settings)
+    first = process.owned_process(spec)
+    first.kill()
+    first.wait(10)
+    with Store(settings.database_url) as store:
+        process.clean_state(spec, store=store)  # records the first crash, as a recovery does
     process.start(spec, settings)
     killed = process.owned_process(spec)
     killed.kill()
