@@ -91,6 +91,20 @@ def check_store_sound(settings: Settings) -> None:
     raise StoreCorrupt(f"the store {path} is corrupt ({reason}{more})", hint=CORRUPTION_NEXT)
 
 
+def backfill_universe(
+    stack: ExitStack, settings: Settings, store: Store, client: BinanceClient, err: Console
+) -> tuple[CollectSummary, str]:
+    """The collector's update of the whole universe (a progress bar on a terminal); the summary and one line of it."""
+    summary = collect(
+        store, client, list(settings.symbols), list(settings.timeframes), mode="update",
+        initial_history_days=settings.initial_history_days, progress=progress_bar(stack, err),
+    )
+    per_tf = {tf: sum(n for (_, t), n in summary.written.items() if t == tf) for tf in settings.timeframes}
+    line = (f"{summary.total} candles written for {len(settings.symbols)} symbols "
+            f"({', '.join(f'{tf}: {n}' for tf, n in per_tf.items())})")
+    return summary, line
+
+
 def progress_bar(stack: ExitStack, console: Console) -> Callable[[int, int, str], None] | None:
     """A collect progress callback drawing a bar on a terminal (closed with the stack); None elsewhere."""
     if not console.is_terminal:

@@ -11,9 +11,8 @@ import typer
 from rich.console import Console
 
 from crypto_agent.cli.app import app
-from crypto_agent.cli.data import check_db_writable, check_store_sound, progress_bar
+from crypto_agent.cli.data import backfill_universe, check_db_writable, check_store_sound
 from crypto_agent.cli.quality import print_report
-from crypto_agent.collector import collect
 from crypto_agent.errors import ConfigError
 from crypto_agent.exchange import BinanceClient
 from crypto_agent.quality import check_data
@@ -72,15 +71,8 @@ def run_command() -> None:
         client.ping()
         store = stack.enter_context(Store(settings.database_url))
         out.print(f"store: {settings.db_path}")
-        summary = collect(
-            store, client, list(settings.symbols), list(settings.timeframes), mode="update",
-            initial_history_days=settings.initial_history_days, progress=progress_bar(stack, err),
-        )
-        per_tf = {tf: sum(n for (_, t), n in summary.written.items() if t == tf) for tf in settings.timeframes}
-        out.print(
-            f"backfill: {summary.total} candles written for {len(settings.symbols)} symbols "
-            f"({', '.join(f'{tf}: {n}' for tf, n in per_tf.items())}); {len(summary.failures)} failed"
-        )
+        summary, written = backfill_universe(stack, settings, store, client, err)
+        out.print(f"backfill: {written}; {len(summary.failures)} failed")
         for symbol, message in summary.failures.items():
             err.print(f"failed: {symbol}: {message}", markup=False)
         report = check_data(store, settings)

@@ -181,6 +181,9 @@ def prefect_env(plan: StackPlan) -> dict[str, str]:
         "PREFECT_SERVER_UI_ENABLED": "true" if plan.ui else "false",
         # the serving process polls for runs every second: `prefect deployment run` starts at once
         "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+        # concurrency leases on disk (PREFECT_HOME/concurrency_leases), not in the server's memory: a recovery
+        # interrupted by a server restart never leaves its slots taken forever (Prefect issue 17415)
+        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
         "CRYPTO_AGENT_PROJECT_DIR": str(plan.project_dir),
     }
 

@@ -55,8 +55,7 @@ from deployments.stack.plan import (
 
 def backfill(plan: StackPlan, out: Console, err: Console) -> None:
     """Bring the store up to date for the universe from the exchange, with a progress bar on a terminal."""
-    from crypto_agent.cli.data import check_db_writable, progress_bar
-    from crypto_agent.collector import collect
+    from crypto_agent.cli.data import backfill_universe, check_db_writable
     from crypto_agent.exchange import BinanceClient
     from crypto_agent.store import Store
 
@@ -67,18 +66,61 @@ def backfill(plan: StackPlan, out: Console, err: Console) -> None:
         client = stack.enter_context(BinanceClient.from_settings(settings))
         client.ping()
         store = stack.enter_context(Store(settings.database_url))
-        summary = collect(
-            store, client, list(settings.symbols), list(settings.timeframes), mode="update",
-            initial_history_days=settings.initial_history_days, progress=progress_bar(stack, err),
-        )
-    per_tf = {tf: sum(n for (_, t), n in summary.written.items() if t == tf) for tf in settings.timeframes}
-    out.print(
-        f"store: {settings.db_path}: {summary.total} candles written for {len(settings.symbols)} symbols "
-        f"({', '.join(f'{tf}: {n}' for tf, n in per_tf.items())}) in {time.monotonic() - started:.1f} s; "
-        f"{len(summary.failures)} failed"
-    )
+        summary, written = backfill_universe(stack, settings, store, client, err)
+    out.print(f"store: {settings.db_path}: {written} in {time.monotonic() - started:.1f} s; "
+              f"{len(summary.failures)} failed")
     for symbol, message in summary.failures.items():
         err.print(f"warning: backfill of {symbol} failed: {message}", markup=False)
+
+
+def first_backup(plan: StackPlan, out: Console) -> None:
+    """A store with no good backup gets one now (the nightly one is hours away): a corruption before it restores."""
+    from crypto_agent import backup
+
+    settings = plan.settings
+    try:
+        backup.choose_backup(settings.backup_dir)
+        return
+    except backup.NoGoodBackup:
+        pass
+    try:
+        info = backup.create(settings.db_path, settings.backup_dir)
+    except CryptoAgentError as exc:
+        out.print(f"warning: no backup of the store yet, and the first one failed: {exc}")
+        return
+    out.print(f"backup: first backup of the store {info.path}")
+
+
+RECOVERY_TAG = "recovery"  # prefect.yaml tags every recovery deployment with it; its flow runs inherit it
+
+
+def reconcile_recovery_limits(plan: StackPlan, out: Console) -> None:
+    """Free the slots of the `recovery-*` limits that no live recovery holds (a run cancelled, then the server
+    restarted and its in-memory leases were lost), so the next recovery never waits for a ghost."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        FlowRunFilterTags,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    with get_client(sync_client=True) as client:
+        busy = [lim for lim in client.read_global_concurrency_limits(limit=200)
+                if lim.name.startswith("recovery-") and lim.active_slots > 0]
+        if not busy:
+            return
+        live = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            tags=FlowRunFilterTags(all_=[RECOVERY_TAG]),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(
+                any_=[StateType.RUNNING, StateType.PENDING, StateType.PAUSED, StateType.CANCELLING]))), limit=1)
+        if live:
+            return  # a recovery is under way: its slots are real, and the server revokes them if it dies
+        for lim in busy:
+            client.update_global_concurrency_limit(lim.name, GlobalConcurrencyLimitUpdate(active_slots=0))
+    out.print(f"recovery limits: freed orphaned slots of {', '.join(lim.name for lim in busy)} (no recovery runs)")
 
 
 def register_blocks(plan: StackPlan, out: Console) -> None:
@@ -232,9 +274,11 @@ def bring_up(plan: StackPlan, out: Console, err: Console, interrupts: Interrupts
                 backfill(plan, out, err)
             for name in SERVICES:
                 add(name, functools.partial(ensure_service, name, plan, out))
+            first_backup(plan, out)
             wait_child(server, server_part, out, checkpoint)
             out.print(f"{SERVER}: UI {plan.ui_url}  API {plan.api_url}")
             register_blocks(plan, out)
+            reconcile_recovery_limits(plan, out)
             checkpoint()
             # The serving process creates or updates every deployment of prefect.yaml, with its schedules
             # and triggers, as it starts; `prefect deploy` of the same deployments first would leave them

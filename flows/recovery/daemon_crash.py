@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -18,19 +18,26 @@ from crypto_agent.incidents import RECOVERED, RESOLVED, SKIPPED
 from crypto_agent.settings import Settings
 from flows.common import run_settings
 from flows.maintenance import check_store_integrity
+from flows.recovery.contract import Handover, Overrides, Summary, Trigger, recovery_flow
 from flows.recovery.db_corruption import recover_db_corruption
-from flows.recovery.process_hang import recover_process_hang, resume_backtest, yield_to_trader
+from flows.recovery.process_hang import recover_process_hang
 from flows.recovery.skeleton import (
-    RECOVERY_CRASH_HOOKS,
-    RECOVERY_FAILURE_HOOKS,
     Absorbed,
     Recovery,
-    check_hold,
     limit_name,
     recovery_incident,
     resource_of,
+    skip_if_held,
 )
-from flows.recovery.steps import clean_and_restart, integrity_detail, probe_service, read_log_errors, sound_store
+from flows.recovery.steps import (
+    integrity_detail,
+    probe_service,
+    read_log_errors,
+    restart_and_close,
+    resume_backtest,
+    sound_store,
+    yield_to_trader,
+)
 
 
 def restart_decision(cfg: Settings, spec: process.ServiceSpec, errors: list[str]) -> restart_policy.Decision:
@@ -71,21 +78,9 @@ def hold_restart(seconds: float) -> float:
     return seconds
 
 
-@flow(
-    name="recover-daemon-crash",
-    description="Runbook scenario 1: confirm dead, the log's errors, the restart policy (first crash at once, a loop "
-    "backs off; died of the store: recover-db-corruption), triage (a hang goes to recover-process-hang), quick "
-    "integrity check (corrupt: recover-db-corruption), clean, restart, confirm HEALTHY.",
-    timeout_seconds=3 * 3600,
-    on_failure=RECOVERY_FAILURE_HOOKS,
-    on_crashed=RECOVERY_CRASH_HOOKS,
-)
-def recover_daemon_crash(
-    service: str = "backtest",
-    event: dict[str, Any] | None = None,
-    settings: dict[str, Any] | None = None,
-    handover: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+@recovery_flow("recover-daemon-crash", __doc__, timeout_seconds=3 * 3600)
+def recover_daemon_crash(service: str = "backtest", event: Trigger = None, settings: Overrides = None,
+                         handover: Handover = None) -> Summary:
     """Recover a dead service (or hand a hung one to recover-process-hang); the summary {incident_id, outcome, ...}."""
     cfg = run_settings(settings)
     resource = resource_of(service)
@@ -97,18 +92,9 @@ def recover_daemon_crash(
             return run.result
         run.live_trading_affected = service == "trader"
         impact = "Live trading down" if service == "trader" else "Backtest paused (daemon down), live trading OK"
-        kept = check_hold(service, cfg)
-        if kept.pause is not None:
-            run.act("paused", f"{service} is paused ({kept.pause.get('reason', 'no reason given')}, by "
-                    f"{kept.pause.get('by', 'unknown')} since {kept.pause.get('since', '?')}): not restarting it")
-            return run.finish(RESOLVED, SKIPPED, summary=f"{service} is paused on purpose: not restarted",
-                              impact="none (paused on purpose)", root_cause="Other: service paused by a person or "
-                              "a rollback", data_lost_hours=0)
-        if kept.hold is not None:
-            run.act("held", f"{service} is {kept.hold}: stopped or paused on purpose, not restarting it")
-            return run.finish(RESOLVED, SKIPPED, summary=f"{service} is {kept.hold}: nothing done",
-                              impact="none (held on purpose)", root_cause="Other: service held on purpose",
-                              data_lost_hours=0)
+        skipped = skip_if_held(run, service)
+        if skipped is not None:
+            return skipped
         yield_to_trader(run, cfg, service)
 
         # 1. confirm it is dead; 2. the log's errors say why it died; the restart policy says when to restart
@@ -175,10 +161,5 @@ def recover_daemon_crash(
                 f"no database yet at {cfg.db_path}: the service creates it")
 
         # 4. clean the state files, restart, confirm HEALTHY
-        healthy = clean_and_restart(run, settings, service)
-        if healthy is None:
-            return run.finish(RESOLVED, SKIPPED, summary=f"{service} was paused meanwhile: not restarted",
-                              impact=impact, root_cause=root_cause, data_lost_hours=0)
-        resume_backtest(run, cfg, service, healthy)
-        return run.finish(RESOLVED, RECOVERED, summary=f"{service} restarted and HEALTHY (PID {healthy.pid})",
-                          impact=impact, root_cause=root_cause, data_lost_hours=0, pid=healthy.pid)
+        return restart_and_close(run, settings, service, impact=impact, root_cause=root_cause,
+                                 held=f"{service} was paused meanwhile: not restarted")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from crypto_agent import incidents, recovery, storelock
@@ -17,9 +17,8 @@ from flows.common import run_settings
 from flows.daily import check_data_quality
 from flows.events import STORE_RESOURCE
 from flows.maintenance import check_store_integrity
+from flows.recovery.contract import Handover, Overrides, Summary, Trigger, recovery_flow
 from flows.recovery.skeleton import (
-    RECOVERY_CRASH_HOOKS,
-    RECOVERY_FAILURE_HOOKS,
     Absorbed,
     Recovery,
     recovery_incident,
@@ -74,21 +73,9 @@ def escalate_unrebuilt(run: Recovery, no_backup: str, rebuilt: Rebuilt, impact: 
     return run.finish(ESCALATED, "escalated", summary=why, impact=impact, root_cause=root_cause)
 
 
-@flow(
-    name="recover-db-corruption",
-    description="Runbook scenario 3: stop the services, lock the store, REINDEX a scratch copy or restore the newest "
-    "good backup (the corrupt file quarantined), resync, salvage; no good backup: rebuild from the readable rows and "
-    "re-fetch the candles; validate, trader first then the daemon.",
-    timeout_seconds=2 * 3600,
-    on_failure=RECOVERY_FAILURE_HOOKS,
-    on_crashed=RECOVERY_CRASH_HOOKS,
-)
-def recover_db_corruption(
-    service: str = "backtest",
-    event: dict[str, Any] | None = None,
-    settings: dict[str, Any] | None = None,
-    handover: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+@recovery_flow("recover-db-corruption", __doc__, timeout_seconds=2 * 3600)
+def recover_db_corruption(service: str = "backtest", event: Trigger = None, settings: Overrides = None,
+                          handover: Handover = None) -> Summary:
     """Repair or restore a corrupt store and bring the services back; the summary {incident_id, outcome, ...}."""
     cfg = run_settings(settings)
     guard = [STORE_RESOURCE, resource_of("backtest"), resource_of("trader")]

@@ -7,25 +7,22 @@ import signal
 from typing import Any
 
 import psutil
-from prefect import flow, task
+from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from crypto_agent import health, incidents, priority, process, recovery
-from crypto_agent.incidents import RECOVERED, RESOLVED, SKIPPED
-from crypto_agent.settings import Settings
+from crypto_agent import incidents, process, recovery
+from crypto_agent.incidents import RESOLVED, SKIPPED
 from flows.common import run_settings
 from flows.events import SERVICE_CPU_HIGH, SERVICE_MEMORY_HIGH
+from flows.recovery.contract import Handover, Overrides, Summary, Trigger, recovery_flow
 from flows.recovery.skeleton import (
-    RECOVERY_CRASH_HOOKS,
-    RECOVERY_FAILURE_HOOKS,
     Absorbed,
-    Recovery,
-    check_hold,
     recovery_incident,
     resource_of,
+    skip_if_held,
 )
-from flows.recovery.steps import clean_and_restart, probe_service, stop_reported
+from flows.recovery.steps import probe_service, restart_and_close, resume_backtest, stop_reported, yield_to_trader
 
 STACK_DUMP_TIMEOUT_S = 10.0
 
@@ -52,43 +49,9 @@ def capture_stacks(settings: dict[str, Any] | None, service: str) -> recovery.St
     return recovery.StackDump(path, path.read_text(encoding="utf-8", errors="replace"), continued)
 
 
-def yield_to_trader(run: Recovery, cfg: Settings, service: str) -> None:
-    """Live trading first: while the trader is recovered, the backtest pauses (run/backtest.yield)."""
-    if service != priority.FIRST_SERVICE:
-        return
-    asked = priority.yield_request(cfg)
-    if asked is not None and asked.incident_id == run.id:
-        return  # asked already in this incident (a handover)
-    priority.request_yield(cfg, f"recover-{run.scenario} #{run.id}", "the trader is being recovered",
-                           incident_id=run.id)
-    run.act("pause-backtest",
-            f"live trading first: the backtest pauses until the trader is HEALTHY (incident #{run.id})")
-
-
-def resume_backtest(run: Recovery, cfg: Settings, service: str, report: health.ProbeReport | None) -> None:
-    """The trader confirmed HEALTHY: withdraw the yield request, the backtest resumes (a failed recovery keeps it)."""
-    if service != priority.FIRST_SERVICE or report is None or not report.healthy:
-        return
-    released = priority.release_yield(cfg)
-    if released is not None:
-        run.act("resume-backtest", f"the trader is HEALTHY ({report.summary}): the backtest resumes (request "
-                f"{released.description})")
-
-
-@flow(
-    name="recover-process-hang",
-    description="Runbook scenario 4 (CPU spike / hang): capture the stacks, stop (SIGTERM, then SIGKILL), clean, "
-    "restart without the fault, confirm HEALTHY.",
-    timeout_seconds=1800,
-    on_failure=RECOVERY_FAILURE_HOOKS,
-    on_crashed=RECOVERY_CRASH_HOOKS,
-)
-def recover_process_hang(
-    service: str = "backtest",
-    event: dict[str, Any] | None = None,
-    settings: dict[str, Any] | None = None,
-    handover: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+@recovery_flow("recover-process-hang", __doc__, timeout_seconds=1800)
+def recover_process_hang(service: str = "backtest", event: Trigger = None, settings: Overrides = None,
+                         handover: Handover = None) -> Summary:
     """Recover a hung or CPU-burning service; the summary {incident_id, outcome, ...}."""
     cfg = run_settings(settings)
     resource = resource_of(service)
@@ -99,12 +62,9 @@ def recover_process_hang(
             return run.result
         run.live_trading_affected = service == "trader"
         impact = "Live trading stalled" if service == "trader" else "Backtest stalled, live trading OK"
-        held = check_hold(service, cfg).hold
-        if held is not None and not run.handed_over:
-            run.act("held", f"{service} is {held}: paused or stopped on purpose, not a hang")
-            return run.finish(RESOLVED, SKIPPED, summary=f"{service} is {held}: nothing done",
-                              impact="none (held on purpose)", root_cause="Other: service held on purpose",
-                              data_lost_hours=0)
+        skipped = None if run.handed_over else skip_if_held(run, service, only_covering=True)
+        if skipped is not None:
+            return skipped
         yield_to_trader(run, cfg, service)
 
         # 1. look: the probe (one healthy sample does not refute cpu-high and memory-high, judged over minutes)
@@ -136,10 +96,5 @@ def recover_process_hang(
 
         # 3. stop (SIGTERM, SIGKILL after the grace), 4. clean, restart, confirm HEALTHY
         stop_reported(run, settings, service)
-        healthy = clean_and_restart(run, settings, service)
-        if healthy is None:
-            return run.finish(RESOLVED, SKIPPED, summary=f"{service} stopped; not restarted: it is paused",
-                              impact=impact, root_cause=root_cause, data_lost_hours=0)
-        resume_backtest(run, cfg, service, healthy)
-        return run.finish(RESOLVED, RECOVERED, summary=f"{service} restarted and HEALTHY (PID {healthy.pid})",
-                          impact=impact, root_cause=root_cause, data_lost_hours=0, pid=healthy.pid)
+        return restart_and_close(run, settings, service, impact=impact, root_cause=root_cause,
+                                 held=f"{service} stopped; not restarted: it is paused")

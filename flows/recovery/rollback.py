@@ -4,19 +4,14 @@ resumes it, L3."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from prefect import flow
-
 from crypto_agent import health, holds, incidents
 from crypto_agent.incidents import ESCALATED, RECOVERED, RESOLVED
 from flows.common import run_settings
 from flows.daily import check_data_quality
 from flows.events import STORE_RESOURCE
 from flows.maintenance import check_store_integrity
+from flows.recovery.contract import Handover, Overrides, Summary, Trigger, recovery_flow
 from flows.recovery.skeleton import (
-    RECOVERY_CRASH_HOOKS,
-    RECOVERY_FAILURE_HOOKS,
     Absorbed,
     Recovery,
     recovery_incident,
@@ -41,20 +36,9 @@ def failure_count(run: Recovery) -> str:
     return f"{counted}{crash_incidents} daemon-crash incident(s) in {hours:g} h"
 
 
-@flow(
-    name="rollback-persistent-failures",
-    description="Runbook scenario 5 (3+ crashes in 24 h): stop everything, restore the 48 h backup (the current "
-    "database quarantined), full validation, resume live trading only, backtest paused until a person resumes it, L3.",
-    timeout_seconds=3 * 3600,
-    on_failure=RECOVERY_FAILURE_HOOKS,
-    on_crashed=RECOVERY_CRASH_HOOKS,
-)
-def rollback_persistent_failures(
-    service: str = "backtest",
-    event: dict[str, Any] | None = None,
-    settings: dict[str, Any] | None = None,
-    handover: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+@recovery_flow("rollback-persistent-failures", __doc__, timeout_seconds=3 * 3600)
+def rollback_persistent_failures(service: str = "backtest", event: Trigger = None, settings: Overrides = None,
+                                 handover: Handover = None) -> Summary:
     """Roll the store back to the 48 h backup with live trading resumed and the backtest paused; the summary."""
     cfg = run_settings(settings)
     guard = [STORE_RESOURCE, resource_of("backtest"), resource_of("trader")]

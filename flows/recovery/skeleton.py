@@ -12,8 +12,8 @@ and one "resolved" message when a later run fixes it (crypto_agent.incidents.pol
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -47,6 +47,8 @@ from flows.notify import CRASH_HOOKS, FAILURE_HOOKS, notify_level
 # The owner a store recovery writes into db/LOCKED, followed by its incident id.
 LOCK_OWNERS = {"db-corruption": "recover-db-corruption", "persistent-failures": "rollback-persistent-failures"}
 RECOVERY_WAIT_S = 3600.0  # longest wait for another recovery of the same resource (concurrency limit)
+LIMIT_PATIENCE_S = 60.0  # waiting longer than this for a recovery slot tells L2 what it waits for
+LEASE_S = 60.0  # the slots' lease, renewed while the run lives (the server's minimum): a dead run frees them soon
 LOCK_WAIT_S = 600.0  # longest wait for the store's lock held by a live process (a compaction, a restore)
 MAX_MESSAGE_ACTIONS = 12
 LockCheck = Literal["check", "wait", "none"]
@@ -171,7 +173,7 @@ class Recovery:
         """Hold the concurrency limits of `resources` (not those a parent holds); a failure closes the incident."""
         names = [limit_name(r) for r in resources if limit_name(r) not in self.held]
         try:
-            with _concurrency_limits(names):
+            with _concurrency_limits(names, self.waiting_for):
                 self.held = sorted(set(self.held) | set(names))
                 yield
         except BaseException as exc:
@@ -187,6 +189,16 @@ class Recovery:
             raise
         finally:
             self.log_store.close()  # a long-lived worker runs many recoveries: no pool left behind per run
+
+    def waiting_for(self, names: list[str]) -> None:
+        """Tell L2 (once) that this recovery waits for another one of the same resource: which limits, how long."""
+        what = ", ".join(names)
+        self.act("waiting", f"no free slot of {what} after {LIMIT_PATIENCE_S:g} s: another recovery of the same "
+                 f"resource holds it; waiting up to {RECOVERY_WAIT_S / 60:g} min", ok=False)
+        subject, body = self.message(f"waiting for {what}")
+        self.tell("l2", subject, body + f"\n\nWhy L2: this recovery has waited {LIMIT_PATIENCE_S:g} s for {what} "
+                  "(one recovery per resource at a time); if no recovery of that resource is running, its slot is "
+                  "orphaned: `prefect gcl inspect` it, and reset it with `prefect gcl update NAME --active-slots 0`")
 
     def tell(self, level: str, subject: str, body: str) -> bool:
         """Send one message to an escalation level; an undeliverable one is recorded, never fatal to the recovery."""
@@ -354,15 +366,24 @@ class Recovery:
 
 
 @contextmanager
-def _concurrency_limits(names: list[str]) -> Iterator[None]:
-    """Hold one slot of each global concurrency limit (created with limit 1 when missing)."""
+def _concurrency_limits(names: list[str], on_wait: Callable[[list[str]], None]) -> Iterator[None]:
+    """Hold one slot of each global concurrency limit (created with limit 1 when missing), on a short lease that
+    the server revokes when this run dies (kept on disk, so a server restart does not lose it); `on_wait` is
+    called once when the slots are not free within LIMIT_PATIENCE_S, then the wait goes on up to RECOVERY_WAIT_S."""
     if not names:
         yield
         return
     with get_client(sync_client=True) as client:
         for name in names:
             client.upsert_global_concurrency_limit_by_name(name, 1)
-    with concurrency(names, occupy=1, timeout_seconds=RECOVERY_WAIT_S):
+    with ExitStack() as held:
+        try:
+            held.enter_context(concurrency(names, occupy=1, timeout_seconds=LIMIT_PATIENCE_S,
+                                           lease_duration=LEASE_S, raise_on_lease_renewal_failure=False))
+        except TimeoutError:
+            on_wait(names)
+            held.enter_context(concurrency(names, occupy=1, timeout_seconds=RECOVERY_WAIT_S - LIMIT_PATIENCE_S,
+                                           lease_duration=LEASE_S, raise_on_lease_renewal_failure=False))
         yield
 
 
@@ -376,14 +397,23 @@ class Absorbed:
     result: dict[str, Any]
 
 
-def begin(
-    scenario: str,
-    resource: str,
-    event: dict[str, Any] | None,
-    cfg: Settings,
-    handover: dict[str, Any] | None,
-    fault_at_s: float | None = None,
-) -> Recovery | Absorbed:
+def skip_if_held(run: Recovery, service: str, *, only_covering: bool = False) -> dict[str, Any] | None:
+    """A service held on purpose (a person, a rollback, the window guard) is left as it is: the incident closes
+    skipped and its summary is returned; None when no hold is in force (with only_covering: none that accounts
+    for what process control sees, e.g. a stopped hold while a process runs)."""
+    hold = holds.read_hold(service, run.cfg)
+    if hold is not None and only_covering and not hold.covers(process.inspect(process.service_spec(service, run.cfg))):
+        hold = None
+    if hold is None:
+        return None
+    run.act("held", f"{service} is {hold.description}: kept as it is on purpose, not recovered")
+    return run.finish(RESOLVED, SKIPPED, summary=f"{service} is {hold.kind} on purpose ({hold.description}): "
+                      "nothing done", impact=f"none ({hold.kind} on purpose)",
+                      root_cause="Other: service held on purpose", data_lost_hours=0)
+
+
+def begin(scenario: str, resource: str, event: dict[str, Any] | None, cfg: Settings, handover: dict[str, Any] | None,
+          fault_at_s: float | None = None) -> Recovery | Absorbed:
     """Open the incident (announced to L1), join the one already open (absorbed), or work in a parent's."""
     log_store = incidents.open_incident_store(cfg)
     held = list((handover or {}).get("held") or [])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from prefect import flow, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from crypto_agent import incidents, recovery
@@ -20,7 +20,8 @@ from crypto_agent.universe import TIMEFRAMES, validate_symbol
 from flows.common import retry_if_transient, run_settings
 from flows.daily import check_data_quality
 from flows.events import STORE_RESOURCE
-from flows.recovery.skeleton import RECOVERY_CRASH_HOOKS, RECOVERY_FAILURE_HOOKS, Absorbed, recovery_incident
+from flows.recovery.contract import Handover, Overrides, Summary, Trigger, recovery_flow
+from flows.recovery.skeleton import Absorbed, recovery_incident
 
 
 # No task-level retries: the client already retries timeouts and 5xx with backoff (request_retries), and an
@@ -69,20 +70,9 @@ def backfill_stale_windows(settings: dict[str, Any] | None, windows: list[list[A
         return backfill(store, client, [(s, tf, a, b) for s, tf, a, b in windows])
 
 
-@flow(
-    name="recover-stale-data",
-    description="Runbook scenario 2: exchange reachable? used weight? backfill exactly the stale windows, validate "
-    "again; still failing -> L2 with the failing symbols.",
-    timeout_seconds=3600,
-    on_failure=RECOVERY_FAILURE_HOOKS,
-    on_crashed=RECOVERY_CRASH_HOOKS,
-)
-def recover_stale_data(
-    service: str = "backtest",
-    event: dict[str, Any] | None = None,
-    settings: dict[str, Any] | None = None,
-    handover: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+@recovery_flow("recover-stale-data", __doc__, timeout_seconds=3600)
+def recover_stale_data(service: str = "backtest", event: Trigger = None, settings: Overrides = None,
+                       handover: Handover = None) -> Summary:
     """Backfill the stale or missing candle windows and validate; the summary {incident_id, outcome, ...}."""
     cfg = run_settings(settings)
     with recovery_incident("stale-data", STORE_RESOURCE, event, cfg, handover, guard=[STORE_RESOURCE]) as run:

@@ -19,10 +19,11 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from crypto_agent import backup, health, holds, incidents, process, rebuild, recovery, storelock
+from crypto_agent import backup, health, holds, incidents, priority, process, rebuild, recovery, storelock
 from crypto_agent.collector import Window, backfill
 from crypto_agent.errors import CryptoAgentError
 from crypto_agent.exchange import BinanceClient
+from crypto_agent.incidents import RECOVERED, RESOLVED, SKIPPED
 from crypto_agent.settings import Settings
 from crypto_agent.store import IntegrityResult, Store, open_store
 from flows.common import failure_of, retry_if_transient, run_settings
@@ -172,6 +173,44 @@ def clean_and_restart(run: Recovery, settings: dict[str, Any] | None, service: s
     cleaned = clean_service_state(settings, service)
     run.act("clean-state", f"removed {', '.join(cleaned)}" if cleaned else "no state files left")
     return start_verified(run, settings, service)
+
+
+def restart_and_close(run: Recovery, settings: dict[str, Any] | None, service: str, *, impact: str, root_cause: str,
+                      held: str) -> dict[str, Any]:
+    """The tail of the service recoveries: clean, restart, confirm HEALTHY (the backtest resumes once the trader is
+    back), close the incident; `held` is the summary when the service is kept stopped meanwhile."""
+    healthy = clean_and_restart(run, settings, service)
+    if healthy is None:
+        return run.finish(RESOLVED, SKIPPED, summary=held, impact=impact, root_cause=root_cause, data_lost_hours=0)
+    resume_backtest(run, run.cfg, service, healthy)
+    return run.finish(RESOLVED, RECOVERED, summary=f"{service} restarted and HEALTHY (PID {healthy.pid})",
+                      impact=impact, root_cause=root_cause, data_lost_hours=0, pid=healthy.pid)
+
+
+# --- live trading first: the backtest pauses itself while the trader is recovered ---
+
+
+def yield_to_trader(run: Recovery, cfg: Settings, service: str) -> None:
+    """Live trading first: while the trader is recovered, the backtest pauses (run/backtest.yield)."""
+    if service != priority.FIRST_SERVICE:
+        return
+    asked = priority.yield_request(cfg)
+    if asked is not None and asked.incident_id == run.id:
+        return  # asked already in this incident (a handover)
+    priority.request_yield(cfg, f"recover-{run.scenario} #{run.id}", "the trader is being recovered",
+                           incident_id=run.id)
+    run.act("pause-backtest",
+            f"live trading first: the backtest pauses until the trader is HEALTHY (incident #{run.id})")
+
+
+def resume_backtest(run: Recovery, cfg: Settings, service: str, report: health.ProbeReport | None) -> None:
+    """The trader confirmed HEALTHY: withdraw the yield request, the backtest resumes (a failed recovery keeps it)."""
+    if service != priority.FIRST_SERVICE or report is None or not report.healthy:
+        return
+    released = priority.release_yield(cfg)
+    if released is not None:
+        run.act("resume-backtest", f"the trader is HEALTHY ({report.summary}): the backtest resumes (request "
+                f"{released.description})")
 
 
 # --- the store: restore, resync, salvage ---

@@ -38,6 +38,7 @@ from flows.events import (
     SERVICE_DEAD,
     SERVICE_HEARTBEAT,
     SERVICE_HUNG,
+    SERVICE_MEMORY_HIGH,
     STORE_CORRUPT,
     STORE_STALE,
 )
@@ -167,7 +168,7 @@ class TestApplyAutomations:
                 f"prefect.deployment.{recovery_deployments['recover-process-hang/auto']}"
             )
         names = {a.name for a in owned}
-        assert "recover-process-hang/auto: service hung or cpu-high" in names
+        assert "recover-process-hang/auto: service hung, cpu-high or memory-high" in names
 
 
 def yaml_triggers() -> dict[str, list[dict[str, Any]]]:
@@ -185,6 +186,7 @@ class TestYamlTriggers:
             ("recover_daemon_crash", SERVICE_DEAD),
             ("recover_process_hang", SERVICE_HUNG),
             ("recover_process_hang", "crypto-agent.service.cpu-high"),
+            ("recover_process_hang", SERVICE_MEMORY_HIGH),
             ("recover_stale_data", STORE_STALE),
             ("recover_db_corruption", STORE_CORRUPT),
         }
