@@ -52,8 +52,15 @@ class TableSalvage:
 
     @property
     def complete(self) -> bool:
-        """Whether nothing of the table is known to be lost."""
-        return not self.unreadable
+        """Whether nothing of the table is known to be lost: no unreadable range, no damaged row refused."""
+        return not self.unreadable and not self.rejected
+
+    @property
+    def loss(self) -> str:
+        """What of the table is lost, in words: its unreadable ranges and the damaged rows refused."""
+        lost = [f"{len(self.unreadable)} unreadable range(s)"] if self.unreadable else []
+        lost += [f"{self.rejected} damaged row(s) refused"] if self.rejected else []
+        return ", ".join(lost) or "nothing"
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -84,7 +91,7 @@ class RebuildResult:
 
     @property
     def damaged_tables(self) -> list[str]:
-        """The tables with something unreadable, sorted."""
+        """The tables with something unreadable or refused, sorted."""
         return sorted(n for n, t in self.tables.items() if not t.complete)
 
     @property
@@ -93,8 +100,7 @@ class RebuildResult:
         head = f"rebuilt {self.target.name} from {self.source.name} by {self.method}: {self.recovered} rows"
         if self.complete:
             return head + ", nothing found unreadable"
-        parts = [f"{n} ({self.tables[n].recovered} rows kept, {len(self.tables[n].unreadable)} unreadable "
-                 f"range(s))" for n in self.damaged_tables]
+        parts = [f"{n} ({self.tables[n].recovered} rows kept, {self.tables[n].loss})" for n in self.damaged_tables]
         return head + "; lost in " + ", ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:

@@ -128,11 +128,12 @@ class TestStoreFaults:
 
     def test_delete_candles_takes_every_timeframe_of_the_settings(self, tmp_path: Path) -> None:
         settings = make_settings(tmp_path, timeframes=["1h", "4h"])
+        now = time.time() // 3600 * 3600 + 600  # ten past the hour: 10.5 h back takes exactly 10 hourly candles
         with Store(settings.database_url) as store:
             for tf in ("1h", "4h"):
-                store.upsert_candles("BTCUSDT", tf, synthetic_candles(50, 0.0))
-                store.upsert_candles("ETHUSDT", tf, synthetic_candles(50, 0.0))
-        done = faults.delete_candles(settings, ["BTCUSDT"], hours=10.5)
+                store.upsert_candles("BTCUSDT", tf, synthetic_candles(50, 0.0, now_ms=int(now * 1000)))
+                store.upsert_candles("ETHUSDT", tf, synthetic_candles(50, 0.0, now_ms=int(now * 1000)))
+        done = faults.delete_candles(settings, ["BTCUSDT"], hours=10.5, now=now)
         assert done.count == 20 and "1h/4h" in done.what
         with Store(settings.database_url) as store:
             assert store.count("4h", "BTCUSDT") == 40 and store.count("4h", "ETHUSDT") == 50

@@ -25,7 +25,11 @@ from recovery_kit import (
     stop_services,
     wait_until,
 )
-from service_kit import read_lines, seed_store
+from service_kit import (
+    keeper,  # noqa: F401 (the fixture, one for every test module)
+    read_lines,
+    seed_store,
+)
 from sqlalchemy import func, select
 
 from crypto_agent import health, incidents, priority, process
@@ -38,13 +42,6 @@ from flows.monitoring import health_monitor
 from flows.recovery import recover_daemon_crash
 
 TRADER = "crypto-agent.service.trader"
-
-
-@pytest.fixture
-def keeper() -> Iterator[Keeper]:
-    k = Keeper()
-    yield k
-    k.cleanup()
 
 
 @pytest.fixture

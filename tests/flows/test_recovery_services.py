@@ -35,6 +35,7 @@ from recovery_kit import (
     stop_services,
     wait_until,
 )
+from service_kit import keeper  # noqa: F401 (the fixture, one for every test module)
 
 from crypto_agent import health, incidents, process
 from crypto_agent.daemon import FAULT_ENV
@@ -50,13 +51,6 @@ from flows.recovery import (
 )
 
 DAEMON = "crypto-agent.service.backtest-daemon"
-
-
-@pytest.fixture
-def keeper() -> Iterator[Keeper]:
-    k = Keeper()
-    yield k
-    k.cleanup()
 
 
 @pytest.fixture

@@ -39,6 +39,7 @@ from recovery_kit import (
     stop_services,
     wait_until,
 )
+from service_kit import keeper  # noqa: F401 (the fixture, one for every test module)
 
 from crypto_agent import backup, health, holds, process, storelock
 from crypto_agent.quality import check_data
@@ -56,13 +57,6 @@ from flows.recovery import (
 
 STORE = "crypto-agent.store.main"
 HOUR_MS = 3_600_000
-
-
-@pytest.fixture
-def keeper() -> Iterator[Keeper]:
-    k = Keeper()
-    yield k
-    k.cleanup()
 
 
 @pytest.fixture

@@ -131,6 +131,23 @@ def test_a_second_up_reuses_everything(stack: RunningStack) -> None:
     assert automation_names(stack) == automations_before
 
 
+def test_up_frees_the_recovery_slots_no_recovery_holds(stack: RunningStack) -> None:
+    """A recovery cancelled by a `down`, then a server restart that lost its leases, left a slot taken: the next
+    `up` frees it, so the next recovery of that resource does not wait for a ghost (issue 10)."""
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
+    name = "recovery-crypto-agent.service.backtest-daemon"
+    with api(stack) as client:
+        client.upsert_global_concurrency_limit_by_name(name, 1)
+        client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=1))
+        assert client.read_global_concurrency_limit_by_name(name).active_slots == 1
+    again = run_cli(["up", "--detach"], stack.env, 300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"freed orphaned slots of {name}" in again.stdout, again.stdout
+    with api(stack) as client:
+        assert client.read_global_concurrency_limit_by_name(name).active_slots == 0
+
+
 def test_a_port_held_by_another_process_is_a_clear_error(tmp_path: Path) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
         holder.bind(("127.0.0.1", 0))

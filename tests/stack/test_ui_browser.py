@@ -118,7 +118,8 @@ def test_the_ui_shows_the_last_incident_report(stack: RunningStack, tmp_path: Pa
 
     listing = page_text(f"{stack.ui_url}/artifacts", tmp_path / "profile", [report.key])
     assert report.key in listing
-    latest = page_text(f"{stack.ui_url}/artifacts/key/{report.key}", tmp_path / "profile", [f"incident #{number}"])
+    latest = page_text(f"{stack.ui_url}/artifacts/key/{report.key}", tmp_path / "profile",
+                       [f"incident #{number}", str(report.id)[:8]])
     assert str(report.id)[:8] in latest
     shown = page_text(f"{stack.ui_url}/artifacts/artifact/{report.id}", tmp_path / "profile",
                       [f"Incident Report #{number}"])
