@@ -261,3 +261,11 @@ class TestCommand:
         done = run_cli(["watchdog", "--api-url", receiver.url], settings)
         assert done.returncode == 0, done.stdout + done.stderr
         assert "serve: UP: running, PID" in done.stdout and "alert: not posted (healthy)" in done.stdout
+
+    def test_part_none_checks_only_the_api_and_the_monitor(self, tmp_path: Path, receiver: Receiver) -> None:
+        settings = settings_for(tmp_path, receiver)
+        add_sample(settings, time.time())
+        done = run_cli(["watchdog", "--api-url", receiver.url, "--part", "none"], settings)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "serve" not in done.stdout and "relay" not in done.stdout
+        assert "alert: not posted (healthy)" in done.stdout

@@ -24,7 +24,9 @@ def run_watchdog(
         watchdog.REALERT_S, "--realert", min=0, help="Seconds before the same unfixed problem is posted again."
     ),
     part: list[str] = typer.Option(
-        list(watchdog.PARTS), "--part", help="A stack process to check by its run/<name>.pid (repeatable)."
+        list(watchdog.PARTS), "--part",
+        help="A stack process to check by its run/<name>.pid (repeatable); `--part none` checks none (under systemd, "
+        "which keeps the worker and relay alive itself).",
     ),
     webhook: list[str] = typer.Option(
         [], "--webhook", help="An extra webhook URL to post the L2 alert to (repeatable), besides the receiver's /l2."
@@ -37,7 +39,8 @@ def run_watchdog(
     Exit 0 when all is up, 1 when something is down, 3 when something is down and no webhook took the alert.
     """
     settings = load_settings()
-    run = watchdog.watch(settings, api_url=api_url, timeout_s=timeout_s, parts=part, tick_max_age_s=tick_max_age_s,
+    parts = [] if part == ["none"] else part
+    run = watchdog.watch(settings, api_url=api_url, timeout_s=timeout_s, parts=parts, tick_max_age_s=tick_max_age_s,
                          realert_s=realert_s, webhooks=webhook, alert=alert)
     if as_json:
         print(json.dumps({**run.report.to_dict(), "alert": {"post": run.decision.post, "reason": run.decision.reason},
