@@ -20,7 +20,7 @@ import re
 import socket
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import psutil
 
 from crypto_agent.errors import CryptoAgentError
+from crypto_agent.keywalk import walk_int_key
 from crypto_agent.storelock import (
     RecoveryLocked,
     describe_holder,
@@ -940,15 +941,15 @@ def _salvage_table(src: sqlite3.Connection, dst: sqlite3.Connection, table: str,
     if damaged:
         # Walk the table's own key in order, so a damaged page costs only its rows.
         if has_rowid:
-            sql = (f'SELECT {col_sql}, rowid FROM "{table}" WHERE "{time_column}" >= ? '
-                   "AND rowid >= ? AND rowid < ? ORDER BY rowid")
-            _walk_key(src, sql, (since_ms,), len(cols), -(2**63), 2**63 - 1, keep, "rowid", unreadable)
+            sql = f'SELECT {col_sql}, rowid FROM "{table}" WHERE "{time_column}" >= ?'
+            skipped = walk_int_key(src, sql, (since_ms,), "rowid", len(cols), -(2**63), 2**63 - 1, keep)
+            unreadable += [_skipped("rowid", a, b) for a, b in skipped]
         elif "symbol" in cols:
             t = cols.index(time_column)
-            sql = (f'SELECT {col_sql} FROM "{table}" WHERE symbol = ? AND "{time_column}" >= ? '
-                   f'AND "{time_column}" < ? ORDER BY "{time_column}"')
+            sql = f'SELECT {col_sql} FROM "{table}" WHERE symbol = ?'
             for sym in _readable_symbols(src, dst, table):
-                _walk_key(src, sql, (sym,), t, since_ms, 2**63 - 1, keep, f"{sym} {time_column}", unreadable)
+                skipped = walk_int_key(src, sql, (sym,), f'"{time_column}"', t, since_ms, 2**63 - 1, keep)
+                unreadable += [_skipped(f"{sym} {time_column}", a, b) for a, b in skipped]
         else:
             unreadable.append("damaged, and its key cannot be walked: only the rows read before the damage")
     insert = f'INSERT OR REPLACE INTO "{table}" ({col_sql}) VALUES ({", ".join("?" * len(cols))})'
@@ -969,66 +970,9 @@ def _salvage_table(src: sqlite3.Connection, dst: sqlite3.Connection, table: str,
     return copied, unreadable
 
 
-def _walk_key(src: sqlite3.Connection, sql: str, params: tuple, key_pos: int, lo: int, hi: int,
-              keep: Callable[[tuple], None], what: str, unreadable: list[str]) -> None:
-    """Read rows of key range [lo, hi) in key order, stepping over unreadable pages.
-
-    `sql` takes (*params, start, hi) and orders by the key. When a read fails after key k, an
-    exponential then binary search finds the smallest start past k whose first row reads again:
-    a seek only touches the pages on its path, so that start lies just past the damaged page.
-    """
-    first_sql = sql + " LIMIT 1"
-
-    def first_row(start: int) -> tuple | None:
-        """The first row from start (None at the end); DatabaseError when its page is damaged."""
-        rows = src.execute(first_sql, (*params, start, hi)).fetchall()
-        return rows[0] if rows else None
-
-    def readable_from(start: int) -> bool:
-        try:
-            first_row(start)
-            return True
-        except sqlite3.DatabaseError:
-            return False
-
-    pos = lo
-    while pos < hi:
-        last = None
-        try:
-            for r in src.execute(sql, (*params, pos, hi)):
-                keep(r)
-                last = r[key_pos]
-            return
-        except sqlite3.DatabaseError:
-            pass
-        bad_from = pos if last is None else int(last) + 1
-        # The cursor reads one row ahead: the row just before the damage was read but not handed
-        # out. Take the rows before the damage one by one.
-        try:
-            row = first_row(bad_from)
-        except sqlite3.DatabaseError:
-            row = None
-        else:
-            if row is None:
-                return
-            keep(row)
-            pos = int(row[key_pos]) + 1
-            continue
-        step = 1
-        while bad_from + step < hi and not readable_from(bad_from + step):
-            step *= 2
-        if bad_from + step >= hi:
-            unreadable.append(f"{what} from {bad_from}")
-            return
-        failing, good = (bad_from + step // 2 if step > 1 else bad_from), bad_from + step
-        while good - failing > 1:
-            mid = (failing + good) // 2
-            if readable_from(mid):
-                good = mid
-            else:
-                failing = mid
-        unreadable.append(f"{what} in [{bad_from}, {good})")
-        pos = good
+def _skipped(what: str, start: int, end: int) -> str:
+    """A key range the walk had to give up, in words: `rowid in [a, b)`, or `rowid from a` to the end."""
+    return f"{what} from {start}" if end >= 2**63 - 1 else f"{what} in [{start}, {end})"
 
 
 def _readable_symbols(src: sqlite3.Connection, dst: sqlite3.Connection, table: str) -> list[str]:

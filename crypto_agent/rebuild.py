@@ -18,7 +18,7 @@ import sqlite3
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from typing import Any
 from crypto_agent.collector import Window, plan_windows
 from crypto_agent.errors import CryptoAgentError
 from crypto_agent.exchange import ENDPOINT_WEIGHTS, KLINES_MAX_LIMIT
+from crypto_agent.keywalk import walk_int_key
 from crypto_agent.schema import OHLCV_TABLES, metadata
 from crypto_agent.store import Store
 from crypto_agent.universe import UNIVERSE, timeframe
@@ -293,81 +294,6 @@ def repr_col(name: str) -> str:
 # --- the walk, when the CLI is missing or fails ---
 
 
-def _walk_int_key(conn: sqlite3.Connection, select_sql: str, params: tuple, key: str, key_index: int, lo: int,
-                  hi: int, keep: Callable[[tuple], None]) -> list[tuple[int, int]]:
-    """Read the rows with an integer key in [lo, hi) in key order, stepping over damaged pages; the skipped ranges.
-
-    `select_sql` is a SELECT ... WHERE <condition on params>; the key range and order are added. A
-    seek touches only the pages on its path, so after a failure an exponential then binary search
-    finds the first start past the damaged page whose first row reads again; only that page's key
-    range is given up (and a reverse seek from there takes back the row an index b-tree keeps in
-    the interior page above the damage).
-    """
-    sql = f"{select_sql} AND {key} >= ? AND {key} < ? ORDER BY {key}"
-    first_sql = sql + " LIMIT 1"
-    last_before_sql = f"{select_sql} AND {key} >= ? AND {key} < ? ORDER BY {key} DESC LIMIT 1"
-
-    def first_row(start: int) -> tuple | None:
-        rows = conn.execute(first_sql, (*params, start, hi)).fetchall()
-        return rows[0] if rows else None
-
-    def readable(start: int) -> bool:
-        try:
-            first_row(start)
-            return True
-        except sqlite3.DatabaseError:
-            return False
-
-    def divider(a: int, b: int) -> None:
-        """Keep the last row of [a, b) if a reverse seek reads it without the damaged page."""
-        try:
-            rows = conn.execute(last_before_sql, (*params, a, b)).fetchall()
-        except sqlite3.DatabaseError:
-            return
-        if rows:
-            keep(rows[0])
-
-    skipped: list[tuple[int, int]] = []
-    pos = lo
-    while pos < hi:
-        last: int | None = None
-        try:
-            for row in conn.execute(sql, (*params, pos, hi)):
-                keep(row)
-                last = int(row[key_index])
-            return skipped
-        except sqlite3.DatabaseError:
-            pass
-        bad_from = pos if last is None else last + 1
-        try:  # the cursor reads ahead: the row right after the last one handed out may still read
-            row = first_row(bad_from)
-        except sqlite3.DatabaseError:
-            pass
-        else:
-            if row is None:
-                return skipped
-            keep(row)
-            pos = int(row[key_index]) + 1
-            continue
-        step = 1
-        while bad_from + step < hi and not readable(bad_from + step):
-            step *= 2
-        if bad_from + step >= hi:
-            skipped.append((bad_from, hi))
-            return skipped
-        failing, good = (bad_from + step // 2 if step > 1 else bad_from), bad_from + step
-        while good - failing > 1:
-            mid = (failing + good) // 2
-            if readable(mid):
-                good = mid
-            else:
-                failing = mid
-        skipped.append((bad_from, good))
-        divider(bad_from, good)
-        pos = good
-    return skipped
-
-
 def _symbols_of(conn: sqlite3.Connection, table: str, known: Iterable[str]) -> list[str]:
     """The symbols to walk: the known ones, and those found by seeking symbol after symbol (up to damage)."""
     found = set(known)
@@ -408,13 +334,13 @@ def _walk_table(src: sqlite3.Connection, fresh: sqlite3.Connection, table: str, 
     col_sql = ", ".join(repr_col(c) for c in cols)
     if rowid:
         sql = f'SELECT {col_sql}, rowid FROM "{table}" WHERE 1'
-        for a, b in _walk_int_key(src, sql, (), "rowid", len(cols), INT64_MIN, INT64_MAX, writer.keep):
+        for a, b in walk_int_key(src, sql, (), "rowid", len(cols), INT64_MIN, INT64_MAX, writer.keep):
             salvage.unreadable.append(f"rowid in [{a}, {b})" if b < INT64_MAX else f"rowid from {a}")
     elif "symbol" in cols and "timestamp" in cols:
         t = cols.index("timestamp")
         sql = f'SELECT {col_sql} FROM "{table}" WHERE symbol = ?'
         for symbol in _symbols_of(src, table, symbols):
-            for a, b in _walk_int_key(src, sql, (symbol,), '"timestamp"', t, INT64_MIN, INT64_MAX, writer.keep):
+            for a, b in walk_int_key(src, sql, (symbol,), '"timestamp"', t, INT64_MIN, INT64_MAX, writer.keep):
                 salvage.unreadable.append(f"{symbol} timestamp in [{a}, {b})" if b < INT64_MAX
                                           else f"{symbol} timestamp from {a}")
     else:
