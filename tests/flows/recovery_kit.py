@@ -8,15 +8,16 @@ import signal
 import sqlite3
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for service_kit
 
-from flow_kit import flow_run_events
+from flow_kit import TEST_SYMBOLS, flow_run_events
 from prefect.events.schemas.events import ReceivedEvent
 from service_kit import Keeper, wait_until
 
@@ -218,3 +219,13 @@ def settings_of(overrides: dict[str, Any]) -> Settings:
 
 
 Make = Callable[..., dict[str, Any]]
+
+
+@pytest.fixture(name="env")
+def filled_env(settings_for: Make, simulator: Simulator) -> Iterator[dict[str, Any]]:
+    """Overrides of a tmp home whose store holds 60 days of the simulator's candles; services stopped after."""
+    overrides = settings_for(simulator, **FAST_SERVICES)
+    cfg = settings_of(overrides)
+    fill_store(Path(cfg.db_path), simulator, TEST_SYMBOLS, 60)
+    yield overrides
+    stop_services(cfg)

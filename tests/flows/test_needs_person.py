@@ -5,27 +5,19 @@ incident with one "resolved" message to L1 and to L2. Messages counted at the lo
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
-from flow_kit import TEST_SYMBOLS, wait_for_messages
-from recovery_kit import FAST_SERVICES, Make, all_incidents, fill_store, settings_of, steps, stop_services
+from flow_kit import wait_for_messages
+from recovery_kit import (
+    all_incidents,
+    filled_env,  # noqa: F401 (the `env` fixture: a store of 60 days of candles)
+    settings_of,
+    steps,
+)
 
 from crypto_agent.receiver import Receiver
 from crypto_agent.simulator import Simulator
 from flows.recovery import recover_stale_data
-
-
-@pytest.fixture
-def env(settings_for: Make, simulator: Simulator) -> Iterator[dict[str, Any]]:
-    """Overrides of a tmp home whose store holds 60 days of the simulator's candles; services stopped after."""
-    overrides = settings_for(simulator, **FAST_SERVICES)
-    cfg = settings_of(overrides)
-    fill_store(Path(cfg.db_path), simulator, TEST_SYMBOLS, 60)
-    yield overrides
-    stop_services(cfg)
 
 
 def subjects(inbox: Receiver, level: str) -> list[str]:

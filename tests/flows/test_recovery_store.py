@@ -5,7 +5,6 @@ windows, and the 48 h rollback."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,9 +13,7 @@ import psutil
 import pytest
 from flow_kit import TEST_SYMBOLS, artifacts_of, wait_for_messages
 from recovery_kit import (
-    FAST_SERVICES,
     Keeper,
-    Make,
     action,
     add_result,
     all_incidents,
@@ -27,6 +24,7 @@ from recovery_kit import (
     events_of,
     execute,
     fill_store,
+    filled_env,  # noqa: F401 (the `env` fixture: a store of 60 days of candles)
     incident_of,
     kill_and_wait,
     leaf_page,
@@ -36,7 +34,6 @@ from recovery_kit import (
     settings_of,
     smash_page,
     steps,
-    stop_services,
     wait_until,
 )
 from service_kit import keeper  # noqa: F401 (the fixture, one for every test module)
@@ -57,16 +54,6 @@ from flows.recovery import (
 
 STORE = "crypto-agent.store.main"
 HOUR_MS = 3_600_000
-
-
-@pytest.fixture
-def env(settings_for: Make, simulator: Simulator) -> Iterator[dict[str, Any]]:
-    """Overrides of a tmp home whose store holds 60 days of the simulator's candles; services stopped after."""
-    overrides = settings_for(simulator, **FAST_SERVICES)
-    cfg = settings_of(overrides)
-    fill_store(Path(cfg.db_path), simulator, TEST_SYMBOLS, 60)
-    yield overrides
-    stop_services(cfg)
 
 
 def now_ms() -> int:
