@@ -47,6 +47,20 @@ MONITOR_TICK = "crypto-agent.monitor.tick"
 # Added by issue 5: the heartbeat relay ticks on its own resource, so each has its own dead man's switch.
 RELAY_RESOURCE = "crypto-agent.monitor.heartbeat-relay"
 
+# --- issue 10: detections that reach someone ---
+# the backtest daemon wrote no result for backtest_results_max_age_s (the runbook's "results stale > 2 h")
+SERVICE_RESULTS_STALE = "crypto-agent.service.results-stale"
+# a service's log shows more than log_errors_per_min_max errors a minute (payload: the lines)
+SERVICE_LOG_ERRORS = "crypto-agent.service.log-errors"
+# the serving process ticks on its own resource, for its dead man's switch (deployments/serve.py)
+SERVE_RESOURCE = "crypto-agent.monitor.serve"
+# the stack's keeper (deployments/keeper.py): a part of the stack (server, serve, relay ...) died / was restarted
+STACK_RESOURCE_PREFIX = "crypto-agent.stack."
+STACK_PART_DEAD = "crypto-agent.stack.part-dead"
+STACK_PART_RESTARTED = "crypto-agent.stack.part-restarted"
+# a recovery still running past its budget (the scenario's ETA table)
+RECOVERY_OVER_BUDGET = "crypto-agent.incident.over-budget"
+
 # --- incidents ---
 INCIDENT_RESOURCE_PREFIX = "crypto-agent.incident."
 INCIDENT_OPENED = "crypto-agent.incident.opened"
