@@ -38,6 +38,7 @@ from crypto_agent.service import (
     STATE_RUNNING,
     ServiceRuntime,
     run_as_program,
+    store_fault_of,
 )
 from crypto_agent.settings import Settings, get_settings
 from crypto_agent.store import Store
@@ -220,7 +221,15 @@ def _serve(rt: ServiceRuntime, store: Store, settings: Settings, faults: _FaultI
     while not rt.stopping:
         if not _hold(rt, store, settings):
             break
-        units = plan_units(store, settings)
+        try:
+            units = plan_units(store, settings)
+        except Exception as exc:  # the store's own fault is reported, not crashed on; anything else still crashes
+            error = store_fault_of(exc)
+            if error is None:
+                raise
+            if not rt.pause_on_store_corrupt(error):
+                break
+            continue
         idle_s = min(settings.daemon_cycle_pause_s, settings.heartbeat_interval_s)
         if not units:
             if not warned_empty:
@@ -236,7 +245,10 @@ def _serve(rt: ServiceRuntime, store: Store, settings: Settings, faults: _FaultI
             continue
         warned_empty = False
         cycle += 1
-        _run_cycle(rt, store, settings, faults, units, cycle)
+        error = _run_cycle(rt, store, settings, faults, units, cycle)
+        if error is not None:
+            rt.pause_on_store_corrupt(error)
+            continue
         if not rt.stopping:
             rt.beat(f"{STATE_RUNNING}: cycle {cycle} done, next in {settings.daemon_cycle_pause_s:.0f} s")
             rt.wait(settings.daemon_cycle_pause_s)
@@ -244,10 +256,12 @@ def _serve(rt: ServiceRuntime, store: Store, settings: Settings, faults: _FaultI
 
 def _run_cycle(
     rt: ServiceRuntime, store: Store, settings: Settings, faults: _FaultInjector, units: list[Unit], cycle: int
-) -> None:
+) -> str | None:
+    """Run one cycle's units; the store fault that ended it early (SQLite's malformed / not a database), or None."""
     started = time.monotonic()
     run_id = f"daemon-{datetime.now(UTC):%Y%m%dT%H%M%SZ}-c{cycle}"
     done = skipped = failed = 0
+    corrupt: str | None = None
     log.info("cycle %d (%s): %d units", cycle, run_id, len(units))
     i = 0
     while i < len(units) and not rt.stopping:
@@ -263,12 +277,17 @@ def _run_cycle(
             )
         except StoreLocked:
             continue  # the lock appeared mid-unit: nothing was written; redo this unit after the pause
-        except CryptoAgentError as exc:
+        except Exception as exc:  # one bad unit must not end a 24/7 loop; the error rate shows in the probe
             failed += 1
-            log.error("unit %s %s %s failed: %s", unit.symbol, unit.timeframe, unit.strategy, exc.message)
-        except Exception:  # one bad unit must not end a 24/7 loop; the error rate shows in the probe
-            failed += 1
-            log.exception("unit %s %s %s failed", unit.symbol, unit.timeframe, unit.strategy)
+            corrupt = store_fault_of(exc)
+            if corrupt is not None:  # no other unit can do better: the cycle ends, the heartbeat reports it
+                log.error("unit %s %s %s failed: the store is corrupt: %s", unit.symbol, unit.timeframe,
+                          unit.strategy, corrupt)
+                break
+            if isinstance(exc, CryptoAgentError):
+                log.error("unit %s %s %s failed: %s", unit.symbol, unit.timeframe, unit.strategy, exc.message)
+            else:
+                log.exception("unit %s %s %s failed", unit.symbol, unit.timeframe, unit.strategy)
         else:
             if result is None:
                 skipped += 1
@@ -282,6 +301,7 @@ def _run_cycle(
         cycle, "interrupted" if i < len(units) else "done", done, skipped, failed,
         time.monotonic() - started, peak_rss_mb(),
     )
+    return corrupt
 
 
 def main() -> None:

@@ -22,10 +22,10 @@ from sqlalchemy import select
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from crypto_agent.health import HealthStatus, ProbeReport
-from crypto_agent.holds import Hold, read_hold
+from crypto_agent.holds import Hold, covering_hold, read_hold
 from crypto_agent.process import inspect, service_spec
 from crypto_agent.schema import reported_service_events, service_events
-from crypto_agent.service import SERVICE_NAMES, read_heartbeat
+from crypto_agent.service import SERVICE_NAMES, read_heartbeat, store_corrupt_error
 from crypto_agent.settings import Settings
 from crypto_agent.store import Store, store_locked
 
@@ -216,3 +216,97 @@ class HeartbeatWatch:
         if not hold.covers(check):
             return None
         return HeartbeatSignal(service, int(now), f"held: {hold.description}", check.pid, vouched=True)
+
+
+# --- deaths and store faults a service's own files show, for the relay (issue 10: detection in about a second) ---
+
+
+@dataclass(frozen=True)
+class ServiceFinding:
+    """A service found dead (process gone, pidfile left: no clean stop, no hold), or reporting a corrupt store."""
+
+    service: str
+    kind: str  # "dead" or "store-corrupt"
+    instance: str
+    pid: int | None
+    reason: str
+    heartbeat_state: str | None = None
+    heartbeat_age_s: float | None = None
+
+    def payload(self) -> dict[str, Any]:
+        """The event payload: for "dead" shaped like the health monitor's service.dead (Assessment.payload),
+        for "store-corrupt" {check: "service", service, error, problems}."""
+        if self.kind == FINDING_STORE_CORRUPT:
+            return {"check": "service", "service": self.service, "error": self.reason, "problems": [self.reason],
+                    "pid": self.pid, "instance": self.instance}
+        return {
+            "service": self.service, "pid": self.pid, "status": HealthStatus.DEAD.value,
+            "summary": f"DEAD: {self.reason}",
+            "conditions": [Condition.DEAD.value], "reasons": [self.reason], "alive": False, "process_status": None,
+            "heartbeat_age_s": self.heartbeat_age_s, "heartbeat_state": self.heartbeat_state, "cpu_pct": None,
+            "rss_mb": None, "log_errors_per_min": None, "hold": None, "instance": self.instance,
+            "detected_by": "heartbeat-relay",
+        }
+
+
+FINDING_DEAD = "dead"
+FINDING_STORE_CORRUPT = "store-corrupt"
+
+
+@dataclass
+class ServiceWatch:
+    """Looks at each service's process and heartbeat: `look()` says which instances died or report a corrupt store.
+
+    Dead: the pidfile of an instance this watch saw alive still names it but it is gone (a clean stop, ours or
+    a recovery's, removes the pidfile), no hold covers that, and it was so at two looks `confirm_s` apart (process
+    control removes the files of a process it killed within milliseconds). Each instance is reported once.
+    """
+
+    settings: Settings
+    services: tuple[str, ...] = SERVICE_NAMES
+    confirm_s: float = 0.3
+    _alive: dict[str, str] = field(default_factory=dict)  # service -> instance last seen alive
+    _suspect: dict[tuple[str, str], float] = field(default_factory=dict)
+    _reported: set[tuple[str, str, str]] = field(default_factory=set)
+
+    @property
+    def pending(self) -> bool:
+        """Whether a death waits for its confirming look (look again after confirm_s)."""
+        return bool(self._suspect)
+
+    def look(self, now: float | None = None) -> list[ServiceFinding]:
+        """The new findings of this look, each (service, kind, instance) once."""
+        now = time.time() if now is None else now
+        found: list[ServiceFinding] = []
+        for service in self.services:
+            spec = service_spec(service, self.settings)
+            check = inspect(spec)
+            try:
+                beat = read_heartbeat(spec.heartbeat)
+            except (ValueError, OSError):
+                beat = None
+            if check.alive and check.record is not None:
+                instance = check.record.instance
+                self._alive[service] = instance
+                self._suspect.pop((service, instance), None)
+                error = None if beat is None or beat.pid != check.pid else store_corrupt_error(beat.state)
+                if error is not None and (service, FINDING_STORE_CORRUPT, instance) not in self._reported:
+                    self._reported.add((service, FINDING_STORE_CORRUPT, instance))
+                    found.append(ServiceFinding(service, FINDING_STORE_CORRUPT, instance, check.pid, error,
+                                                beat.state if beat else None))
+                continue
+            dead = check.crashed_instance
+            if dead is None or dead != self._alive.get(service) or (service, FINDING_DEAD, dead) in self._reported:
+                continue
+            if covering_hold(service, self.settings, check, now) is not None:
+                continue
+            first = self._suspect.setdefault((service, dead), now)
+            if now - first < self.confirm_s:
+                continue
+            del self._suspect[(service, dead)]
+            self._reported.add((service, FINDING_DEAD, dead))
+            found.append(ServiceFinding(
+                service, FINDING_DEAD, dead, check.pid, f"process {check.pid} is gone ({check.reason})",
+                None if beat is None else beat.state, None if beat is None else round(beat.age_s(now), 1),
+            ))
+        return found

@@ -61,6 +61,10 @@ STATE_RUNNING = "running"
 STATE_PAUSED_LOCKED = "paused: db/LOCKED"
 STATE_PAUSED_LIVE_TRADING = "paused: live trading first"  # the backtest yields to the trader (crypto_agent.priority)
 STATE_STOPPED = "stopped"
+# A service that met SQLite's "malformed" / "not a database" says so in its heartbeat, "store corrupt: <error>",
+# and keeps beating without touching the store; the heartbeat relay turns it into crypto-agent.store.corrupt.
+STATE_STORE_CORRUPT = "store corrupt"
+STORE_CORRUPT_ERROR_CHARS = 300  # the heartbeat is three lines: the error is kept on one, this long at most
 
 # Exit code of a service whose main loop died of an unexpected exception (BSD's EX_SOFTWARE).
 EXIT_CRASHED = 70
@@ -194,6 +198,29 @@ def read_heartbeat(path: Path) -> Heartbeat | None:
     state = lines[1].strip() if len(lines) > 1 else ""
     pid = int(lines[2]) if len(lines) > 2 and lines[2].strip().isdigit() else None
     return Heartbeat(int(lines[0]), state, pid)
+
+
+def store_corrupt_state(error: str) -> str:
+    """The heartbeat state of a service that met a corrupt store: 'store corrupt: <error on one line>'."""
+    line = " ".join(str(error).split())[:STORE_CORRUPT_ERROR_CHARS]
+    return f"{STATE_STORE_CORRUPT}: {line or 'unknown error'}"
+
+
+def store_corrupt_error(state: str) -> str | None:
+    """The error a 'store corrupt: <error>' heartbeat state reports, None for any other state."""
+    prefix = STATE_STORE_CORRUPT + ":"
+    return state[len(prefix):].strip() if state.startswith(prefix) else None
+
+
+def store_fault_of(exc: BaseException) -> str | None:
+    """The error text when `exc` is SQLite saying the store is corrupt ("malformed", "not a database"), else None."""
+    # restart_policy's pattern is the one definition of a store fault; imported here, as it imports this module
+    from crypto_agent.restart_policy import store_fault
+
+    for text in (str(getattr(exc, "orig", "") or ""), str(exc)):  # SQLite's own words first
+        if text and store_fault([text]) is not None:
+            return text
+    return None
 
 
 # --- pidfile and its ownership record ---
@@ -511,6 +538,20 @@ class ServiceRuntime:
         self.log.info("the yield request was withdrawn: work resumed")
         self.beat(resume_state)
         return not self.stopping
+
+    def pause_on_store_corrupt(self, error: str) -> bool:
+        """Say 'store corrupt: <error>' in the heartbeat and keep off the store for store_corrupt_retry_s,
+        heart-beating; then the caller tries the store again. False when a stop was requested meanwhile.
+
+        The state is what reports the fault (the heartbeat relay emits crypto-agent.store.corrupt once per
+        instance); the service neither crashes nor hammers the damaged file while the recovery repairs it.
+        """
+        state = store_corrupt_state(error)
+        if self.state != state:
+            self.log.error("the store is corrupt (%s): store work paused, retried every %g s until a recovery "
+                           "repairs it", error, self.settings.store_corrupt_retry_s)
+        self.beat(state)
+        return self.wait(self.settings.store_corrupt_retry_s)
 
     @staticmethod
     def _lock_path(store: Store) -> str:

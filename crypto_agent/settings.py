@@ -114,6 +114,20 @@ class Settings(BaseSettings):
         26.0, gt=0,
         description="A newest good backup older than this tells L2 and takes a backup (daily at 02:30 + slack).",
     )
+    # --- every detection reaches someone (issue 10, crypto_agent/alerts.py) ---
+    backtest_results_max_age_s: float = Field(
+        7200.0, gt=0,
+        description="Runbook 'backtest results stale > 2 h': a daemon running longer than this with no newer "
+        "backtest_results row (and not paused on purpose) is triaged by recover-process-hang.",
+    )
+    job_late_after_s: float = Field(
+        300.0, ge=0,
+        description="Runbook 'alert if > 5 min late': a scheduled runbook job not started this long after its "
+        "slot tells L1 (job-watch); the same job failing or late twice in a row tells L2.",
+    )
+    log_error_lines_max: int = Field(
+        10, ge=1, le=200, description="Error lines of a service's log quoted to L1 when it logs over the limit."
+    )
 
     # --- backups, sentiment and macro (issue 4) ---
     backup_keep_daily: int = Field(
@@ -188,6 +202,21 @@ class Settings(BaseSettings):
     )
     dead_mans_switch_intervals: int = Field(
         3, ge=2, le=100, description="Missed intervals of the monitor or the relay before L2 is paged."
+    )
+    monitor_switch_grace_s: float = Field(
+        120.0, ge=10, le=3600,
+        description="The health monitor's dead man's switch pages L2 after its cron interval plus this grace "
+        "without a tick (issue 10: within 2 minutes of the round that did not come).",
+    )
+    serve_tick_s: float = Field(
+        30.0, ge=1, le=600,
+        description="How often the serving process emits its own tick; its dead man's switch pages L2 after "
+        "dead_mans_switch_intervals ticks of silence.",
+    )
+    store_corrupt_retry_s: float = Field(
+        30.0, ge=1, le=3600,
+        description="How long a service that met a corrupt store waits (heart-beating 'store corrupt') "
+        "before it tries the store again.",
     )
     window_throttle_niceness: int = Field(
         19, ge=0, le=19, description="Niceness the backtest-window guard gives the backtest daemon on a breach."

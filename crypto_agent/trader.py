@@ -22,7 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from crypto_agent import backtest
 from crypto_agent.errors import ConfigError, StoreError
 from crypto_agent.schema import paper_positions, paper_signals
-from crypto_agent.service import STATE_RUNNING, ServiceRuntime, run_as_program
+from crypto_agent.service import STATE_RUNNING, ServiceRuntime, run_as_program, store_fault_of
 from crypto_agent.settings import Settings, get_settings
 from crypto_agent.store import Store, store_locked
 from crypto_agent.universe import TIMEFRAMES
@@ -188,7 +188,14 @@ def run_trader(settings: Settings | None = None) -> int:
             rt.beat(f"{STATE_RUNNING}: cycle {cycle_no}")
             try:
                 cycle = run_cycle(store, settings, between=rt.beat)
-            except StoreError as exc:
+            except (StoreError, SQLAlchemyError) as exc:
+                error = store_fault_of(exc)
+                if error is not None:  # reported through the heartbeat; the store is left alone until retried
+                    if not rt.pause_on_store_corrupt(error):
+                        break
+                    continue
+                if isinstance(exc, SQLAlchemyError):
+                    raise
                 log.error("cycle %d: %s", cycle_no, exc.message)
             else:
                 if not cycle.evaluations and not cycle.locked:

@@ -12,8 +12,9 @@ Where each automation of DESIGN.md's table lives (one place each):
 | heartbeat missing (proactive, `heartbeat_missing_s`) | `crypto-agent/heartbeat-missing` | recover-daemon-crash |
 | heartbeat over the limit (proactive, `heartbeat_max_age_s`) | `crypto-agent/heartbeat-stale` | recover-daemon-crash |
 | 3 daemon crashes within 24 h (threshold) | `crypto-agent/persistent-failures` | rollback-persistent-failures |
-| dead man's switch of health-monitor (3 cron intervals) | `crypto-agent/dead-mans-switch/health-monitor` | L2 |
-| dead man's switch of the relay (3 x `relay_tick_s`) | `crypto-agent/dead-mans-switch/heartbeat-relay` | L2 |
+| health-monitor's switch (interval + `monitor_switch_grace_s`) | `crypto-agent/dead-mans-switch/health-monitor` | L2 |
+| dead man's switch of the relay (3 x `relay_tick_s`, 30 s) | `crypto-agent/dead-mans-switch/heartbeat-relay` | L2 |
+| serving process's switch (3 x `serve_tick_s`) | `crypto-agent/dead-mans-switch/serving-process` | L2 |
 
 The names in `code` are declared here; the others come with the serving process (or `crypto-agent deploy`).
 
@@ -59,6 +60,7 @@ from flows.events import (
     MONITOR_TICK,
     PERSISTENT_FAILURES_AUTOMATION,
     RELAY_RESOURCE,
+    SERVE_RESOURCE,
     SERVICE_CRASHED,
     SERVICE_HEARTBEAT,
     SERVICE_RESOURCE_PREFIX,
@@ -283,7 +285,8 @@ def escalation_block_id(level: str, escalation: str = DEFAULT_ESCALATION) -> UUI
     return UUID(str(block_id))
 
 
-DEAD_MANS_SWITCHES = (f"{PREFIX}dead-mans-switch/{MONITOR_FLOW}", f"{PREFIX}dead-mans-switch/heartbeat-relay")
+DEAD_MANS_SWITCHES = (f"{PREFIX}dead-mans-switch/{MONITOR_FLOW}", f"{PREFIX}dead-mans-switch/heartbeat-relay",
+                      f"{PREFIX}dead-mans-switch/serving-process")
 
 
 def desired_automations(
@@ -308,9 +311,13 @@ def desired_automations(
         return wanted, dict.fromkeys(DEAD_MANS_SWITCHES, why)
     n = settings.dead_mans_switch_intervals
     relay_within = timedelta(seconds=max(MIN_PROACTIVE_WITHIN_S, n * settings.relay_tick_s))
+    serve_within = timedelta(seconds=max(MIN_PROACTIVE_WITHIN_S, n * settings.serve_tick_s))
+    # issue 10: the monitor's switch fires a grace after the round that did not come, not n intervals later
+    monitor_within = monitor_interval(project_dir) + timedelta(seconds=settings.monitor_switch_grace_s)
     wanted += [
-        dead_mans_switch(MONITOR_FLOW, MONITOR_RESOURCE, n * monitor_interval(project_dir), l2),
+        dead_mans_switch(MONITOR_FLOW, MONITOR_RESOURCE, monitor_within, l2),
         dead_mans_switch("heartbeat-relay", RELAY_RESOURCE, relay_within, l2),
+        dead_mans_switch("serving-process", SERVE_RESOURCE, serve_within, l2),
     ]
     return wanted, {}
 

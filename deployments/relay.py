@@ -4,7 +4,10 @@ is noticed within seconds (a proactive automation fires when the heartbeats stop
 crypto_agent stays free of Prefect: the services only write their heartbeat files; this small
 long-running process, run by the stack next to the serving process, reads them every second
 (`relay_poll_s`) and emits `crypto-agent.service.heartbeat` on the service's resource each time one
-advances (payload: service, epoch, state, pid, vouched). A
+advances (payload: service, epoch, state, pid, vouched). Each poll also looks at the services' processes: an
+instance it saw alive that is gone without a clean stop or a hold is `crypto-agent.service.dead` (once per
+instance, payload shaped like the health monitor's), and a heartbeat saying "store corrupt: <error>" is
+`crypto-agent.store.corrupt` on the store (once per instance). A
 service deliberately paused or stopped (a hold, crypto_agent.holds) is vouched for instead. Every
 `relay_tick_s` it emits `crypto-agent.monitor.tick` on its own resource for its dead man's switch.
 
@@ -27,13 +30,16 @@ from types import FrameType
 from prefect.events import emit_event
 
 from crypto_agent.errors import ConfigError, CryptoAgentError
-from crypto_agent.monitor import HeartbeatWatch
+from crypto_agent.monitor import FINDING_DEAD, HeartbeatWatch, ServiceWatch
 from crypto_agent.service import SERVICE_NAMES
 from crypto_agent.settings import Settings, load_settings
 from flows.events import (
     MONITOR_TICK,
     RELAY_RESOURCE,
+    SERVICE_DEAD,
     SERVICE_HEARTBEAT,
+    STORE_CORRUPT,
+    STORE_RESOURCE,
     emit,
     resource_of_service,
 )
@@ -51,6 +57,8 @@ class RelayCounts:
     heartbeats: int = 0
     vouched: int = 0
     ticks: int = 0
+    dead: int = 0
+    corrupt: int = 0
 
 
 def run_relay(
@@ -65,6 +73,7 @@ def run_relay(
     watch = HeartbeatWatch(
         settings, services, vouch_every_s=min(MAX_VOUCH_EVERY_S, settings.heartbeat_missing_s / 3)
     )
+    deaths = ServiceWatch(settings, services)
     counts = RelayCounts()
     started = time.monotonic()
     next_tick = 0.0
@@ -78,6 +87,15 @@ def run_relay(
                        resource={"prefect.resource.id": resource, "prefect.resource.name": resource.rsplit(".", 1)[-1]})
             counts.heartbeats += 1
             counts.vouched += beat.vouched
+        for finding in deaths.look(now):
+            # detected_at is stamped now: the service's exit seen within a poll (issue 10)
+            if finding.kind == FINDING_DEAD:
+                emit(SERVICE_DEAD, resource_of_service(finding.service), finding.payload())
+                counts.dead += 1
+            else:
+                emit(STORE_CORRUPT, STORE_RESOURCE, finding.payload())
+                counts.corrupt += 1
+            log.warning("%s %s: %s", finding.service, finding.kind, finding.reason)
         if time.monotonic() >= next_tick:
             emit(MONITOR_TICK, RELAY_RESOURCE, {
                 "monitor": "heartbeat-relay", "pid": os.getpid(), "interval_s": settings.relay_tick_s,
@@ -87,7 +105,7 @@ def run_relay(
             next_tick = time.monotonic() + settings.relay_tick_s
         if max_seconds is not None and time.monotonic() - started >= max_seconds:
             break
-        stop.wait(settings.relay_poll_s)
+        stop.wait(min(settings.relay_poll_s, deaths.confirm_s) if deaths.pending else settings.relay_poll_s)
     return counts
 
 

@@ -18,6 +18,7 @@ import argparse
 import importlib
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,11 +130,30 @@ def to_runner_deployment(entry: DeploymentEntry) -> RunnerDeployment:
     return deployment
 
 
+def tick_forever(interval_s: float, stop: threading.Event) -> None:
+    """Emit crypto-agent.monitor.tick on the serving process's resource every `interval_s` until `stop`."""
+    from flows.events import MONITOR_TICK, SERVE_RESOURCE, emit
+
+    while not stop.is_set():
+        emit(MONITOR_TICK, SERVE_RESOURCE, {"monitor": "serving-process", "pid": os.getpid(), "interval_s": interval_s})
+        stop.wait(interval_s)
+
+
+def start_ticking(interval_s: float) -> threading.Event:
+    """The serving process's dead man's switch beat, a daemon thread; set the event returned to end it."""
+    stop = threading.Event()
+    threading.Thread(target=tick_forever, args=(interval_s, stop), name="serve-tick", daemon=True).start()
+    return stop
+
+
 def serve_all(project_dir: Path = PROJECT_DIR, only: list[str] | None = None, limit: int | None = None) -> None:
-    """Serve the deployments of prefect.yaml from this process until SIGTERM."""
+    """Serve the deployments of prefect.yaml from this process until SIGTERM, ticking every serve_tick_s."""
     from prefect import serve
 
+    from crypto_agent.settings import load_settings
+
     deployments = [to_runner_deployment(e) for e in read_entries(project_dir, only)]
+    start_ticking(load_settings().serve_tick_s)
     serve(*deployments, limit=limit, print_starting_message=True)
 
 

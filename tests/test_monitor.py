@@ -18,8 +18,16 @@ from crypto_agent.holds import (
     place_hold,
     read_hold,
 )
-from crypto_agent.monitor import Condition, HeartbeatWatch, assess, claim_crashes
-from crypto_agent.service import instance_id, record_event, write_heartbeat
+from crypto_agent.monitor import (
+    FINDING_DEAD,
+    FINDING_STORE_CORRUPT,
+    Condition,
+    HeartbeatWatch,
+    ServiceWatch,
+    assess,
+    claim_crashes,
+)
+from crypto_agent.service import instance_id, record_event, store_corrupt_state, write_heartbeat
 from crypto_agent.store import Store
 
 try:
@@ -147,3 +155,51 @@ class TestHeartbeatWatch:
         watch.poll()  # the last heartbeat it wrote
         place_hold("backtest", settings, kind=HOLD_STOPPED, by="x", reason="x")
         assert [b for b in watch.poll(now=time.time() + 1) if b.vouched] == []
+
+
+class TestServiceWatch:
+    """Issue 10: a service's exit, or its report of a corrupt store, seen at the next look, once per instance."""
+
+    def test_a_killed_service_is_dead_once_after_the_confirming_look(self, tmp_path, keeper) -> None:
+        settings = make_settings(tmp_path)
+        spec = process.service_spec("backtest", settings)
+        proc = psutil.Process(keeper.start(spec, settings).pid)
+        watch = ServiceWatch(settings, ("backtest",), confirm_s=0.0)
+        assert watch.look() == []  # alive: seen, nothing to say
+        proc.kill()
+        wait_until(lambda: not process.inspect(spec).alive, timeout=10, what="the daemon gone")
+        found = watch.look() + watch.look()
+        assert [(f.service, f.kind, f.pid) for f in found] == [("backtest", FINDING_DEAD, proc.pid)]
+        assert found[0].payload()["service"] == "backtest" and found[0].payload()["status"] == "DEAD"
+        assert watch.look() == []  # the same instance is reported once
+
+    def test_a_clean_stop_or_a_covering_hold_is_not_a_death(self, tmp_path, keeper) -> None:
+        settings = make_settings(tmp_path)
+        spec = process.service_spec("backtest", settings)
+        keeper.start(spec, settings)
+        watch = ServiceWatch(settings, ("backtest",), confirm_s=0.0)
+        watch.look()
+        process.stop(spec)
+        assert watch.look() + watch.look() == []  # the pidfile went with the clean stop
+        proc = psutil.Process(keeper.start(spec, settings).pid)
+        watch.look()
+        place_hold("backtest", settings, kind=HOLD_STOPPED, by="test", reason="kept down")
+        proc.kill()
+        wait_until(lambda: not process.inspect(spec).alive, timeout=10, what="the daemon gone")
+        assert watch.look() + watch.look() == []
+
+    def test_a_store_corrupt_heartbeat_is_reported_once_per_instance(self, tmp_path, keeper) -> None:
+        settings = make_settings(tmp_path)
+        spec = process.service_spec("backtest", settings)
+        pid = keeper.start(spec, settings).pid
+        os.kill(pid, signal.SIGSTOP)  # so the heartbeat below stays as written
+        wait_until(lambda: psutil.Process(pid).status() == psutil.STATUS_STOPPED, timeout=10, what="SIGSTOP")
+        watch = ServiceWatch(settings, ("backtest",))
+        assert watch.look() == []
+        write_heartbeat(spec.heartbeat, store_corrupt_state("database disk image is malformed"), pid=pid)
+        found = watch.look()
+        assert [f.kind for f in found] == [FINDING_STORE_CORRUPT]
+        assert found[0].payload()["check"] == "service"
+        assert found[0].payload()["error"] == "database disk image is malformed"
+        assert watch.look() == []
+        os.kill(pid, signal.SIGCONT)

@@ -352,3 +352,27 @@ class TestTraderLocked:
             assert conn.execute(select(func.count()).select_from(paper_signals)).scalar() == 0
         (settings.db_path.parent / "LOCKED").unlink()
         wait_until(lambda: heartbeat_state(spec).startswith("running: cycle"), what="the trader to resume")
+
+
+class TestStoreCorruptState:
+    """Issue 10: a service that meets a corrupt store says so in one heartbeat line, which the relay reads back."""
+
+    def test_the_state_round_trips_on_one_line(self) -> None:
+        from crypto_agent.service import store_corrupt_error, store_corrupt_state
+
+        state = store_corrupt_state("database disk image\nis malformed")
+        assert state == "store corrupt: database disk image is malformed"
+        assert store_corrupt_error(state) == "database disk image is malformed"
+        assert store_corrupt_error("running: cycle 3") is None
+
+    def test_only_sqlite_corruption_is_a_store_fault(self, tmp_path) -> None:
+        import sqlite3
+
+        from crypto_agent.service import store_fault_of
+
+        bad = tmp_path / "bad.db"
+        bad.write_bytes(b"this is no database, just bytes" * 200)
+        with pytest.raises(sqlite3.DatabaseError) as caught:
+            sqlite3.connect(bad).execute("select * from sqlite_master").fetchall()
+        assert store_fault_of(caught.value) == "file is not a database"
+        assert store_fault_of(RuntimeError("database is locked")) is None

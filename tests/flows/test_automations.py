@@ -34,6 +34,7 @@ from flows.events import (
     MONITOR_RESOURCE,
     MONITOR_TICK,
     RELAY_RESOURCE,
+    SERVE_RESOURCE,
     SERVICE_CRASHED,
     SERVICE_DEAD,
     SERVICE_HEARTBEAT,
@@ -150,9 +151,15 @@ class TestApplyAutomations:
         assert rollback.actions[0].deployment_id == recovery_deployments["rollback-persistent-failures/auto"]
 
         l2 = escalation_block_id("l2")
+        # issue 10: with default settings every switch fires within 2 minutes of the beat that did not come
+        assert monitor_interval(PROJECT_DIR) + timedelta(seconds=settings.monitor_switch_grace_s) \
+            - monitor_interval(PROJECT_DIR) <= timedelta(minutes=2)
+        assert 3 * settings.relay_tick_s <= 120 and 3 * settings.serve_tick_s <= 120
         for name, resource, within in (
-            (DEAD_MANS_SWITCHES[0], MONITOR_RESOURCE, 3 * monitor_interval(PROJECT_DIR)),
+            (DEAD_MANS_SWITCHES[0], MONITOR_RESOURCE,
+             monitor_interval(PROJECT_DIR) + timedelta(seconds=settings.monitor_switch_grace_s)),
             (DEAD_MANS_SWITCHES[1], RELAY_RESOURCE, timedelta(seconds=3 * settings.relay_tick_s)),
+            (DEAD_MANS_SWITCHES[2], SERVE_RESOURCE, timedelta(seconds=3 * settings.serve_tick_s)),
         ):
             switch = found[name]
             assert switch.trigger.posture == Posture.Proactive
