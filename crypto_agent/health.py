@@ -20,7 +20,7 @@ import psutil
 from sqlalchemy import Connection, func, insert, select
 
 from crypto_agent.process import Liveness, ServiceSpec, inspect, service_spec
-from crypto_agent.schema import probe_samples, service_events
+from crypto_agent.schema import backtest_results, probe_samples, service_events
 from crypto_agent.service import (
     LOG_LINE_RE,
     LOG_TIME_FORMAT,
@@ -232,6 +232,46 @@ def _count_errors_since(path: Path, cutoff: float) -> tuple[int, float | None]:
     return count, oldest
 
 
+def recent_error_lines(
+    log_path: Path, window_s: float = LOG_ERROR_WINDOW_S, max_lines: int = 10, now: float | None = None
+) -> list[str]:
+    """The last `max_lines` ERROR and CRITICAL lines of the log within `window_s` (rotated file included), oldest
+    first, as written (callers that show them to people mask secrets: crypto_agent.alerts.redact)."""
+    now = time.time() if now is None else now
+    cutoff = now - window_s
+    found: list[str] = []
+    for path in (log_path, log_path.with_name(log_path.name + ".1")):
+        lines, oldest = _error_lines_since(path, cutoff)
+        found = lines + found
+        if len(found) >= max_lines or (oldest is not None and oldest < cutoff):
+            break
+    return found[-max_lines:]
+
+
+def _error_lines_since(path: Path, cutoff: float) -> tuple[list[str], float | None]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            start = max(0, f.tell() - LOG_TAIL_BYTES)
+            f.seek(start)
+            data = f.read()
+    except FileNotFoundError:
+        return [], None
+    lines = data.split(b"\n")[1 if start > 0 else 0:]
+    oldest: float | None = None
+    out: list[str] = []
+    for line in lines:
+        m = LOG_LINE_RE.match(line)
+        if m is None:
+            continue
+        if oldest is None:
+            oldest = _epoch(m.group("time")) if start == 0 else float("-inf")
+        if m.group("kind") == b":" and m.group("level") in (b"ERROR", b"CRITICAL") \
+                and _epoch(m.group("time")) >= cutoff:
+            out.append(line.decode("utf-8", errors="replace").rstrip("\r"))
+    return out, oldest
+
+
 def _epoch(stamp: bytes) -> float:
     return float(calendar.timegm(time.strptime(stamp.decode("ascii"), LOG_TIME_FORMAT)))
 
@@ -279,6 +319,13 @@ def _insert_sample(conn: Connection, report: ProbeReport) -> None:
         log_errors_per_min=report.log_errors_per_min,
         reasons="; ".join(report.reasons),
     ))
+
+
+def newest_backtest_result_at(store: Store) -> float | None:
+    """When the newest backtest_results row was written (epoch seconds), None when there is none."""
+    with store.engine.connect() as conn:
+        newest = conn.execute(select(func.max(backtest_results.c.created_at))).scalar()
+    return None if newest is None else float(newest) / 1000
 
 
 def samples(store: Store, service: str, since_s: float | None = None, now: float | None = None) -> list[dict[str, Any]]:
