@@ -14,7 +14,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from sqlalchemy.exc import SQLAlchemyError
 
-from crypto_agent import health, incidents, priority
+from crypto_agent import alerts, health, incidents, priority
 from crypto_agent.errors import CryptoAgentError, InputError
 from crypto_agent.guard import (
     BACKTEST,
@@ -35,6 +35,7 @@ from crypto_agent.guard import (
 )
 from crypto_agent.holds import HOLD_STOPPED, read_hold, release_hold
 from crypto_agent.monitor import Assessment, Condition, assess, claim_crashes
+from crypto_agent.process import inspect as inspect_process
 from crypto_agent.process import service_spec, start
 from crypto_agent.service import SERVICE_NAMES
 from crypto_agent.settings import Settings
@@ -50,7 +51,9 @@ from flows.events import (
     SERVICE_DEAD,
     SERVICE_HEALTHY,
     SERVICE_HUNG,
+    SERVICE_LOG_ERRORS,
     SERVICE_MEMORY_HIGH,
+    SERVICE_RESULTS_STALE,
     STORE_CORRUPT,
     STORE_OK,
     STORE_RESOURCE,
@@ -182,6 +185,65 @@ def release_stale_yield(settings: dict[str, Any] | None, trader_healthy: bool) -
     return done
 
 
+@task(name="alert-service", cache_policy=NO_CACHE, timeout_seconds=120)
+def alert_service(assessment: Assessment, settings: dict[str, Any] | None) -> list[str]:
+    """What no recovery acts on still reaches someone: log errors over the limit -> L1 with the lines; the
+    daemon's results stale -> its event (the hang recovery's triage). Once per episode (crypto_agent.alerts),
+    repeated at most every page_repeat_after_s; the event names emitted."""
+    logger = get_run_logger()
+    cfg = run_settings(settings)
+    report = assessment.report
+    service = assessment.service
+    spec = service_spec(service, cfg)
+    emitted: list[str] = []
+    try:
+        log_store = incidents.open_incident_store(cfg)
+    except (CryptoAgentError, SQLAlchemyError) as exc:
+        logger.warning("alerts of %s not checked: the incident log cannot be opened: %s", service, exc)
+        return emitted
+    try:
+        alerts.ensure_episodes_table(log_store)
+        lines = health.recent_error_lines(spec.log, max_lines=cfg.log_error_lines_max) \
+            if report.log_errors_per_min else []
+        alert = alerts.log_errors_alert(service, report.log_errors_per_min, cfg.log_errors_per_min_max, lines,
+                                        log_path=str(spec.log), pid=report.pid)
+        step = alerts.episode_step(log_store, alerts.log_errors_key(service), alert is not None,
+                                   repeat_after_s=cfg.page_repeat_after_s, detail=alert.subject if alert else "")
+        if alert is not None and step.page:
+            emit(SERVICE_LOG_ERRORS, resource_of_service(service), alert.payload)
+            emitted.append(SERVICE_LOG_ERRORS)
+            try:
+                notify_level(alert.level, alert.subject, alert.body)
+            except CryptoAgentError as exc:  # undelivered: given back, so the next round pages again
+                alerts.unclaim_page(log_store, alert.key, None)
+                logger.error("L1 could not be told of the %s log errors (told again next round): %s", service, exc)
+        if service == BACKTEST:
+            stale = None
+            with existing_store(cfg) as store:
+                if store is not None:
+                    try:
+                        newest = health.newest_backtest_result_at(store)
+                    except SQLAlchemyError as exc:
+                        logger.warning("the age of the backtest results is unknown: %s", exc)
+                    else:
+                        record = inspect_process(spec).record
+                        stale = alerts.results_stale(
+                            alive=report.alive, started_at=record.started_at if record else None,
+                            newest_result_at=newest, heartbeat_state=report.heartbeat_state,
+                            hold=read_hold(service, cfg), max_age_s=cfg.backtest_results_max_age_s)
+            step = alerts.episode_step(log_store, alerts.results_stale_key(service), stale is not None,
+                                       repeat_after_s=cfg.page_repeat_after_s,
+                                       detail=stale.reason if stale else "")
+            if stale is not None and step.page:
+                emit(SERVICE_RESULTS_STALE, resource_of_service(service),
+                     {**assessment.payload(), **stale.payload()})
+                emitted.append(SERVICE_RESULTS_STALE)
+                logger.warning("%s: %s", service, stale.reason)
+    finally:
+        log_store.close()
+    return emitted
+
+
 def emit_assessment(assessment: Assessment) -> list[str]:
     """Emit the events of a service's conditions on its resource; the event names emitted."""
     resource = resource_of_service(assessment.service)
@@ -263,6 +325,7 @@ def health_monitor(
         for name in names:
             assessment = probe_service(name, settings)
             emitted = emit_assessment(assessment)
+            emitted += alert_service(assessment, settings)
             summary["services"][name] = {
                 "conditions": [c.value for c in assessment.conditions],
                 "summary": assessment.report.summary,

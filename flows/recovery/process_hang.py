@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from crypto_agent import incidents, process, recovery
 from crypto_agent.incidents import RESOLVED, SKIPPED
 from flows.common import run_settings
-from flows.events import SERVICE_CPU_HIGH, SERVICE_MEMORY_HIGH
+from flows.events import SERVICE_CPU_HIGH, SERVICE_MEMORY_HIGH, SERVICE_RESULTS_STALE
 from flows.recovery.contract import Handover, Overrides, Summary, Trigger, recovery_flow
 from flows.recovery.skeleton import (
     Absorbed,
@@ -71,7 +71,8 @@ def recover_process_hang(service: str = "backtest", event: Trigger = None, setti
         report = probe_service(settings, service)
         also = f"; also {'; '.join(report.reasons[1:])}" if report.reasons[1:] else ""
         run.act("probe", f"{report.summary}{also}", ok=report.healthy)
-        judged = (event or {}).get("event") in (SERVICE_CPU_HIGH, SERVICE_MEMORY_HIGH)
+        # judged over minutes or hours: one healthy sample does not refute them
+        judged = (event or {}).get("event") in (SERVICE_CPU_HIGH, SERVICE_MEMORY_HIGH, SERVICE_RESULTS_STALE)
         if report.healthy and not run.handed_over and not judged:
             resume_backtest(run, cfg, service, report)
             return run.finish(RESOLVED, SKIPPED, summary=f"{service} is healthy again: nothing done",

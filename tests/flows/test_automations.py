@@ -175,7 +175,7 @@ class TestApplyAutomations:
                 f"prefect.deployment.{recovery_deployments['recover-process-hang/auto']}"
             )
         names = {a.name for a in owned}
-        assert "recover-process-hang/auto: service hung, cpu-high or memory-high" in names
+        assert "recover-process-hang/auto: service hung, cpu-high, memory-high or results stale" in names
 
 
 def yaml_triggers() -> dict[str, list[dict[str, Any]]]:
@@ -194,6 +194,7 @@ class TestYamlTriggers:
             ("recover_process_hang", SERVICE_HUNG),
             ("recover_process_hang", "crypto-agent.service.cpu-high"),
             ("recover_process_hang", SERVICE_MEMORY_HIGH),
+            ("recover_process_hang", "crypto-agent.service.results-stale"),
             ("recover_stale_data", STORE_STALE),
             ("recover_db_corruption", STORE_CORRUPT),
         }

@@ -32,11 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for serv
 from service_kit import FAST, keeper, make_settings, seed_store, wait_until  # noqa: F401
 
 import flows.daily as daily
-from crypto_agent import holds, process
+from crypto_agent import holds, priority, process
 from crypto_agent.daemon import FAULT_ENV
 from crypto_agent.guard import GUARD_NAME
 from crypto_agent.holds import HOLD_PAUSED, HOLD_STOPPED, place_hold, read_hold
 from crypto_agent.receiver import Receiver
+from crypto_agent.service import STATE_PAUSED_LIVE_TRADING, read_heartbeat
 from crypto_agent.settings import Settings, load_settings
 from crypto_agent.simulator import Simulator
 from deployments.relay import run_relay
@@ -51,7 +52,9 @@ from flows.events import (
     SERVICE_HEALTHY,
     SERVICE_HEARTBEAT,
     SERVICE_HUNG,
+    SERVICE_LOG_ERRORS,
     SERVICE_MEMORY_HIGH,
+    SERVICE_RESULTS_STALE,
     STORE_CORRUPT,
     STORE_OK,
     STORE_STALE,
@@ -272,6 +275,65 @@ def corrupt_middle_page(path: Path) -> None:
     with path.open("r+b") as f:
         f.seek((pages // 2 - 1) * page_size)
         f.write(b"\xff" * 64)
+
+
+# --- what no recovery acts on still reaches someone (issue 10) ---
+
+
+def error_line(message: str) -> str:
+    """A line as the services' log formatter writes an ERROR record, stamped now."""
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime())}.000Z ERROR crypto_agent.backtest[42]: {message}\n"
+
+
+class TestAlerts:
+    def test_log_errors_over_the_limit_page_l1_once_with_the_lines_and_no_secret(
+        self, tmp_path: Path, keeper: Any, inbox: Receiver
+    ) -> None:
+        settings = make_settings(tmp_path)
+        start(keeper, "backtest", settings)
+        log = process.service_spec("backtest", settings).log
+        wait_until(log.exists, timeout=10, what="the daemon's log")
+        with log.open("a", encoding="utf-8") as f:
+            f.writelines(error_line(f"unit BTCUSDT 1h failed #{i} api_key=SEKRET{i}") for i in range(8))
+        params = overrides(tmp_path)
+        first, run_id = run(health_monitor, services=["backtest"], store_checks=False, settings=params)
+        assert SERVICE_LOG_ERRORS in first["events"]
+        [event] = payloads(run_id, SERVICE_LOG_ERRORS)
+        assert event["service"] == "backtest" and event["log_errors_per_min"] > 5
+        [page] = wait_for_messages(inbox, "/l1")
+        body = page["body"]["body"]
+        assert "log errors/min" in page["body"]["subject"]
+        assert "unit BTCUSDT 1h failed #7" in body and "SEKRET" not in body
+        # the same episode on the next round: no second page, no second event
+        second, _ = run(health_monitor, services=["backtest"], store_checks=False, settings=params)
+        assert SERVICE_LOG_ERRORS not in second["events"]
+        assert len(inbox.messages("/l1")) == 1
+
+    def test_a_live_daemon_with_no_result_for_too_long_is_triaged_once_and_not_while_it_yields(
+        self, tmp_path: Path, keeper: Any
+    ) -> None:
+        settings = make_settings(tmp_path, backtest_results_max_age_s=2.0)
+        start(keeper, "backtest", settings)
+        params = overrides(tmp_path, backtest_results_max_age_s=2.0)
+        time.sleep(2.5)  # the daemon has now run longer than the limit, with an empty store: no result at all
+        first, run_id = run(health_monitor, services=["backtest"], store_checks=False, settings=params)
+        assert SERVICE_RESULTS_STALE in first["events"]
+        [event] = payloads(run_id, SERVICE_RESULTS_STALE)
+        assert event["service"] == "backtest" and "no backtest result" in event["reason"]
+        second, _ = run(health_monitor, services=["backtest"], store_checks=False, settings=params)
+        assert SERVICE_RESULTS_STALE not in second["events"]
+
+    def test_a_daemon_yielding_to_live_trading_is_not_stale(self, tmp_path: Path, keeper: Any) -> None:
+        settings = make_settings(tmp_path, backtest_results_max_age_s=1.0)
+        start(keeper, "backtest", settings)
+        priority.request_yield(settings, by="test", reason="the trader is down")
+        heartbeat = process.service_spec("backtest", settings).heartbeat
+        wait_until(lambda: (hb := read_heartbeat(heartbeat)) is not None and hb.state == STATE_PAUSED_LIVE_TRADING,
+                   timeout=20, what="the daemon to pause itself for live trading")
+        time.sleep(1.5)
+        result, _ = run(health_monitor, services=["backtest"], store_checks=False,
+                        settings=overrides(tmp_path, backtest_results_max_age_s=1.0))
+        assert SERVICE_RESULTS_STALE not in result["events"]
 
 
 # --- backtest-window-guard ---
