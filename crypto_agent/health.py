@@ -204,32 +204,8 @@ def log_errors_per_minute(
 
 
 def _count_errors_since(path: Path, cutoff: float) -> tuple[int, float | None]:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            start = max(0, size - LOG_TAIL_BYTES)
-            f.seek(start)
-            data = f.read()
-    except FileNotFoundError:
-        return 0, None
-    lines = data.split(b"\n")
-    if start > 0:
-        lines = lines[1:]  # the first one is cut
-    oldest: float | None = None
-    count = 0
-    for line in lines:
-        m = LOG_LINE_RE.match(line)
-        if m is None:
-            continue
-        if oldest is None:
-            # a file read only in part reaches back further than its tail: never look past it
-            oldest = _epoch(m.group("time")) if start == 0 else float("-inf")
-        if m.group("kind") != b":" or m.group("level") not in (b"ERROR", b"CRITICAL"):
-            continue
-        if _epoch(m.group("time")) >= cutoff:
-            count += 1
-    return count, oldest
+    lines, oldest = _error_lines_since(path, cutoff)
+    return len(lines), oldest
 
 
 def recent_error_lines(
@@ -265,6 +241,7 @@ def _error_lines_since(path: Path, cutoff: float) -> tuple[list[str], float | No
         if m is None:
             continue
         if oldest is None:
+            # a file read only in part reaches back further than its tail: never look past it
             oldest = _epoch(m.group("time")) if start == 0 else float("-inf")
         if m.group("kind") == b":" and m.group("level") in (b"ERROR", b"CRITICAL") \
                 and _epoch(m.group("time")) >= cutoff:
