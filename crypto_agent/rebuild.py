@@ -240,8 +240,16 @@ def _run_cli_recover(cli: str, copy: Path, scratch: Path, timeout_s: float) -> P
 
 
 def _damage_of(conn: sqlite3.Connection, table: str) -> str | None:
-    """Why a full read of the table fails in the corrupt file, or None when every page reads."""
+    """Why the table's pages are damaged in the corrupt file, or None when every page is sound and reads.
+
+    A full read alone is not enough: SQLite masks a cell offset into its page, so a leaf whose cell
+    pointers were overwritten can read as rows of garbage without an error (and which, depends on
+    memory beyond the page). `PRAGMA quick_check(table)` checks the b-tree's own structure and says so.
+    """
     try:
+        problems = [str(r[0]) for r in conn.execute(f'PRAGMA quick_check("{table}")')]
+        if problems != ["ok"]:
+            return "DatabaseError: database disk image is malformed"  # as a read that meets the damage says
         for _ in conn.execute(f'SELECT * FROM "{table}"'):
             pass
         return None
