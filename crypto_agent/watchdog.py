@@ -32,7 +32,7 @@ from crypto_agent.settings import Settings
 HTTP_TIMEOUT_S = 5.0
 TICK_MAX_AGE_S = 660.0  # two 5-minute rounds of the health monitor and a minute of slack
 REALERT_S = 4 * 3600.0  # the same unfixed problem is re-paged at most every 4 h
-PARTS = ("serve", "relay")
+PARTS = ("serve", "relay", "keeper")
 LEVEL = "l2"
 STATE_FILE = "watchdog.json"
 

@@ -183,12 +183,12 @@ class TestWatch:
     def test_everything_down_tells_l2_once_then_again_after_realert(self, tmp_path: Path, receiver: Receiver) -> None:
         settings = settings_for(tmp_path, receiver)
         run = watchdog.watch(settings, timeout_s=2, now=NOW)
-        assert run.report.failing == ["monitor-tick", "prefect-api", "relay", "serve"]
+        assert run.report.failing == ["keeper", "monitor-tick", "prefect-api", "relay", "serve"]
         assert run.exit_code == 1 and [d.ok for d in run.deliveries] == [True]
         [message] = receiver.messages("/l2")
         body = message["body"]
         assert body["level"] == "l2"
-        assert body["subject"].endswith(": monitor-tick, prefect-api, relay, serve DOWN")
+        assert body["subject"].endswith(": keeper, monitor-tick, prefect-api, relay, serve DOWN")
         assert "serve: DOWN: not running (No PID file)" in body["body"] and "`crypto-agent up`" in body["body"]
         assert body["text"].startswith(body["subject"]) and body["watchdog"]["healthy"] is False
 
@@ -201,12 +201,13 @@ class TestWatch:
         settings = settings_for(tmp_path, receiver)
         now = time.time()
         assert watchdog.watch(settings, api_url=receiver.url, timeout_s=2, now=now).exit_code == 1
-        start_part("serve", settings, keeper)
-        start_part("relay", settings, keeper)
+        for part in watchdog.PARTS:
+            start_part(part, settings, keeper)
         add_sample(settings, now)
         run = watchdog.watch(settings, api_url=receiver.url, timeout_s=2, now=now + 5)
         assert run.report.healthy and run.exit_code == 0, run.report.message
-        assert run.decision == AlertDecision(True, "recovered", "recovered: monitor-tick, relay, serve up again")
+        assert run.decision == AlertDecision(True, "recovered",
+                                             "recovered: keeper, monitor-tick, relay, serve up again")
         assert receiver.messages("/l2")[-1]["body"]["subject"].endswith(run.decision.reason)
         quiet = watchdog.watch(settings, api_url=receiver.url, timeout_s=2, now=now + 10)
         assert not quiet.decision.post and len(receiver.messages("/l2")) == 2
@@ -255,8 +256,8 @@ class TestCommand:
 
     def test_the_command_exits_zero_when_all_is_up(self, tmp_path: Path, receiver: Receiver, keeper) -> None:
         settings = settings_for(tmp_path, receiver)
-        start_part("serve", settings, keeper)
-        start_part("relay", settings, keeper)
+        for part in watchdog.PARTS:
+            start_part(part, settings, keeper)
         add_sample(settings, time.time())
         done = run_cli(["watchdog", "--api-url", receiver.url], settings)
         assert done.returncode == 0, done.stdout + done.stderr

@@ -22,6 +22,7 @@ from deployments.stack.plan import (
     CHILD_READY_S,
     HOST,
     HTTP_TIMEOUT_S,
+    KEEPER,
     RECEIVER,
     RELAY,
     RELAY_SETTLE_S,
@@ -126,6 +127,16 @@ def relay_child(plan: StackPlan) -> Child:
     spec = process.child_spec(RELAY, (), plan.settings)
     return Child(RELAY, _python_m("deployments.relay"), None, running_for(spec, RELAY_SETTLE_S), CHILD_READY_S,
                  plan.settings.stop_grace_s, "heartbeat relay (heartbeat files -> Prefect events)")
+
+
+def keeper_child(plan: StackPlan) -> Child:
+    """The keeper (deployments/keeper.py): restarts a part of the stack that dies, with a backoff, and tells L2."""
+    spec = process.child_spec(KEEPER, (), plan.settings)
+    command = _python_m("deployments.keeper") + (() if plan.ui else ("--no-ui",))
+    if plan.only:
+        command += ("--only", *plan.only)
+    return Child(KEEPER, command, None, running_for(spec, RELAY_SETTLE_S), CHILD_READY_S, plan.settings.stop_grace_s,
+                 "stack keeper (restarts a dead server, simulator, receiver, serving process or relay)")
 
 
 def runner_ready(plan: StackPlan) -> bool:

@@ -10,7 +10,7 @@ from rich.console import Console
 
 from crypto_agent import process
 from deployments.stack.parts import Stack, stop_parts
-from deployments.stack.plan import SERVICES, StackPlan
+from deployments.stack.plan import KEEPER, KEPT, SERVICES, StackPlan
 from deployments.stack.up import Interrupts, bring_up, claim_foreground, release_foreground
 
 
@@ -80,12 +80,16 @@ def run_up(plan: StackPlan, *, detach: bool, out: Console, err: Console) -> int:
 
 
 def watch(stack: Stack, interrupted: threading.Event, out: Console) -> None:
-    """Hold the foreground until interrupted; say once when a child of the stack is gone."""
+    """Hold the foreground until interrupted; say once when a child of the stack is gone (and nothing restarts it)."""
     told: set[str] = set()
+    keeper = next((p for p in stack.parts if p.name == KEEPER), None)
     while not interrupted.wait(2.0):
+        kept = keeper is not None and keeper.spec is not None and process.inspect(keeper.spec).alive
         for part in stack.parts:
             if part.spec is None or part.name in told or part.name in SERVICES:
                 continue  # the services are the recovery flows' business (they restart them)
+            if kept and part.name in KEPT:
+                continue  # the keeper restarts it and tells L2
             if not process.inspect(part.spec).alive:
                 told.add(part.name)
                 out.print(f"warning: {part.name} (PID {part.pid}) is gone; its log: {part.spec.log}")

@@ -27,6 +27,7 @@ from deployments.stack.parts import (
     Stack,
     ensure_child,
     ensure_service,
+    keeper_child,
     no_checkpoint,
     part_spec,
     receiver_child,
@@ -39,6 +40,7 @@ from deployments.stack.parts import (
 )
 from deployments.stack.plan import (
     FOREGROUND,
+    KEEPER,
     RELAY,
     SERVE,
     SERVER,
@@ -290,6 +292,8 @@ def bring_up(plan: StackPlan, out: Console, err: Console, interrupts: Interrupts
             automations(plan, out)
             checkpoint()
             add(RELAY, lambda: ensure_child(relay_child(plan), plan, env, out, checkpoint=checkpoint))
+            checkpoint()
+            add(KEEPER, lambda: ensure_child(keeper_child(plan), plan, env, out, checkpoint=checkpoint))
             stack.record()
     except BaseException:
         if stack.started:
