@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import get_client, get_run_logger, task
 from prefect.client.schemas.objects import FlowRun, State
 from prefect.exceptions import ObjectNotFound
 from prefect.flows import FlowStateHook
@@ -12,6 +12,7 @@ from prefect.utilities.urls import url_for
 
 from blocks import load_block
 from blocks.escalation import DEFAULT_ESCALATION, Escalation, NotificationUndelivered
+from crypto_agent.alerts import watched_tags
 
 
 def load_escalation(name: str = DEFAULT_ESCALATION) -> Escalation:
@@ -50,7 +51,26 @@ def state_message(flow: Any, flow_run: FlowRun, state: State, what: str) -> tupl
     return subject, body
 
 
+JOB_WATCH_DEPLOYMENT = "job-watch/auto"
+
+
+def job_watch_pages(flow_run: FlowRun) -> bool:
+    """Whether job-watch (flows/job_watch.py) pages for this run's failure, so its hook stays quiet: a runbook
+    job's deployment run, not a recovery, and job-watch deployed on this server (else the hook pages)."""
+    if not watched_tags(flow_run.deployment_id is not None, tuple(flow_run.tags or ())):
+        return False
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_deployment_by_name(JOB_WATCH_DEPLOYMENT)
+    except Exception:  # noqa: BLE001 (not deployed, or the API cannot say: the hook pages, never silence)
+        return False
+    return True
+
+
 def _tell_l1(flow: Any, flow_run: FlowRun, state: State, what: str) -> None:
+    if job_watch_pages(flow_run):
+        get_run_logger().info("job-watch pages for this %s run (L1, or L2 when it repeats)", what)
+        return
     subject, body = state_message(flow, flow_run, state, what)
     load_escalation().notify("l1", subject, body)
 

@@ -58,6 +58,17 @@ def ours() -> dict[str, list[Any]]:
     return found
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_automation_outlives_the_module() -> Any:
+    """Ours are deleted at the end: a dead man's switch left on the session's server would page L2 (the
+    session's receiver) at random moments of later tests, which then count one L2 message too many."""
+    yield
+    with get_client(sync_client=True) as client:
+        for automation in client.read_automations():
+            if automation.name.startswith(PREFIX):
+                client.delete_automation(automation.id)
+
+
 @pytest.fixture(scope="module")
 def recovery_deployments() -> dict[str, Any]:
     """The recovery deployments on the test server, as the serving process creates them (with their triggers)."""
@@ -178,10 +189,11 @@ class TestApplyAutomations:
         assert "recover-process-hang/auto: service hung, cpu-high, memory-high or results stale" in names
 
 
-def yaml_triggers() -> dict[str, list[dict[str, Any]]]:
+def yaml_triggers(folder: str = "flows/recovery/") -> dict[str, list[dict[str, Any]]]:
+    """The triggers of prefect.yaml's deployments whose flows live in `folder`, by flow function."""
     out = {}
     for dep in CONFIG["deployments"]:
-        if dep.get("triggers"):
+        if dep.get("triggers") and dep["entrypoint"].startswith(folder):
             out[dep["entrypoint"].rsplit(":", 1)[1]] = dep["triggers"]
     return out
 
@@ -205,6 +217,17 @@ class TestYamlTriggers:
                 assert trigger["posture"] == "Reactive" and trigger["threshold"] == 1
                 assert trigger["parameters"]["event"] == EVENT_PARAMETER
                 assert not trigger["name"].startswith(PREFIX)  # never deleted as a stale one of ours
+
+    def test_job_watch_hears_every_bad_run_of_a_runbook_job_and_only_those(self) -> None:
+        [trigger] = yaml_triggers("flows/job_watch.py")["job_watch"]
+        assert set(trigger["expect"]) == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed",
+                                          "prefect.flow-run.Late"}
+        assert trigger["match"] == {"prefect.resource.id": "prefect.flow-run.*"}
+        assert trigger["match_related"] == {"prefect.resource.role": "tag",
+                                            "prefect.resource.id": "prefect.tag.runbook"}
+        assert trigger["parameters"] == {"flow_run_id": "{{ event.resource.id }}", "kind": "{{ event.event }}"}
+        [dep] = [d for d in CONFIG["deployments"] if d["entrypoint"] == "flows/job_watch.py:job_watch"]
+        assert "runbook" not in dep["tags"]  # it never watches (nor pages for) itself
 
     def test_service_triggers_pass_the_service_from_the_payload(self) -> None:
         for flow in ("recover_daemon_crash", "recover_process_hang"):

@@ -16,6 +16,7 @@ from prefect import Flow
 from prefect.server.schemas.schedules import CronSchedule
 
 import flows.daily as daily
+import flows.job_watch as job_watch
 import flows.maintenance as maintenance
 import flows.monitoring as monitoring
 import flows.recovery as recovery
@@ -93,7 +94,7 @@ class TestEveryDeployment:
 def test_every_runbook_flow_has_a_deployment() -> None:
     deployed = {entrypoint_flow(d["entrypoint"]).name for d in DEPLOYMENTS}
     defined = {
-        obj.name for module in (daily, maintenance, monitoring, recovery, retention)
+        obj.name for module in (daily, maintenance, monitoring, recovery, retention, job_watch)
         for obj in vars(module).values() if isinstance(obj, Flow)
     }
     assert defined == deployed
