@@ -49,7 +49,13 @@ from crypto_agent.incidents.log import (
     trigger_of,
     update_fields,
 )
-from crypto_agent.incidents.policy import NeedsPersonAction, levels_to_tell, needs_person_action
+from crypto_agent.incidents.policy import (
+    NeedsPersonAction,
+    budget_left_s,
+    levels_to_tell,
+    needs_person_action,
+    over_budget_note,
+)
 from crypto_agent.incidents.report import render_report, root_cause_boxes
 from crypto_agent.incidents.scenarios import (
     ABSORBED,
@@ -72,11 +78,12 @@ __all__ = [
     "ABANDONED_AFTER_S", "ABSORBED", "ESCALATED", "FAILED", "LEVELS", "MAX_ACTION_DETAIL", "MAX_TRIGGER_CHARS",
     "OPEN", "OUTCOMES", "RECOVERED", "RESOLVED", "ROOT_CAUSES", "SCENARIOS", "SKIPPED", "STATUSES",
     "Incident", "IncidentError", "NeedsPersonAction", "Scenario", "ScenarioStats",
-    "add_action", "clear_needs_person", "close", "detected_at", "escalate", "event_payload", "fail", "get",
+    "add_action", "budget_left_s", "clear_needs_person", "close", "detected_at", "escalate", "event_payload",
+    "fail", "get",
     "incidents_db_path", "iso",
     "levels_to_tell", "list_incidents", "mttr_by_scenario", "needing_person",
     "needs_person_action", "needs_person_incident", "open_incident_store", "open_incidents",
-    "open_or_join", "owner_alive", "owner_id", "parse_time", "percentile", "policy", "recent_count",
+    "open_or_join", "over_budget_note", "owner_alive", "owner_id", "parse_time", "percentile", "policy", "recent_count",
     "rejoin", "render_report", "resolve", "root_cause", "root_cause_boxes", "scenario", "told", "trigger_of",
     "update_fields",
 ]

@@ -99,3 +99,22 @@ def needs_person_action(
         return NeedsPersonAction(True, PAGE_REPEAT, f"still needs a person ({seen})")
     return NeedsPersonAction(True, PAGE_HOLD, f"still needs a person ({seen}); last paged {iso(last)}, "
                              f"re-paged from {iso(last + int(repeat_after_s * 1000))} if it still fails")
+
+
+def budget_left_s(inc: Incident, now_ms: int) -> float:
+    """Seconds until the incident's recovery runs past its scenario's ETA (the runbook's Quick Reference),
+    counted from its detection, or from its rejoining for one that was waiting for a person; <= 0: over budget."""
+    from crypto_agent.incidents.scenarios import scenario
+
+    since = max(inc.detected_at, inc.rejoined_at or 0)
+    return scenario(inc.scenario).eta_s - (now_ms - since) / 1000
+
+
+def over_budget_note(inc: Incident, now_ms: int) -> str:
+    """One sentence for the incident and for L2: how long the recovery has run against its budget."""
+    from crypto_agent.incidents.scenarios import scenario
+
+    eta = scenario(inc.scenario).eta_s
+    ran = eta - budget_left_s(inc, now_ms)
+    return (f"the recovery has run {ran / 60:.1f} min since the detection, past the runbook's ETA of "
+            f"{eta / 60:g} min; it goes on")

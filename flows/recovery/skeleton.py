@@ -11,6 +11,8 @@ and one "resolved" message when a later run fixes it (crypto_agent.incidents.pol
 
 from __future__ import annotations
 
+import contextvars
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -37,12 +39,13 @@ from flows.events import (
     INCIDENT_ESCALATED,
     INCIDENT_OPENED,
     INCIDENT_RESOLVED,
+    RECOVERY_OVER_BUDGET,
     SERVICE_RESOURCE_NAMES,
     emit,
     incident_resource,
     service_resource,
 )
-from flows.notify import CRASH_HOOKS, FAILURE_HOOKS, notify_level
+from flows.notify import CRASH_HOOKS, FAILURE_HOOKS, load_escalation, notify_level
 
 # The owner a store recovery writes into db/LOCKED, followed by its incident id.
 LOCK_OWNERS = {"db-corruption": "recover-db-corruption", "persistent-failures": "rollback-persistent-failures"}
@@ -173,7 +176,7 @@ class Recovery:
         """Hold the concurrency limits of `resources` (not those a parent holds); a failure closes the incident."""
         names = [limit_name(r) for r in resources if limit_name(r) not in self.held]
         try:
-            with _concurrency_limits(names, self.waiting_for):
+            with self.budget_watch(), _concurrency_limits(names, self.waiting_for):
                 self.held = sorted(set(self.held) | set(names))
                 yield
         except BaseException as exc:
@@ -189,6 +192,46 @@ class Recovery:
             raise
         finally:
             self.log_store.close()  # a long-lived worker runs many recoveries: no pool left behind per run
+
+    @contextmanager
+    def budget_watch(self) -> Iterator[None]:
+        """A recovery still running past its scenario's ETA is itself an incident: at that moment (a timer beside
+        the work) it is recorded, emitted (crypto-agent.incident.over-budget) and told to L2, once. A subflow
+        working in its parent's incident is covered by the parent's watch."""
+        if self.handed_over:
+            yield
+            return
+        left = incidents.budget_left_s(self.incident, int(time.time() * 1000))
+        context = contextvars.copy_context()  # the run's context (logger, events' related resources) goes along
+        timer = threading.Timer(max(0.0, left), context.run, args=(self.over_budget,))
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+
+    def over_budget(self) -> bool:
+        """Record, emit and tell L2 that this recovery runs past its budget (once; not when it already closed)."""
+        try:
+            inc = incidents.get(self.log_store, self.id)
+            if not inc.is_open or any(a["step"] == "over-budget" for a in inc.actions):
+                return False
+            note = incidents.over_budget_note(inc, int(time.time() * 1000))
+            self.act("over-budget", note, ok=False)
+            emit(RECOVERY_OVER_BUDGET, incident_resource(self.id), self._event_payload(note=note))
+            subject, body = self.message("over budget")
+            try:
+                load_escalation().notify("l2", subject, body + f"\n\nWhy L2: {note}. Look at the flow run: what "
+                                         "does it wait for? It is still recovering; nothing was stopped.")
+                incidents.told(self.log_store, self.id, "l2")
+            except CryptoAgentError as exc:
+                self.undelivered.append(f"L2: {exc}")
+                incidents.add_action(self.log_store, self.id, "notify-l2", f"not delivered: {exc}", ok=False)
+        except Exception:  # noqa: BLE001 (a timer thread: its failure must not go unseen, nor stop the recovery)
+            get_run_logger().exception("the over-budget page of incident #%d failed", self.id)
+            return False
+        return True
 
     def waiting_for(self, names: list[str]) -> None:
         """Tell L2 (once) that this recovery waits for another one of the same resource: which limits, how long."""

@@ -4,6 +4,7 @@ a CPU-burning daemon, a daemon hung past SIGTERM, a pidfile naming a stranger, t
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 import uuid
@@ -43,7 +44,7 @@ from crypto_agent.receiver import Receiver
 from crypto_agent.service import Heartbeat, read_heartbeat
 from crypto_agent.settings import Settings
 from crypto_agent.store import Store
-from flows.events import INCIDENT_OPENED, INCIDENT_RESOLVED
+from flows.events import INCIDENT_OPENED, INCIDENT_RESOLVED, RECOVERY_OVER_BUDGET
 from flows.recovery import (
     close_incidents_of_run,
     recover_daemon_crash,
@@ -110,6 +111,26 @@ class TestDaemonCrash:
         [resolved] = flow_run_events(inc.flow_run_id, INCIDENT_RESOLVED)
         assert resolved.payload["incident_id"] == inc.id and resolved.payload["outcome"] == "recovered"
         assert inc.levels_told == ["l1"]
+
+    def test_a_recovery_past_its_budget_is_itself_an_incident_told_to_l2_once_and_still_recovers(
+        self, env: dict[str, Any], keeper: Keeper, inbox: Receiver
+    ) -> None:
+        cfg = settings_of(env)
+        kill_and_wait(start(keeper, cfg))
+        # detected 150 s ago: the runbook's 2 minutes for a daemon crash are gone before the recovery begins
+        detected = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(time.time() - 150))
+        result = recover_daemon_crash(settings=env, event=event("crypto-agent.service.dead", DAEMON,
+                                                                detected_at=detected))
+        assert result["outcome"] == "recovered", result
+        inc = incident_of(cfg, result)
+        [over] = [a for a in inc.actions if a["step"] == "over-budget"]
+        assert re.fullmatch(r"the recovery has run 2\.\d min since the detection, past the runbook's ETA of 2 min; "
+                            r"it goes on", over["detail"]), over["detail"]
+        [page] = [m for m in messages(inbox, "l2") if "over budget" in m["subject"]]
+        assert page["subject"].startswith(f"[crypto-agent] incident #{inc.id} over budget: ")
+        assert "it goes on" in page["body"] and "l2" in inc.levels_told
+        [emitted] = flow_run_events(inc.flow_run_id, RECOVERY_OVER_BUDGET)
+        assert emitted.payload["incident_id"] == inc.id and emitted.resource.id == f"crypto-agent.incident.{inc.id}"
 
     def test_a_crash_loop_backs_off_and_a_healthy_stretch_resets_it(
         self, env: dict[str, Any], keeper: Keeper, inbox: Receiver
