@@ -87,6 +87,18 @@ def triage(report: ProbeReport, heartbeat_max_age_s: float) -> Triage:
     return Triage(Verdict.RUNNING, report.summary)
 
 
+def stale_signal(healthy: bool, started_at: float | None, detected_at: float | None,
+                 pid: int | None = None) -> str | None:
+    """Why a "this service is dead or silent" signal is already answered, or None when it is to be recovered:
+    the service is HEALTHY as an instance started after the signal's detection (an earlier recovery restarted
+    it; the signal is a late or duplicate report of that crash). Such a signal opens no incident and pages
+    nobody. A HEALTHY instance older than the signal is not enough: the signal may be right about it."""
+    if not healthy or started_at is None or detected_at is None or started_at <= detected_at:
+        return None
+    return (f"a late report of a crash already recovered: PID {pid} is HEALTHY, started "
+            f"{started_at - detected_at:.1f} s after the signal's detection")
+
+
 def last_start(spec: ServiceSpec, store: Store | None = None) -> float | None:
     """When the service was last started (epoch s): its ownership record, or its newest `started` event."""
     times: list[float] = []

@@ -147,3 +147,20 @@ class TestHistory:
             assert decision.attempt == 3 and decision.delay_s == 19
         finally:
             store.close()
+
+
+class TestStaleSignal:
+    def test_a_healthy_instance_started_after_the_signal_answers_it(self) -> None:
+        from crypto_agent.recovery import stale_signal
+
+        why = stale_signal(True, started_at=1010.0, detected_at=1000.0, pid=42)
+        assert why == "a late report of a crash already recovered: PID 42 is HEALTHY, started 10.0 s after the " \
+                      "signal's detection"
+
+    def test_an_older_or_unhealthy_instance_or_an_unknown_time_does_not(self) -> None:
+        from crypto_agent.recovery import stale_signal
+
+        assert stale_signal(True, started_at=990.0, detected_at=1000.0) is None  # the signal may be about it
+        assert stale_signal(False, started_at=1010.0, detected_at=1000.0) is None
+        assert stale_signal(True, started_at=None, detected_at=1000.0) is None
+        assert stale_signal(True, started_at=1010.0, detected_at=None) is None

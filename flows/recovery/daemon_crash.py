@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from sqlalchemy.exc import SQLAlchemyError
 
-from crypto_agent import incidents, process, recovery, restart_policy
+from crypto_agent import health, incidents, process, recovery, restart_policy
 from crypto_agent.incidents import RECOVERED, RESOLVED, SKIPPED
 from crypto_agent.settings import Settings
 from flows.common import run_settings
@@ -30,6 +30,8 @@ from flows.recovery.skeleton import (
     skip_if_held,
 )
 from flows.recovery.steps import (
+    ServiceUnhealthy,
+    clean_service_state,
     integrity_detail,
     probe_service,
     read_log_errors,
@@ -71,6 +73,24 @@ def log_errors_reported(run: Recovery, settings: dict[str, Any] | None, service:
     return errors
 
 
+def late_signal(cfg: Settings, spec: process.ServiceSpec, event: Trigger, handover: Handover) -> Summary | None:
+    """The summary of a run whose event reports a crash another recovery has already fixed (no incident, no
+    page: a heartbeat-missing automation firing after the relay's service.dead was recovered), else None."""
+    if event is None or handover:
+        return None
+    report = health.probe(spec, cfg)
+    check = process.inspect(spec)
+    why = recovery.stale_signal(report.healthy, check.record.create_time if check.record else None,
+                                incidents.detected_at(event), check.pid)
+    if why is None:
+        return None
+    get_run_logger().info("%s: %s (%s); nothing to do", spec.name, why, event.get("event"))
+    return {"incident_id": None, "scenario": "daemon-crash", "outcome": "absorbed", "absorbed_by": why}
+
+
+RESTARTS_PER_INCIDENT = 3  # a service dying again right after each restart: then the incident fails (L2)
+
+
 @task(name="hold-restart", timeout_seconds=3700, cache_policy=NO_CACHE)
 def hold_restart(seconds: float) -> float:
     """Wait out the restart backoff of a crash loop (at most restart_backoff_cap_s)."""
@@ -85,6 +105,9 @@ def recover_daemon_crash(service: str = "backtest", event: Trigger = None, setti
     cfg = run_settings(settings)
     resource = resource_of(service)
     spec = process.service_spec(service, cfg)
+    late = late_signal(cfg, spec, event, handover)
+    if late is not None:
+        return late
     # a store recovery holding the lock restarts the services itself: wait for it
     with recovery_incident("daemon-crash", resource, event, cfg, handover, guard=[resource], lock="wait",
                            fault_at_s=recovery.last_heartbeat_at(spec)) as run:
@@ -160,6 +183,29 @@ def recover_daemon_crash(service: str = "backtest", event: Trigger = None, setti
         run.act("integrity-check", integrity_detail(check) if check.ok else
                 f"no database yet at {cfg.db_path}: the service creates it")
 
-        # 4. clean the state files, restart, confirm HEALTHY
-        return restart_and_close(run, settings, service, impact=impact, root_cause=root_cause,
-                                 held=f"{service} was paused meanwhile: not restarted")
+        # 4. clean the state files, restart, confirm HEALTHY; a new instance that dies right after its start is
+        # another crash of this incident: recorded, backed off by the same policy, restarted again
+        for attempt in range(1, RESTARTS_PER_INCIDENT + 1):
+            try:
+                return restart_and_close(run, settings, service, impact=impact, root_cause=root_cause,
+                                         held=f"{service} was paused meanwhile: not restarted")
+            except ServiceUnhealthy:
+                report = probe_service(settings, service)
+                verdict = recovery.triage(report, cfg.heartbeat_max_age_s)
+                if verdict.verdict is not recovery.Verdict.DEAD or attempt == RESTARTS_PER_INCIDENT:
+                    raise
+                cleaned = clean_service_state(settings, service)  # records the new instance's crash first
+                errors = log_errors_reported(run, settings, service, spec)
+                decision = restart_decision(cfg, spec, errors)
+                run.act("crashed-again", f"{service} died right after its restart ({report.summary}; cleaned "
+                        f"{', '.join(cleaned) or 'nothing'}): restart {attempt + 1} of at most "
+                        f"{RESTARTS_PER_INCIDENT} in this incident; {decision.reason}", ok=False)
+                if decision.state is restart_policy.RestartState.STORE_CORRUPT and Path(cfg.db_path).exists():
+                    sub = recover_db_corruption(service=service, event=event, settings=settings,
+                                                handover={"incident_id": None, "held": run.held})
+                    if sub.get("outcome") == RECOVERED:
+                        resume_backtest(run, cfg, service, probe_service(settings, service))
+                    return run.finish_from(sub)
+                if not decision.at_once:
+                    hold_restart(decision.delay_s)
+        raise AssertionError("unreachable: the last attempt returns or raises")

@@ -112,7 +112,9 @@ def start_service(settings: dict[str, Any] | None, service: str) -> process.Star
 
 
 @task(name="confirm-healthy", retries=5, retry_delay_seconds=[1, 2, 4, 8, 15], timeout_seconds=120,
-      cache_policy=NO_CACHE)
+      cache_policy=NO_CACHE,
+      # a new instance that is already gone will not become healthy: no 30 s of retries, the caller decides
+      retry_condition_fn=lambda task, run, state: ": DEAD:" not in str(failure_of(state) or ""))
 def confirm_healthy(settings: dict[str, Any] | None, service: str) -> health.ProbeReport:
     """Probe the service until it is HEALTHY (retried with backoff); ServiceUnhealthy with the reasons otherwise."""
     cfg = run_settings(settings)

@@ -112,6 +112,22 @@ class TestDaemonCrash:
         assert resolved.payload["incident_id"] == inc.id and resolved.payload["outcome"] == "recovered"
         assert inc.levels_told == ["l1"]
 
+    def test_a_late_report_of_a_crash_already_recovered_opens_no_incident_and_pages_nobody(
+        self, env: dict[str, Any], keeper: Keeper, inbox: Receiver
+    ) -> None:
+        cfg = settings_of(env)
+        old = start(keeper, cfg)
+        kill_and_wait(old)
+        late = event("crypto-agent.service.heartbeat-missing", DAEMON)  # detected now, delivered late
+        time.sleep(1.1)
+        new = start(keeper, cfg)  # another recovery restarted it meanwhile
+        healthy(cfg)
+        result = recover_daemon_crash(settings=env, event=late)
+        assert result["outcome"] == "absorbed" and result["incident_id"] is None
+        assert result["absorbed_by"].startswith(f"a late report of a crash already recovered: PID {new} is HEALTHY")
+        assert all_incidents(cfg) == [] and running_pid(cfg, "backtest") == new
+        assert wait_for_messages(inbox, "/l1", timeout_s=3) == []
+
     def test_a_recovery_past_its_budget_is_itself_an_incident_told_to_l2_once_and_still_recovers(
         self, env: dict[str, Any], keeper: Keeper, inbox: Receiver
     ) -> None:

@@ -1,0 +1,210 @@
+"""Faults that compound, on a rehearsal stack of its own as `crypto-agent up` starts it, and what the automations
+alone do about them, counting the pages a person would get: the daemon killed again right after its restart; the
+trader killed (the backtest yields until the trader is HEALTHY, then resumes); a stale store the recovery cannot
+fix (the exchange is down): one incident, a bounded number of pages over many monitor rounds, then it clears;
+memory growth past the limit; pages of the store corrupted with no backup at all (rebuilt, the trader back first,
+LOCKED released); the stack stopped in the middle of a recovery, started again, then a crash (recovered: nothing
+waits for a slot the cancelled run held).
+
+The tests share one stack and run in file order; every wait is bounded, none is a timed assertion.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import pytest
+
+from crypto_agent import faults, health, process
+from crypto_agent.incidents import Incident
+from crypto_agent.quality import check_data
+from crypto_agent.service import STATE_PAUSED_LIVE_TRADING, read_heartbeat
+from crypto_agent.store import Store
+from crypto_agent.storelock import is_locked
+from tests.stack_kit import REHEARSAL_DEPLOYMENTS, RunningStack, run_cli, start_rehearsal
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+RECOVERY_S = 180.0  # generous bounds: a recovery here takes seconds
+RSS_MAX_MB = 400.0  # the module's memory limit: the services idle well under it, the growing daemon passes it
+MONITOR_ROUNDS = 5  # rounds of the health monitor over an unfixable condition (every 5 min: 25 min of a desk)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+    """A rehearsal stack of this module: more crashes than the rollback rule's 3 happen here on purpose."""
+    running = start_rehearsal(tmp_path_factory.mktemp("compound"),
+                              settings={"persistent_failures": 10, "rss_max_mb": RSS_MAX_MB})
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def subjects(stack: RunningStack, level: str, since: str) -> list[str]:
+    return [m["body"]["subject"] for m in stack.messages(level, since)]
+
+
+def every_page(stack: RunningStack, since: str) -> dict[str, list[str]]:
+    return {level: subjects(stack, level, since) for level in ("l1", "l2", "l3")}
+
+
+def since_incidents(stack: RunningStack, scenario: str, after_ms: int) -> list[Incident]:
+    return [i for i in stack.incidents() if i.scenario == scenario and i.opened_at >= after_ms]
+
+
+def runs_ended(stack: RunningStack, flow_name: str) -> bool:
+    return all(r.state_type.value in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+               for r in stack.flow_runs(flow_name))
+
+
+def fresh(stack: RunningStack) -> bool:
+    with Store(stack.settings.database_url) as store:
+        return check_data(store, stack.settings).ok
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@pytest.mark.timeout(500)
+def test_a_daemon_killed_again_right_after_its_restart_is_restarted_again(stack: RunningStack) -> None:
+    since, since_iso = now_ms(), now_iso()
+    first = faults.kill(stack.settings, "backtest", signal.SIGKILL).pid
+    second = stack.wait(lambda: stack.healthy_other_than("backtest", first), RECOVERY_S, "the first restart").pid
+    faults.kill(stack.settings, "backtest", signal.SIGKILL)  # the fresh instance dies at once
+    third = stack.wait(lambda: stack.healthy_other_than("backtest", second), RECOVERY_S, "the second restart").pid
+    assert third not in (first, second)
+    stack.wait(lambda: runs_ended(stack, "recover-daemon-crash"), RECOVERY_S, "the crash recoveries to end")
+    crashes = since_incidents(stack, "daemon-crash", since)
+    assert [i.outcome for i in crashes] == ["recovered", "recovered"], [(i.id, i.outcome) for i in crashes]
+    assert "2nd crash" in next(a["detail"] for a in crashes[1].actions if a["step"] == "restart-policy")
+    pages = every_page(stack, since_iso)
+    assert pages["l3"] == [] and not [s for s in pages["l2"] if "daemon" in s.lower()], pages
+    assert stack.probe("trader").healthy
+
+
+@pytest.mark.timeout(500)
+def test_the_trader_killed_pauses_the_backtest_until_it_is_healthy_again(stack: RunningStack) -> None:
+    since, since_iso = now_ms(), now_iso()
+    daemon = stack.pid("backtest")
+    states: set[str] = set()
+    old = faults.kill(stack.settings, "trader", signal.SIGKILL).pid
+
+    def trader_back() -> health.ProbeReport | None:
+        beat = read_heartbeat(process.service_spec("backtest", stack.settings).heartbeat)
+        if beat is not None and beat.state:
+            states.add(beat.state.split(" (")[0])
+        return stack.healthy_other_than("trader", old)
+
+    stack.wait(trader_back, RECOVERY_S, "the trader back HEALTHY", every_s=0.05)
+    [inc] = stack.wait(lambda: [i for i in since_incidents(stack, "daemon-crash", since) if not i.is_open],
+                       RECOVERY_S, "the trader's incident to close")
+    done = [a["step"] for a in inc.actions]
+    assert done.index("pause-backtest") < done.index("start") < done.index("resume-backtest"), done
+    # the daemon itself yielded (its own pause, not a signal): the same process, heart-beating the pause
+    assert STATE_PAUSED_LIVE_TRADING in states, states
+    assert stack.pid("backtest") == daemon
+    stack.wait(lambda: (b := read_heartbeat(process.service_spec("backtest", stack.settings).heartbeat))
+               is not None and not (b.state or "").startswith("paused"), 60, "the backtest to resume")
+    assert any(f"incident #{inc.id}" in s for s in subjects(stack, "l3", since_iso))  # live trading affected
+
+
+@pytest.mark.timeout(900)
+def test_a_stale_store_nothing_can_fix_is_one_incident_paged_once_until_it_clears(stack: RunningStack) -> None:
+    since, since_iso = now_ms(), now_iso()
+    faults.exchange(stack.settings, "down")  # the exchange answers 503: no backfill can succeed
+    faults.delete_candles(stack.settings, stack.settings.symbols, hours=30)
+    try:
+        for _ in range(MONITOR_ROUNDS):
+            stack.run_monitor(wait_s=RECOVERY_S)
+            stack.wait(lambda: runs_ended(stack, "recover-stale-data"), RECOVERY_S, "the stale-data recovery to end")
+        stale = since_incidents(stack, "stale-data", since)
+        assert len(stale) == 1 and stale[0].needs_person, [(i.id, i.status, i.outcome) for i in stale]
+        pages = every_page(stack, since_iso)
+        mine = [s for level in pages.values() for s in level if f"incident #{stale[0].id}" in s]
+        # the incident opened (L1), escalated to a person (L2, "check Binance API"); never once per round
+        assert len(pages["l1"]) <= 2 and len(pages["l2"]) <= 2 and len(pages["l3"]) <= 1, pages
+        assert len(mine) <= 4, mine
+    finally:
+        faults.clear_exchange(stack.settings)
+    stack.run_monitor(wait_s=RECOVERY_S)
+    stack.wait(lambda: fresh(stack), RECOVERY_S, "the store fresh again once the exchange is back")
+    stack.wait(lambda: not since_incidents(stack, "stale-data", since)[0].is_open, RECOVERY_S,
+               "the needs-a-person incident to close")
+
+
+@pytest.mark.timeout(500)
+def test_memory_growing_past_the_limit_is_restarted_by_the_hang_recovery(stack: RunningStack) -> None:
+    since = now_ms()
+    grown = faults.grow_memory(stack.settings, mb_per_s=100.0, max_mb=RSS_MAX_MB * 2).pid
+    stack.wait(lambda: (p := stack.probe("backtest")).rss_mb is not None and p.rss_mb > RSS_MAX_MB, 60,
+               "the daemon to grow past the limit")
+    stack.run_monitor()
+    back = stack.wait(lambda: stack.healthy_other_than("backtest", grown), RECOVERY_S, "a new daemon HEALTHY")
+    assert back is not None and back.rss_mb is not None and back.rss_mb < RSS_MAX_MB
+    [hang] = stack.wait(lambda: [i for i in since_incidents(stack, "process-hang", since) if not i.is_open],
+                        RECOVERY_S, "the hang incident to close")
+    assert hang.trigger["event"] == "crypto-agent.service.memory-high" and hang.outcome == "recovered"
+    assert faults.fault_of(stack.settings) is None  # restarted clean, without the fault
+
+
+@pytest.mark.timeout(600)
+def test_corrupt_pages_with_no_backup_are_rebuilt_and_the_trader_comes_back_first(stack: RunningStack) -> None:
+    since, since_iso = now_ms(), now_iso()
+    settings = stack.settings
+    for path in settings.backup_dir.glob("*"):  # a stack younger than its first nightly backup
+        if path.is_file():
+            path.unlink()
+        else:
+            shutil.rmtree(path)
+    with Store(settings.database_url) as store:
+        candles_before = store.count("1h")
+    faults.corrupt_pages(settings, "ohlcv_h1", pages=2)
+    stack.run_monitor()  # or the services meet the damage first and say so: either starts the recovery
+    [inc] = stack.wait(lambda: [i for i in since_incidents(stack, "db-corruption", since) if not i.is_open],
+                       RECOVERY_S * 2, "the corruption incident to close")
+    assert inc.outcome == "recovered", (inc.outcome, inc.summary)
+    done = [a["step"] for a in inc.actions]
+    assert "rebuild" in " ".join(done), done
+    assert stack.integrity_ok() and not is_locked(settings.db_path)
+    assert stack.wait(lambda: stack.probe("trader").healthy, RECOVERY_S, "the trader HEALTHY")
+    stack.wait(lambda: fresh(stack), RECOVERY_S, "the candles back from the exchange")
+    with Store(settings.database_url) as store:
+        assert store.count("1h") >= candles_before * 0.99
+    told = subjects(stack, "l2", since_iso)
+    assert any("rebuilt" in s.lower() or f"incident #{inc.id}" in s for s in told), told
+
+
+@pytest.mark.timeout(900)
+def test_the_stack_stopped_mid_recovery_then_started_again_recovers_the_next_crash(stack: RunningStack) -> None:
+    faults.exchange(stack.settings, "slow", seconds=3.0)  # the backfill of the stale-data recovery takes a while
+    faults.delete_candles(stack.settings, stack.settings.symbols, hours=30)
+    stack.run_monitor()
+
+    def running() -> bool:
+        return any(r.state_type.value == "RUNNING" for r in stack.flow_runs("recover-stale-data"))
+
+    stack.wait(running, RECOVERY_S, "a stale-data recovery running")
+    down = run_cli(["down"], stack.env, 300, cwd=stack.home)
+    assert down.returncode == 0, down.stdout + down.stderr
+    args = ["up", "--detach", "--no-ui", *[a for name in REHEARSAL_DEPLOYMENTS for a in ("--only", name)]]
+    up = run_cli(args, stack.env, 300, cwd=stack.home)
+    assert up.returncode == 0, up.stdout + up.stderr
+    since = now_ms()
+    old = faults.kill(stack.settings, "backtest", signal.SIGKILL).pid
+    back = stack.wait(lambda: stack.healthy_other_than("backtest", old), RECOVERY_S, "the daemon back HEALTHY")
+    assert back is not None and back.pid != old
+    [crash] = stack.wait(lambda: [i for i in since_incidents(stack, "daemon-crash", since) if not i.is_open],
+                         RECOVERY_S, "the crash incident to close")
+    assert crash.outcome == "recovered" and "waiting" not in [a["step"] for a in crash.actions]
+    stack.run_monitor(wait_s=RECOVERY_S)
+    stack.wait(lambda: fresh(stack), RECOVERY_S * 2, "the store fresh again")
