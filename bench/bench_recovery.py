@@ -16,7 +16,8 @@ pass, quick_check ok, ...):
 - stale-data: the newest 72 h of candles of all 60 symbols deleted; the health monitor's next round
   (run at once here instead of waiting up to 5 min) reports it. Target p95 60 s.
 - db-corruption: a leaf page of ohlcv_h1 (faults.corrupt_pages) in a database of CRYPTO_AGENT_BENCH_DB_MB
-  (default 1024) MB overwritten; the monitor's quick_check reports it; restore, resync, salvage. Target p95 30 s (small store), 60 s (1 GB).
+  (default 1024) MB overwritten; the monitor's quick_check reports it; restore, resync, salvage. Target p95
+  30 s (small store), 60 s (1 GB).
 - persistent-failures: the daemon SIGKILLed three times (each restarted by the automation, each crash
   reported by a monitor round run at once); the clock starts at the third kill. Target p95 3 min.
 
