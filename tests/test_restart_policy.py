@@ -154,8 +154,8 @@ class TestStaleSignal:
         from crypto_agent.recovery import stale_signal
 
         why = stale_signal(True, started_at=1010.0, detected_at=1000.0, pid=42)
-        assert why == "a late report of a crash already recovered: PID 42 is HEALTHY, started 10.0 s after the " \
-                      "signal's detection"
+        assert why == ("a late report of a crash already recovered: PID 42 is HEALTHY, started 10.0 s after the "
+                       "signal's detection")
 
     def test_an_older_or_unhealthy_instance_or_an_unknown_time_does_not(self) -> None:
         from crypto_agent.recovery import stale_signal
