@@ -18,11 +18,12 @@ from crypto_agent.store import IntegrityResult, check_integrity
 from crypto_agent.storelock import is_locked, lock_path
 from flows.common import retry_if_transient, run_settings
 from flows.events import STORE_CORRUPT, STORE_OK, STORE_RESOURCE, emit
-from flows.notify import CRASH_HOOKS, FAILURE_HOOKS, notify_level
+from flows.notify import CRASH_HOOKS, FAILURE_HOOKS, page_episode
 from flows.retention import answer_storage, measure_storage
 
 # Problems an event or a message names at most; the integrity output can be thousands of lines.
 MAX_PROBLEMS = 20
+BACKUP_AGE_KEY = "storage:backup-too-old"  # the alert episode of a store with no recent good backup
 
 
 class StorageOverLimit(CryptoAgentError):
@@ -287,12 +288,15 @@ def watch_backup_age(settings: dict[str, Any] | None) -> dict[str, Any]:
                            "limit_hours": cfg.backup_max_age_hours, "told": None, "backup": None}
     if age_h is not None and age_h <= cfg.backup_max_age_hours:
         logger.info("newest good backup %s is %.1f h old: fine", out["newest"], age_h)
+        page_episode(cfg, BACKUP_AGE_KEY, False, "l2")
         return out
     locked = is_locked(cfg.db_path)
     action = (f"no backup now: {lock_path(cfg.db_path)} exists (a recovery holds the store); the next watch retries"
               if locked else "a backup (the backup flow: online copy, dry restore, retention) starts now")
-    notify_level("l2", *stale_backup_message(info, age_h, cfg.backup_max_age_hours, action))
-    out["told"] = "l2"
+    # a backup is tried at every watch; L2 hears of the problem once, then every page_repeat_after_s
+    if page_episode(cfg, BACKUP_AGE_KEY, True, "l2", *stale_backup_message(info, age_h, cfg.backup_max_age_hours,
+                                                                            action)):
+        out["told"] = "l2"
     if locked:
         out["backup"] = "skipped: the store is locked by a recovery"
         return out

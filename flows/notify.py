@@ -9,10 +9,14 @@ from prefect.client.schemas.objects import FlowRun, State
 from prefect.exceptions import ObjectNotFound
 from prefect.flows import FlowStateHook
 from prefect.utilities.urls import url_for
+from sqlalchemy.exc import SQLAlchemyError
 
 from blocks import load_block
 from blocks.escalation import DEFAULT_ESCALATION, Escalation, NotificationUndelivered
+from crypto_agent import alerts, incidents
 from crypto_agent.alerts import watched_tags
+from crypto_agent.errors import CryptoAgentError
+from crypto_agent.settings import Settings
 
 
 def load_escalation(name: str = DEFAULT_ESCALATION) -> Escalation:
@@ -98,3 +102,31 @@ def notify_level(level: str, subject: str, body: str, escalation: str = DEFAULT_
     """Tell one escalation level (l1, l2, l3); the task fails when the message cannot be delivered."""
     load_escalation(escalation).notify(level, subject, body)
     get_run_logger().info("told %s: %s", level.upper(), subject)
+
+
+def page_episode(cfg: Settings, key: str, active: bool, level: str, subject: str = "", body: str = "") -> bool:
+    """Page `level` about the condition `key` when it is new or its last page is page_repeat_after_s old, once
+    for all the watchers (crypto_agent.alerts episodes in the incident log); not active ends the episode, so
+    the next occurrence pages at once. True when paged. Without an incident log it pages (never silence)."""
+    try:
+        store = incidents.open_incident_store(cfg)
+    except (CryptoAgentError, SQLAlchemyError):
+        if active:
+            notify_level(level, subject, body)
+        return active
+    try:
+        alerts.ensure_episodes_table(store)
+        step = alerts.episode_step(store, key, active, repeat_after_s=cfg.page_repeat_after_s, detail=subject)
+        if not (active and step.page):
+            if active:
+                get_run_logger().info("not paged again: %s (paged %s time(s) this episode)", subject,
+                                      step.episode.pages if step.episode else "?")
+            return False
+        try:
+            notify_level(level, subject, body)
+        except BaseException:
+            alerts.unclaim_page(store, key, None)  # given back: the next watch pages
+            raise
+        return True
+    finally:
+        store.close()

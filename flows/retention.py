@@ -32,11 +32,12 @@ from crypto_agent.store import open_store
 from crypto_agent.storelock import is_locked, lock_path
 from flows.common import run_settings
 from flows.events import STORE_RESOURCE, STORE_STORAGE_HIGH, emit
-from flows.notify import CRASH_HOOKS, FAILURE_HOOKS, notify_level
+from flows.notify import CRASH_HOOKS, FAILURE_HOOKS, page_episode
 
 # Flow runs one prune-history run deletes at most (about 430 are made a day), and the page it reads them in
 # (the Prefect server's default API limit is 200).
 MAX_FLOW_RUNS = 2000
+LOW_DISK_KEY = "storage:free-disk-low"  # the alert episode of a disk short of room (crypto_agent.alerts)
 PAGE = 200
 # Which finished runs are kept for how long: (state types, the setting of their days).
 FLOW_RUN_CLASSES: tuple[tuple[tuple[StateType, ...], str], ...] = (
@@ -206,13 +207,18 @@ def answer_storage(
 ) -> dict[str, Any]:
     """A passed limit emits storage-high with the report; free disk low tells L2 and runs the retention."""
     out: dict[str, Any] = {"ok": report.ok, "problems": report.problems, "told": None, "retention": None}
+    low = not report.ok and free_disk_low(report)
+    cfg = run_settings(settings)
+    if not low:
+        page_episode(cfg, LOW_DISK_KEY, False, "l2")  # the disk has room again: the next shortage pages at once
     if report.ok:
         return out
     emit(STORE_STORAGE_HIGH, STORE_RESOURCE,
          {**payload, "source": source, "storage": report.to_dict(), "problems": report.problems})
-    if free_disk_low(report):
-        notify_level("l2", *low_disk_message(report, source))
-        out["told"] = "l2"
+    if low:
+        # the retention runs at every watch; L2 hears of the shortage once, then every page_repeat_after_s
+        if page_episode(cfg, LOW_DISK_KEY, True, "l2", *low_disk_message(report, source)):
+            out["told"] = "l2"
         state = prune_history(settings=settings, return_state=True)
         out["retention"] = state.result() if state.is_completed() else f"failed: {state.message}"
     return out

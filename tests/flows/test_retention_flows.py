@@ -225,6 +225,19 @@ class TestLowDisk:
         [message] = wait_for_messages(inbox, "/l2")
         assert "free disk low" in message["body"]["subject"]
 
+    def test_a_disk_that_stays_low_pages_once_per_episode_and_again_after_it_had_room(
+        self, settings: dict[str, Any], store: Store, inbox: Receiver
+    ) -> None:
+        maintenance.backup_flow(settings=settings)
+        low = {**settings, "disk_free_min_gb": HUGE_GB}
+        rounds = [maintenance.storage_watch(settings=low)["storage"] for _ in range(3)]
+        assert [r["told"] for r in rounds] == ["l2", None, None]
+        assert all(r["retention"] is not None for r in rounds)  # the retention still runs every hour
+        assert maintenance.storage_watch(settings=settings)["storage"]["ok"] is True  # room again: episode over
+        assert maintenance.storage_watch(settings=low)["storage"]["told"] == "l2"
+        pages = wait_for_messages(inbox, "/l2", count=2)
+        assert len([m for m in pages if "free disk low" in m["body"]["subject"]]) == 2
+
 
 class TestBackupAge:
     def test_a_newest_good_backup_older_than_26_hours_tells_l2_and_takes_one(
@@ -268,6 +281,18 @@ class TestBackupAge:
         assert result["told"] == "l2" and "locked" in result["backup"]
         assert backup.list_backups(load_settings(**settings).backup_dir) == []
         assert wait_for_messages(inbox, "/l2")
+
+    def test_a_backup_that_stays_impossible_is_paged_once_not_every_hour(
+        self, settings: dict[str, Any], store: Store, inbox: Receiver
+    ) -> None:
+        lock = load_settings(**settings).db_path.parent / "LOCKED"
+        lock.write_text('{"owner": "test"}')
+        try:
+            told = [maintenance.storage_watch(settings=settings)["backup"]["told"] for _ in range(3)]
+        finally:
+            lock.unlink()
+        assert told == ["l2", None, None]
+        assert len(wait_for_messages(inbox, "/l2", timeout_s=3)) == 1
 
 
 class TestSchedules:
