@@ -58,7 +58,9 @@ def every_page(stack: RunningStack, since: str) -> dict[str, list[str]]:
 
 
 def since_incidents(stack: RunningStack, scenario: str, after_ms: int) -> list[Incident]:
-    return [i for i in stack.incidents() if i.scenario == scenario and i.opened_at >= after_ms]
+    """The scenario's incidents opened since `after_ms`, oldest first."""
+    return sorted((i for i in stack.incidents() if i.scenario == scenario and i.opened_at >= after_ms),
+                  key=lambda i: i.id)
 
 
 def runs_ended(stack: RunningStack, flow_name: str) -> bool:
