@@ -220,6 +220,22 @@ class TestStatusCommand:
         with Store(settings.database_url) as store:
             assert [s["status"] for s in health.samples(store, "trader")] == ["HEALTHY", "HEALTHY"]
 
+    def test_what_keeps_the_backtest_from_its_work_is_shown_a_yield_request_and_the_store_lock(self, tmp_path) -> None:
+        from crypto_agent import priority
+
+        settings = make_settings(tmp_path)
+        priority.request_yield(settings, "recover-daemon-crash #7", "the trader is being recovered", incident_id=7)
+        (settings.db_path.parent / "LOCKED").write_text('{"owner": "recover-db-corruption #8"}')
+        out = run_cli(["status", "--no-record"], settings)
+        assert out.returncode == 1 and out.stdout.startswith("DEAD: No PID file\n"), out.stdout
+        assert "  yields to the trader (live trading first), asked by recover-daemon-crash #7 since " in out.stdout
+        assert "(incident #7): the trader is being recovered" in out.stdout
+        assert f"  the store is locked by a recovery: {settings.db_path.parent / 'LOCKED'}" in out.stdout
+        data = json.loads(run_cli(["status", "--no-record", "--json"], settings).stdout)
+        assert data["yield_request"]["incident_id"] == 7 and data["hold"] is None and data["store_locked"]
+        trader = run_cli(["status", "--service", "trader", "--no-record"], settings)
+        assert "yields" not in trader.stdout  # the trader yields to nobody
+
     def test_degraded_prints_the_stale_heartbeat_and_exits_1(self, tmp_path, keeper) -> None:
         settings = make_settings(tmp_path, heartbeat_max_age_s=1.0)
         spec = process.service_spec("backtest", settings)

@@ -13,7 +13,7 @@ import typer
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from crypto_agent import health, holds, process
+from crypto_agent import health, holds, priority, process
 from crypto_agent.cli.app import app
 from crypto_agent.cli.data import check_store_sound
 from crypto_agent.cli.storeerrors import database_error
@@ -21,6 +21,7 @@ from crypto_agent.errors import CryptoAgentError
 from crypto_agent.service import EXIT_CRASHED
 from crypto_agent.settings import Settings, load_settings
 from crypto_agent.store import Store
+from crypto_agent.storelock import lock_path
 
 service_app = typer.Typer(
     help="Process control of a service (backtest, trader): start, stop, restart, dump-stacks, clean.",
@@ -100,13 +101,39 @@ def status_command(
                     recorded = health.record(store, report)
                 except SQLAlchemyError as exc:
                     print(f"warning: history not recorded: {database_error(exc)}", file=sys.stderr)
+    context = service_context(spec, settings)
     if as_json:
-        print(json.dumps({**report.to_dict(), "recorded": recorded}, indent=2))
+        print(json.dumps({**report.to_dict(), "recorded": recorded, **context}, indent=2))
     else:
         print(report.summary)
         for reason in report.reasons[1:]:
             print(f"  also: {reason}")
+        for line in context_lines(context):
+            print(f"  {line}")
     raise typer.Exit(0 if report.healthy else 1)
+
+
+def service_context(spec: process.ServiceSpec, settings: Settings) -> dict[str, object]:
+    """What keeps a service from its work on purpose: its hold, a yield request (live trading first) for the
+    backtest, the store's recovery lock."""
+    hold = holds.read_hold(spec)
+    asked = priority.yield_request(settings) if spec.name == priority.YIELDING_SERVICE else None
+    lock = lock_path(settings.db_path)
+    return {"hold": hold.to_dict() if hold else None, "hold_text": hold.description if hold else None,
+            "yield_request": asked.to_dict() if asked else None, "yield_text": asked.description if asked else None,
+            "store_locked": str(lock) if lock.exists() else None}
+
+
+def context_lines(context: dict[str, object]) -> list[str]:
+    """The context as lines for people, with what to run to lift it."""
+    lines = []
+    if context["hold_text"]:
+        lines.append(f"held: {context['hold_text']} (`crypto-agent service resume` lifts a pause)")
+    if context["yield_text"]:
+        lines.append(f"yields to the trader (live trading first), asked {context['yield_text']}")
+    if context["store_locked"]:
+        lines.append(f"the store is locked by a recovery: {context['store_locked']}")
+    return lines
 
 
 @service_app.command("start")
