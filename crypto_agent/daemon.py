@@ -251,7 +251,17 @@ def _serve(rt: ServiceRuntime, store: Store, settings: Settings, faults: _FaultI
             continue
         if not rt.stopping:
             rt.beat(f"{STATE_RUNNING}: cycle {cycle} done, next in {settings.daemon_cycle_pause_s:.0f} s")
-            rt.wait(settings.daemon_cycle_pause_s)
+            _pause_between_cycles(rt, settings)
+
+
+def _pause_between_cycles(rt: ServiceRuntime, settings: Settings) -> None:
+    """The pause between two cycles, cut short by a yield request (live trading first): the loop then pauses
+    heart-beating it, so the heartbeat says the daemon yields as soon as it is asked, not a cycle later."""
+    deadline = time.monotonic() + settings.daemon_cycle_pause_s
+    while not rt.stopping and yield_reason(settings) is None:
+        left = deadline - time.monotonic()
+        if left <= 0 or not rt.wait(min(1.0, settings.heartbeat_interval_s, left)):
+            return
 
 
 def _run_cycle(

@@ -114,6 +114,16 @@ class TestDaemonYields:
         wait_until(lambda: result_count(settings) > paused_at, what="backtests to resume")
         assert any(" INFO " in line and "work resumed" in line for line in read_lines(spec.log))
 
+    def test_a_daemon_between_two_cycles_yields_at_once_not_a_cycle_later(self, tmp_path, keeper) -> None:
+        settings = make_settings(tmp_path, daemon_cycle_pause_s=600.0)
+        seed_store(settings)
+        spec = process.service_spec("backtest", settings)
+        keeper.start(spec, settings)
+        wait_until(lambda: heartbeat_state(spec).endswith("done, next in 600 s"), what="the pause after a cycle")
+        priority.request_yield(settings, "test", "the trader is down")
+        wait_until(lambda: heartbeat_state(spec) == STATE_PAUSED_LIVE_TRADING, timeout=10.0,
+                   what="the yielding heartbeat during the 10-minute pause")
+
     def test_a_daemon_started_while_a_request_is_in_force_yields_from_the_start(self, tmp_path, keeper) -> None:
         settings = make_settings(tmp_path)
         seed_store(settings)
