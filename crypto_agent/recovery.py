@@ -88,15 +88,25 @@ def triage(report: ProbeReport, heartbeat_max_age_s: float) -> Triage:
 
 
 def stale_signal(healthy: bool, started_at: float | None, detected_at: float | None,
-                 pid: int | None = None) -> str | None:
-    """Why a "this service is dead or silent" signal is already answered, or None when it is to be recovered:
-    the service is HEALTHY as an instance started after the signal's detection (an earlier recovery restarted
-    it; the signal is a late or duplicate report of that crash). Such a signal opens no incident and pages
-    nobody. A HEALTHY instance older than the signal is not enough: the signal may be right about it."""
-    if not healthy or started_at is None or detected_at is None or started_at <= detected_at:
+                 pid: int | None = None, *, reported_pid: int | None = None,
+                 heartbeat_signal: bool = False) -> str | None:
+    """Why a "this service is dead or silent" signal is already answered, or None when it is to be recovered.
+
+    Answered: the service is HEALTHY as an instance started after the signal's detection (an earlier recovery
+    restarted it: the signal is a late or duplicate report of that crash), or as another instance than the one
+    the signal names (`reported_pid`), or, for a heartbeat signal (missing or stale heartbeats), HEALTHY at all:
+    its heartbeat is fresh now, so the silence was the relay's or a restart's, not the service's. Such a signal
+    opens no incident and pages nobody."""
+    if not healthy:
         return None
-    return (f"a late report of a crash already recovered: PID {pid} is HEALTHY, started "
-            f"{started_at - detected_at:.1f} s after the signal's detection")
+    if started_at is not None and detected_at is not None and started_at > detected_at:
+        return (f"a late report of a crash already recovered: PID {pid} is HEALTHY, started "
+                f"{started_at - detected_at:.1f} s after the signal's detection")
+    if reported_pid is not None and pid is not None and reported_pid != pid:
+        return f"a report about PID {reported_pid}, which is gone: PID {pid} is HEALTHY"
+    if heartbeat_signal:
+        return f"a false alarm: PID {pid} is HEALTHY, its heartbeat fresh (the heartbeats' relay was away)"
+    return None
 
 
 def last_start(spec: ServiceSpec, store: Store | None = None) -> float | None:

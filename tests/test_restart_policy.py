@@ -164,3 +164,13 @@ class TestStaleSignal:
         assert stale_signal(False, started_at=1010.0, detected_at=1000.0) is None
         assert stale_signal(True, started_at=None, detected_at=1000.0) is None
         assert stale_signal(True, started_at=1010.0, detected_at=None) is None
+
+    def test_a_report_about_another_pid_or_a_heartbeat_alarm_of_a_healthy_service_is_answered(self) -> None:
+        from crypto_agent.recovery import stale_signal
+
+        assert stale_signal(True, 990.0, 1000.0, pid=7, reported_pid=6) == \
+            "a report about PID 6, which is gone: PID 7 is HEALTHY"
+        assert stale_signal(True, 990.0, 1000.0, pid=7, heartbeat_signal=True).startswith("a false alarm: PID 7")
+        assert stale_signal(True, 990.0, 1000.0, pid=7, reported_pid=7) is None  # the signal is about it
+        assert stale_signal(False, 990.0, 1000.0, pid=7, heartbeat_signal=True) is None  # silent and not healthy
+

@@ -17,6 +17,7 @@ from crypto_agent import health, incidents, process, recovery, restart_policy
 from crypto_agent.incidents import RECOVERED, RESOLVED, SKIPPED
 from crypto_agent.settings import Settings
 from flows.common import run_settings
+from flows.events import HEARTBEAT_MISSING, HEARTBEAT_STALE
 from flows.maintenance import check_store_integrity
 from flows.recovery.contract import Handover, Overrides, Summary, Trigger, recovery_flow
 from flows.recovery.db_corruption import recover_db_corruption
@@ -80,14 +81,18 @@ def late_signal(cfg: Settings, spec: process.ServiceSpec, event: Trigger, handov
         return None
     report = health.probe(spec, cfg)
     check = process.inspect(spec)
+    payload = event.get("payload")
+    reported = payload.get("pid") if isinstance(payload, dict) and isinstance(payload.get("pid"), int) else None
     why = recovery.stale_signal(report.healthy, check.record.create_time if check.record else None,
-                                incidents.detected_at(event), check.pid)
+                                incidents.detected_at(event), check.pid, reported_pid=reported,
+                                heartbeat_signal=str(event.get("event", "")).startswith(HEARTBEAT_SIGNALS))
     if why is None:
         return None
     get_run_logger().info("%s: %s (%s); nothing to do", spec.name, why, event.get("event"))
     return {"incident_id": None, "scenario": "daemon-crash", "outcome": "absorbed", "absorbed_by": why}
 
 
+HEARTBEAT_SIGNALS = (HEARTBEAT_MISSING, HEARTBEAT_STALE)
 RESTARTS_PER_INCIDENT = 3  # a service dying again right after each restart: then the incident fails (L2)
 
 

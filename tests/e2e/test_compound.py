@@ -25,6 +25,7 @@ from crypto_agent.quality import check_data
 from crypto_agent.service import STATE_PAUSED_LIVE_TRADING, read_heartbeat
 from crypto_agent.store import Store
 from crypto_agent.storelock import is_locked
+from flows.events import BACKTEST_DAEMON_RESOURCE
 from tests.stack_kit import REHEARSAL_DEPLOYMENTS, RunningStack, run_cli, start_rehearsal
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -57,10 +58,10 @@ def every_page(stack: RunningStack, since: str) -> dict[str, list[str]]:
     return {level: subjects(stack, level, since) for level in ("l1", "l2", "l3")}
 
 
-def since_incidents(stack: RunningStack, scenario: str, after_ms: int) -> list[Incident]:
-    """The scenario's incidents opened since `after_ms`, oldest first."""
-    return sorted((i for i in stack.incidents() if i.scenario == scenario and i.opened_at >= after_ms),
-                  key=lambda i: i.id)
+def since_incidents(stack: RunningStack, scenario: str, after_ms: int, resource: str | None = None) -> list[Incident]:
+    """The scenario's incidents (of `resource`, when given) opened since `after_ms`, oldest first."""
+    return sorted((i for i in stack.incidents() if i.scenario == scenario and i.opened_at >= after_ms
+                   and (resource is None or i.resource == resource)), key=lambda i: i.id)
 
 
 def runs_ended(stack: RunningStack, flow_name: str) -> bool:
@@ -86,7 +87,7 @@ def test_a_daemon_killed_again_right_after_its_restart_is_restarted_again(stack:
     third = stack.wait(lambda: stack.healthy_other_than("backtest", second), RECOVERY_S, "the second restart").pid
     assert third not in (first, second)
     stack.wait(lambda: runs_ended(stack, "recover-daemon-crash"), RECOVERY_S, "the crash recoveries to end")
-    crashes = since_incidents(stack, "daemon-crash", since)
+    crashes = since_incidents(stack, "daemon-crash", since, BACKTEST_DAEMON_RESOURCE)
     assert [i.outcome for i in crashes] == ["recovered", "recovered"], [(i.id, i.outcome) for i in crashes]
     assert "2nd crash" in next(a["detail"] for a in crashes[1].actions if a["step"] == "restart-policy")
     pages = every_page(stack, since_iso)
@@ -205,7 +206,8 @@ def test_the_stack_stopped_mid_recovery_then_started_again_recovers_the_next_cra
     old = faults.kill(stack.settings, "backtest", signal.SIGKILL).pid
     back = stack.wait(lambda: stack.healthy_other_than("backtest", old), RECOVERY_S, "the daemon back HEALTHY")
     assert back is not None and back.pid != old
-    [crash] = stack.wait(lambda: [i for i in since_incidents(stack, "daemon-crash", since) if not i.is_open],
+    [crash] = stack.wait(lambda: [i for i in since_incidents(stack, "daemon-crash", since, BACKTEST_DAEMON_RESOURCE)
+                                  if not i.is_open],
                          RECOVERY_S, "the crash incident to close")
     assert crash.outcome == "recovered" and "waiting" not in [a["step"] for a in crash.actions]
     stack.run_monitor(wait_s=RECOVERY_S)
