@@ -109,6 +109,18 @@ def stale_signal(healthy: bool, started_at: float | None, detected_at: float | N
     return None
 
 
+def repaired_since(closed: list[Any], detected_at: float | None, scenario: str = "db-corruption") -> Any | None:
+    """The incident of `scenario` that recovered after the signal's detection (seconds), from `closed` incidents
+    (newest first), or None: a store.corrupt detected before the store was repaired is a late report of it."""
+    if detected_at is None:
+        return None
+    for inc in closed:
+        if (inc.scenario == scenario and inc.outcome == "recovered" and inc.resolved_at is not None
+                and inc.resolved_at / 1000 > detected_at):
+            return inc
+    return None
+
+
 def last_start(spec: ServiceSpec, store: Store | None = None) -> float | None:
     """When the service was last started (epoch s): its ownership record, or its newest `started` event."""
     times: list[float] = []

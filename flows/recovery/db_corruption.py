@@ -8,11 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from sqlalchemy.exc import SQLAlchemyError
 
 from crypto_agent import incidents, recovery, storelock
+from crypto_agent.errors import CryptoAgentError
 from crypto_agent.incidents import ESCALATED, RECOVERED, RESOLVED, SKIPPED
+from crypto_agent.store import check_integrity
 from flows.common import run_settings
 from flows.daily import check_data_quality
 from flows.events import STORE_RESOURCE
@@ -73,11 +76,33 @@ def escalate_unrebuilt(run: Recovery, no_backup: str, rebuilt: Rebuilt, impact: 
     return run.finish(ESCALATED, "escalated", summary=why, impact=impact, root_cause=root_cause)
 
 
+def late_report(cfg: Any, event: Trigger, handover: Handover) -> Summary | None:
+    """A corruption reported before the store was repaired by a recovery that has since closed, on a store that
+    checks sound now: a late report of the damage already repaired (a service's store-corrupt heartbeat
+    relayed after the repair); no incident, no page. None: recover as usual."""
+    if event is None or handover:
+        return None
+    try:
+        with incidents.open_incident_store(cfg) as log:
+            fixed = recovery.repaired_since(incidents.list_incidents(log, limit=20), incidents.detected_at(event))
+    except (CryptoAgentError, SQLAlchemyError):
+        return None
+    if fixed is None or not Path(cfg.db_path).exists() or not check_integrity(cfg.db_path).ok:
+        return None
+    why = (f"a late report of the damage incident #{fixed.id} repaired at {incidents.iso(fixed.resolved_at)}: "
+           "quick_check ok now")
+    get_run_logger().info("%s (%s); nothing to do", why, event.get("event"))
+    return {"incident_id": None, "scenario": "db-corruption", "outcome": "absorbed", "absorbed_by": why}
+
+
 @recovery_flow("recover-db-corruption", __doc__, timeout_seconds=2 * 3600)
 def recover_db_corruption(service: str = "backtest", event: Trigger = None, settings: Overrides = None,
                           handover: Handover = None) -> Summary:
     """Repair or restore a corrupt store and bring the services back; the summary {incident_id, outcome, ...}."""
     cfg = run_settings(settings)
+    late = late_report(cfg, event, handover)
+    if late is not None:
+        return late
     guard = [STORE_RESOURCE, resource_of("backtest"), resource_of("trader")]
     with recovery_incident("db-corruption", STORE_RESOURCE, event, cfg, handover, guard=guard) as run:
         if isinstance(run, Absorbed):

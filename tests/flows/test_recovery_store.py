@@ -355,6 +355,24 @@ class TestCorruption:
         healthy(cfg, "trader")
         healthy(cfg, "backtest")
 
+    def test_a_late_report_of_damage_already_repaired_opens_no_incident(
+        self, env: dict[str, Any], inbox: Receiver
+    ) -> None:
+        cfg = settings_of(env)
+        db = Path(cfg.db_path)
+        execute(db, "CREATE INDEX ix_ohlcv_h1_close ON ohlcv_h1 (close, symbol)")
+        checkpoint(db)
+        smash_page(db, leaf_page(db, "ix_ohlcv_h1_close"))
+        late = corrupt_event()  # a service met the damage too: its report is relayed after the repair
+        time.sleep(1.1)
+        assert recover_db_corruption(settings=env, event=corrupt_event())["outcome"] == "recovered"
+        result = recover_db_corruption(settings=env, event=late)
+        assert result["outcome"] == "absorbed" and result["incident_id"] is None
+        assert result["absorbed_by"].startswith("a late report of the damage incident #")
+        assert len(all_incidents(cfg)) == 1
+        # a report detected after the repair is a new problem: it is looked at (here, a sound store: skipped)
+        assert recover_db_corruption(settings=env, event=corrupt_event())["outcome"] == "skipped"
+
     def test_a_sound_store_is_a_false_alarm_and_nothing_is_stopped(
         self, env: dict[str, Any], keeper: Keeper, inbox: Receiver
     ) -> None:
