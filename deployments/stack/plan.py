@@ -28,7 +28,7 @@ LOCAL_HOSTS = {"127.0.0.1", "localhost"}
 SERVER, SIMULATOR, RECEIVER, TRADER, DAEMON, SERVE, RELAY, KEEPER = (
     "prefect-server", "simulator", "receiver", "trader", "backtest", "serve", "relay", "keeper",
 )
-START_ORDER: tuple[str, ...] = (SERVER, SIMULATOR, RECEIVER, TRADER, DAEMON, SERVE, RELAY, KEEPER)
+START_ORDER: tuple[str, ...] = (SERVER, SIMULATOR, RECEIVER, TRADER, DAEMON, RELAY, SERVE, KEEPER)
 # What the keeper (deployments/keeper.py) restarts when it dies; it starts last and `down` stops it first.
 KEPT = (SERVER, SIMULATOR, RECEIVER, SERVE, RELAY)
 SERVICES = (TRADER, DAEMON)  # crypto_agent's services: they write their own pidfile and heartbeat

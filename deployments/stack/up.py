@@ -282,6 +282,10 @@ def bring_up(plan: StackPlan, out: Console, err: Console, interrupts: Interrupts
             register_blocks(plan, out)
             reconcile_recovery_limits(plan, out)
             checkpoint()
+            # the relay before the serving process: its tick and the services' heartbeats reach the server
+            # within seconds of its start, so a dead man's switch never fires while the serving process comes up
+            add(RELAY, lambda: ensure_child(relay_child(plan), plan, env, out, checkpoint=checkpoint))
+            checkpoint()
             # The serving process creates or updates every deployment of prefect.yaml, with its schedules
             # and triggers, as it starts; `prefect deploy` of the same deployments first would leave them
             # pointing at the work pool's pull step, which a served run cannot follow.
@@ -290,8 +294,6 @@ def bring_up(plan: StackPlan, out: Console, err: Console, interrupts: Interrupts
             served = f"{len(plan.only)} of {total} (--only)" if plan.only else str(total)
             out.print(f"deployments: {served} from prefect.yaml, served by PID {serve.pid}")
             automations(plan, out)
-            checkpoint()
-            add(RELAY, lambda: ensure_child(relay_child(plan), plan, env, out, checkpoint=checkpoint))
             checkpoint()
             add(KEEPER, lambda: ensure_child(keeper_child(plan), plan, env, out, checkpoint=checkpoint))
             stack.record()
