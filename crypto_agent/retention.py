@@ -123,7 +123,12 @@ def prune_service_events(store: Store, days: float = SERVICE_EVENT_DAYS, now: fl
     _check_store(store)
     sql = ("SELECT id FROM service_events WHERE at < :cutoff AND id NOT IN ("
            "SELECT MAX(id) FROM service_events GROUP BY service, kind)")
-    return _delete_ids(store, "service_events", sql, {"cutoff": _cutoff_ms(days, now)})
+    cutoff = _cutoff_ms(days, now)
+    deleted = _delete_ids(store, "service_events", sql, {"cutoff": cutoff})
+    # the claims of crashes already reported as events (crypto_agent.monitor) go with them: one row per crash
+    with store.engine.begin() as conn:
+        conn.execute(text("DELETE FROM reported_service_events WHERE reported_at < :cutoff"), {"cutoff": cutoff})
+    return deleted
 
 
 def prune(

@@ -105,9 +105,14 @@ class TestSamplesAndEvents:
         event("crashed", 1, 4)
         event("stopped", 50, 5, service="backtest")
         event("stopped", 45, 6, service="backtest")
+        with store.engine.begin() as conn:  # the monitor's claims of the crashes it reported as events
+            for n, age in ((2, 90), (3, 40), (4, 1)):
+                conn.execute(text("INSERT INTO reported_service_events VALUES ('trader', 'crashed', :i, :at)"),
+                             {"i": f"{n}@1", "at": int((NOW - age * DAY) * 1000)})
         assert retention.prune_service_events(store, days=30, now=NOW) == 3
         assert query(store, "SELECT service, kind, pid FROM service_events ORDER BY pid") == [
             ("trader", "started", 1), ("trader", "crashed", 4), ("backtest", "stopped", 6)]
+        assert query(store, "SELECT instance FROM reported_service_events") == [("4@1",)]
 
     def test_less_than_a_day_is_refused(self, store: Store) -> None:
         with pytest.raises(InputError, match="24 h checks"):
