@@ -19,10 +19,10 @@ from datetime import UTC, datetime
 
 import pytest
 
-from crypto_agent import faults, health, process
+from crypto_agent import faults, process
 from crypto_agent.incidents import Incident
 from crypto_agent.quality import check_data
-from crypto_agent.service import STATE_PAUSED_LIVE_TRADING, read_heartbeat
+from crypto_agent.service import read_heartbeat
 from crypto_agent.store import Store
 from crypto_agent.storelock import is_locked
 from flows.events import BACKTEST_DAEMON_RESOURCE
@@ -99,22 +99,20 @@ def test_a_daemon_killed_again_right_after_its_restart_is_restarted_again(stack:
 def test_the_trader_killed_pauses_the_backtest_until_it_is_healthy_again(stack: RunningStack) -> None:
     since, since_iso = now_ms(), now_iso()
     daemon = stack.pid("backtest")
-    states: set[str] = set()
+    log = process.service_spec("backtest", stack.settings).log
+    seen = len(log.read_text(encoding="utf-8").splitlines())
     old = faults.kill(stack.settings, "trader", signal.SIGKILL).pid
-
-    def trader_back() -> health.ProbeReport | None:
-        beat = read_heartbeat(process.service_spec("backtest", stack.settings).heartbeat)
-        if beat is not None and beat.state:
-            states.add(beat.state.split(" (")[0])
-        return stack.healthy_other_than("trader", old)
-
-    stack.wait(trader_back, RECOVERY_S, "the trader back HEALTHY", every_s=0.05)
+    stack.wait(lambda: stack.healthy_other_than("trader", old), RECOVERY_S, "the trader back HEALTHY")
     [inc] = stack.wait(lambda: [i for i in since_incidents(stack, "daemon-crash", since) if not i.is_open],
                        RECOVERY_S, "the trader's incident to close")
     done = [a["step"] for a in inc.actions]
     assert done.index("pause-backtest") < done.index("start") < done.index("resume-backtest"), done
-    # the daemon itself yielded (its own pause, not a signal): the same process, heart-beating the pause
-    assert STATE_PAUSED_LIVE_TRADING in states, states
+    # the daemon itself yielded (its own pause, not a signal) and resumed: the same process says so in its log
+    lines = log.read_text(encoding="utf-8").splitlines()[seen:]
+    paused = [i for i, line in enumerate(lines) if f"[{daemon}]" in line and "live trading first" in line
+              and f"incident #{inc.id}" in line and "new work paused" in line]
+    resumed = [i for i, line in enumerate(lines) if f"[{daemon}]" in line and "work resumed" in line]
+    assert paused and resumed and paused[0] < resumed[-1], "\n".join(lines[-20:])
     assert stack.pid("backtest") == daemon
     stack.wait(lambda: (b := read_heartbeat(process.service_spec("backtest", stack.settings).heartbeat))
                is not None and not (b.state or "").startswith("paused"), 60, "the backtest to resume")
