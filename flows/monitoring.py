@@ -304,6 +304,39 @@ def check_store(settings: dict[str, Any] | None) -> dict[str, Any]:
     return {"integrity": integrity.mode, "ok": True, "events": [STORE_OK]}
 
 
+def clear_what_cleared(summary: dict[str, Any], settings: dict[str, Any] | None) -> list[int]:
+    """The incidents waiting for a person whose condition this round saw gone: no longer needing one, and the
+    levels that were paged told once that it cleared; their ids."""
+    cfg = run_settings(settings)
+    healthy = {resource_of_service(n) for n, s in summary["services"].items() if "healthy" in s["conditions"]}
+    store = summary.get("store") or {}
+    sound = bool(store.get("integrity")) and (store.get("ok") is True or store.get("events") == [STORE_STALE])
+    fresh = store.get("ok") is True
+    try:
+        log_store = incidents.open_incident_store(cfg)
+    except (CryptoAgentError, SQLAlchemyError):
+        return []
+    cleared: list[int] = []
+    try:
+        for inc in incidents.needing_person(log_store):
+            why = incidents.condition_cleared(inc, healthy_resources=healthy, store_sound=sound, store_fresh=fresh)
+            if why is None:
+                continue
+            done = incidents.clear_needs_person(log_store, inc.id, by="the health monitor", note=why)
+            cleared.append(done.id)
+            sc = incidents.scenario(done.scenario)
+            for level in done.levels_told or ["l1"]:
+                try:
+                    notify_level(level, f"[crypto-agent] incident #{done.id} cleared: {sc.title} ({done.resource})",
+                                 f"{why}: it no longer needs a person (seen by the health monitor). It was: "
+                                 f"{done.summary or done.root_cause or 'no summary'}")
+                except CryptoAgentError as exc:
+                    get_run_logger().warning("%s not told that incident #%d cleared: %s", level.upper(), done.id, exc)
+    finally:
+        log_store.close()
+    return cleared
+
+
 @flow(
     name="health-monitor",
     description="Probe every service, keep the samples, emit dead / hung / cpu-high / memory-high / healthy / "
@@ -339,6 +372,7 @@ def health_monitor(
         if store_checks:
             summary["store"] = check_store(settings)
             summary["events"].extend(summary["store"].get("events", []))
+        summary["cleared"] = clear_what_cleared(summary, settings)
     finally:
         # The dead man's switch listens for this; a failed round still says the monitor runs
         # (its failure hook tells L1 what broke).

@@ -52,6 +52,7 @@ from crypto_agent.incidents.log import (
 from crypto_agent.incidents.policy import (
     NeedsPersonAction,
     budget_left_s,
+    condition_cleared,
     levels_to_tell,
     needs_person_action,
     over_budget_note,
@@ -78,8 +79,8 @@ __all__ = [
     "ABANDONED_AFTER_S", "ABSORBED", "ESCALATED", "FAILED", "LEVELS", "MAX_ACTION_DETAIL", "MAX_TRIGGER_CHARS",
     "OPEN", "OUTCOMES", "RECOVERED", "RESOLVED", "ROOT_CAUSES", "SCENARIOS", "SKIPPED", "STATUSES",
     "Incident", "IncidentError", "NeedsPersonAction", "Scenario", "ScenarioStats",
-    "add_action", "budget_left_s", "clear_needs_person", "close", "detected_at", "escalate", "event_payload",
-    "fail", "get",
+    "add_action", "budget_left_s", "clear_needs_person", "close", "condition_cleared", "detected_at", "escalate",
+    "event_payload", "fail", "get",
     "incidents_db_path", "iso",
     "levels_to_tell", "list_incidents", "mttr_by_scenario", "needing_person",
     "needs_person_action", "needs_person_incident", "open_incident_store", "open_incidents",

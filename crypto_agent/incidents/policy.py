@@ -118,3 +118,23 @@ def over_budget_note(inc: Incident, now_ms: int) -> str:
     ran = eta - budget_left_s(inc, now_ms)
     return (f"the recovery has run {ran / 60:.1f} min since the detection, past the runbook's ETA of "
             f"{eta / 60:g} min; it goes on")
+
+
+# The conditions a monitor round can see gone, by scenario; a rollback always waits for a person (the backtest
+# stays paused until one resumes it).
+SERVICE_SCENARIOS = ("daemon-crash", "process-hang")
+
+
+def condition_cleared(inc: Incident, *, healthy_resources: set[str], store_sound: bool,
+                      store_fresh: bool) -> str | None:
+    """Why an incident waiting for a person no longer needs one, as a monitor round sees it, or None: its service
+    HEALTHY again, its store sound again (quick_check ok, no recovery lock), its data fresh again."""
+    if not inc.needs_person or inc.is_open:
+        return None
+    if inc.scenario in SERVICE_SCENARIOS and inc.resource in healthy_resources:
+        return f"{inc.resource} is HEALTHY again"
+    if inc.scenario == "db-corruption" and store_sound:
+        return "the store is sound again (quick_check ok, no recovery lock)"
+    if inc.scenario == "stale-data" and store_fresh:
+        return "the data checks pass again"
+    return None

@@ -57,6 +57,7 @@ from flows.events import (
     SERVICE_RESULTS_STALE,
     STORE_CORRUPT,
     STORE_OK,
+    STORE_RESOURCE,
     STORE_STALE,
     TRADER_RESOURCE,
 )
@@ -471,3 +472,47 @@ def test_the_relay_refuses_an_unknown_service(tmp_path: Path) -> None:
                           env=env, cwd=PROJECT_DIR, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2
     assert "unknown service(s) nope" in done.stderr
+
+
+class TestNeedsPersonCleared:
+    def _waiting(self, settings: dict[str, Any], scenario: str, resource: str, level: str = "l2") -> int:
+        """An incident the recoveries could not fix, waiting for a person, paged at `level`."""
+        from crypto_agent import incidents
+
+        with incidents.open_incident_store(load_settings(**settings)) as log:
+            inc, _ = incidents.open_or_join(log, scenario, resource, {"event": "test"}, time.time() - 60)
+            incidents.told(log, inc.id, level)
+            done = incidents.escalate(log, inc.id, level, "the recovery did not succeed")
+            assert done.needs_person
+            return done.id
+
+    def test_a_sound_store_and_a_healthy_daemon_clear_what_waited_for_a_person_and_say_so_once(
+        self, filled: dict[str, Any], keeper: Any, inbox: Receiver
+    ) -> None:
+        from crypto_agent import incidents
+
+        cfg = load_settings(**filled)
+        start(keeper, "backtest", cfg)
+        store_id = self._waiting(filled, "db-corruption", STORE_RESOURCE)
+        daemon_id = self._waiting(filled, "daemon-crash", BACKTEST_DAEMON_RESOURCE)
+        rollback_id = self._waiting(filled, "persistent-failures", BACKTEST_DAEMON_RESOURCE, "l3")
+        result, _ = run(health_monitor, services=["backtest"], settings={**filled, **FAST})
+        assert sorted(result["cleared"]) == sorted([store_id, daemon_id])
+        with incidents.open_incident_store(cfg) as log:
+            assert [i.id for i in incidents.needing_person(log)] == [rollback_id]  # a rollback waits for a person
+            store_inc = incidents.get(log, store_id)
+        assert store_inc.actions[-1]["detail"] == ("resolved by the health monitor: the store is sound again "
+                                                   "(quick_check ok, no recovery lock)")
+        pages = wait_for_messages(inbox, "/l2", count=2)
+        assert sorted(m["body"]["subject"].split(":")[0] for m in pages) == [
+            f"[crypto-agent] incident #{store_id} cleared", f"[crypto-agent] incident #{daemon_id} cleared"]
+        again, _ = run(health_monitor, services=["backtest"], settings={**filled, **FAST})
+        assert again["cleared"] == []
+        assert len(wait_for_messages(inbox, "/l2", count=3, timeout_s=3)) == 2
+
+    def test_a_store_still_locked_stays_waiting(self, filled: dict[str, Any]) -> None:
+        store_id = self._waiting(filled, "db-corruption", STORE_RESOURCE)
+        lock = load_settings(**filled).db_path.parent / "LOCKED"
+        lock.write_text('{"owner": "a person investigating"}')
+        result, _ = run(health_monitor, services=["backtest"], settings=filled)
+        assert result["cleared"] == [] and store_id
