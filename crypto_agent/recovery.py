@@ -305,6 +305,9 @@ SALVAGE_TIME_COLUMNS: dict[str, tuple[str, ...]] = {
     "paper_positions": ("opened_at", "closed_at"),
     "probe_samples": ("checked_at",),
     "service_events": ("at",),
+    # the monitor's claims of the crashes it reported: salvaged with the crashes, or a restore would make the
+    # monitor report them again and the persistent-failures threshold count them twice (a rollback for nothing)
+    "reported_service_events": ("reported_at",),
     "sentimento_mercado": ("fetched_at",),
     "macro_series": ("fetched_at",),
 }

@@ -367,6 +367,25 @@ def test_salvage_copies_the_readable_newer_rows_of_non_candle_tables(tmp_path: P
     conn.close()
 
 
+def test_salvage_keeps_the_claims_of_reported_crashes_with_the_crashes(tmp_path: Path) -> None:
+    """A restore that brought the crashes back without the monitor's claims would have them reported again and
+    counted twice by the persistent-failures threshold (seen: a rollback nobody needed, in the chaos drills)."""
+    old, new = tmp_path / "old.db", tmp_path / "new.db"
+    for path in (old, new):
+        with Store(f"sqlite:///{path}"):
+            pass
+    conn = sqlite3.connect(new)
+    conn.executemany("INSERT INTO reported_service_events VALUES ('backtest', 'crashed', ?, ?)",
+                     [("1@1", 100_000), ("2@1", 200_000)])
+    conn.commit()
+    conn.close()
+    got = recovery.salvage_since(new, old, since_ms=150_000)
+    assert got.copied["reported_service_events"] == 1 and "reported_service_events" not in got.skipped
+    conn = sqlite3.connect(old)
+    assert conn.execute("SELECT instance FROM reported_service_events").fetchall() == [("2@1",)]
+    conn.close()
+
+
 def test_a_lock_handed_to_a_person_outlives_the_recovery_that_held_it(tmp_path: Path) -> None:
     db = tmp_path / "crypto_agent.db"
     with storelock.recovery_lock(db, "recover-db-corruption #3"):
