@@ -32,12 +32,10 @@ import contextvars
 import json
 import logging
 import queue
-import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from types import FrameType
 from typing import Any
 
 from crypto_agent import keeper, process
@@ -279,13 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     except CryptoAgentError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
+    stop = process.stop_event_on_signals()
     teller = Teller(plan)
     kept = Keeper(plan, poll_s=args.poll_s, teller=teller)
     kept.run(stop)

@@ -20,15 +20,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass
-from types import FrameType
 
 from prefect.events import emit_event
 
+from crypto_agent import process
 from crypto_agent.errors import ConfigError, CryptoAgentError
 from crypto_agent.monitor import FINDING_DEAD, HeartbeatWatch, ServiceWatch
 from crypto_agent.service import SERVICE_NAMES
@@ -143,13 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     except CryptoAgentError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
+    stop = process.stop_event_on_signals()
     log.info("relaying the heartbeats of %s from %s every %g s; tick every %g s",
              ", ".join(services), settings.run_dir, settings.relay_poll_s, settings.relay_tick_s)
     counts = run_relay(settings, services=services, stop=stop)

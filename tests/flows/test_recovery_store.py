@@ -89,6 +89,13 @@ def corrupt_event(**payload: Any) -> dict[str, Any]:
     return event(STORE_CORRUPT, STORE, mode="quick_check", problems=["database disk image is malformed"], **payload)
 
 
+def smash_an_index(db: Path) -> None:
+    """Damage a leaf of an index made for it: REINDEX on a copy repairs that without a restore."""
+    execute(db, "CREATE INDEX ix_ohlcv_h1_close ON ohlcv_h1 (close, symbol)")
+    checkpoint(db)
+    smash_page(db, leaf_page(db, "ix_ohlcv_h1_close"))
+
+
 class TestCorruption:
     def test_a_corrupted_page_is_restored_from_the_good_backup_resynced_and_salvaged(
         self, env: dict[str, Any], simulator: Simulator, keeper: Keeper, inbox: Receiver
@@ -179,10 +186,8 @@ class TestCorruption:
     ) -> None:
         cfg = settings_of(env)
         db = Path(cfg.db_path)
-        execute(db, "CREATE INDEX ix_ohlcv_h1_close ON ohlcv_h1 (close, symbol)")
-        checkpoint(db)
         before = candle_count(db)
-        smash_page(db, leaf_page(db, "ix_ohlcv_h1_close"))
+        smash_an_index(db)
         assert not check_integrity(db, full=True).ok
         result = recover_db_corruption(settings=env, event=corrupt_event())
 
@@ -360,9 +365,7 @@ class TestCorruption:
     ) -> None:
         cfg = settings_of(env)
         db = Path(cfg.db_path)
-        execute(db, "CREATE INDEX ix_ohlcv_h1_close ON ohlcv_h1 (close, symbol)")
-        checkpoint(db)
-        smash_page(db, leaf_page(db, "ix_ohlcv_h1_close"))
+        smash_an_index(db)
         late = corrupt_event()  # a service met the damage too: its report is relayed after the repair
         time.sleep(1.1)
         assert recover_db_corruption(settings=env, event=corrupt_event())["outcome"] == "recovered"
