@@ -340,6 +340,8 @@ def apply_automations(settings: Settings | None = None, project_dir: Path = PROJ
             if existing:
                 keep, *duplicates = existing
                 client.update_automation(keep.id, desired)
+                if not keep.enabled and desired.name in DEAD_MANS_SWITCHES:  # paused for a planned stop: re-armed
+                    client.resume_automation(keep.id)  # (an automation paused by hand stays paused)
                 done.updated.append(desired.name)
                 for extra in duplicates:
                     client.delete_automation(extra.id)
@@ -351,6 +353,19 @@ def apply_automations(settings: Settings | None = None, project_dir: Path = PROJ
             client.delete_automation(stale.id)
             done.deleted.append(stale.name)
     return done
+
+
+def pause_dead_mans_switches() -> list[str]:
+    """Before a deliberate stop of the stack (`down`, Ctrl-C): pause the dead man's switches, so a planned
+    outage pages nobody (the silence they wait for would otherwise page L2 as soon as the server is back);
+    `up` applies them again, enabled, once the relay and the serving process tick. The names paused."""
+    paused = []
+    with get_client(sync_client=True) as client:
+        for automation in client.read_automations():
+            if automation.name in DEAD_MANS_SWITCHES and automation.enabled:
+                client.pause_automation(automation.id)
+                paused.append(automation.name)
+    return paused
 
 
 def automation_summary(automation: AutomationCore | Automation) -> dict[str, Any]:

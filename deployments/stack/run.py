@@ -11,7 +11,7 @@ from rich.console import Console
 from crypto_agent import process
 from deployments.stack.parts import Stack, stop_parts
 from deployments.stack.plan import KEEPER, KEPT, SERVICES, StackPlan
-from deployments.stack.up import Interrupts, bring_up, claim_foreground, release_foreground
+from deployments.stack.up import Interrupts, bring_up, claim_foreground, pause_switches, release_foreground
 
 
 def summary_lines(stack: Stack) -> list[str]:
@@ -70,6 +70,8 @@ def run_up(plan: StackPlan, *, detach: bool, out: Console, err: Console) -> int:
                       + (f"; it leaves running what it reused: {', '.join(reused)}" if reused else ""))
             watch(stack, interrupts.event, out)
             out.print(f"{interrupts.received}: stopping the stack ...")
+            if len(stack.started) == len(stack.parts):  # it stops the whole stack: a planned outage
+                pause_switches(plan.api_url, out)
             problems = stop_parts(stack.started, plan.settings, out)
             if not problems and len(stack.started) == len(stack.parts):
                 plan.record_path.unlink(missing_ok=True)

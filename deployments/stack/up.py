@@ -52,6 +52,7 @@ from deployments.stack.plan import (
     child_env,
     deployment_names,
     prefect_client_env,
+    read_record,
 )
 
 
@@ -305,9 +306,31 @@ def bring_up(plan: StackPlan, out: Console, err: Console, interrupts: Interrupts
     return stack
 
 
+def pause_switches(api_url: str, out: Console) -> None:
+    """A planned stop pages nobody: pause the dead man's switches first (best effort, bounded; `up` re-arms them)."""
+    from deployments.stack.parts import http_ok
+
+    if not http_ok(f"{api_url}/health"):
+        return
+    try:
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        from deployments.automations import pause_dead_mans_switches
+
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            paused = pause_dead_mans_switches()
+    except Exception as exc:  # noqa: BLE001 (the stop goes on; at worst a switch pages L2 after the next up)
+        out.print(f"warning: the dead man's switches were not paused: {exc}")
+        return
+    if paused:
+        out.print(f"automations: paused {', '.join(paused)} for the stop (`up` re-arms them)")
+
+
 def bring_down(settings: Settings, out: Console) -> list[str]:
     """Stop the whole stack: a foreground `up` first (it stops its parts), then every part left, in reverse order."""
     problems = []
+    record = read_record(settings)
+    pause_switches(str(record.get("api_url")) if record else f"http://127.0.0.1:{settings.prefect_port}/api", out)
     up_spec = foreground_spec(settings)
     check = process.inspect(up_spec)
     if check.alive:

@@ -100,6 +100,20 @@ class TestApplyAutomations:
         [missing] = now[f"{PREFIX}heartbeat-missing"]
         assert missing.trigger.within == timedelta(seconds=20)  # updated in place
 
+    def test_a_planned_stop_pauses_the_dead_mans_switches_and_the_next_apply_arms_them_again(
+        self, recovery_deployments: dict[str, Any], receiver: Receiver
+    ) -> None:
+        from deployments.automations import pause_dead_mans_switches
+
+        settings = load_settings(receiver_url=receiver.url)
+        apply_automations(settings, PROJECT_DIR)
+        assert sorted(pause_dead_mans_switches()) == sorted(DEAD_MANS_SWITCHES)
+        assert all(not a.enabled for name in DEAD_MANS_SWITCHES for a in ours()[name])
+        assert all(a.enabled for name, group in ours().items() if name not in DEAD_MANS_SWITCHES for a in group)
+        assert pause_dead_mans_switches() == []  # already paused
+        apply_automations(settings, PROJECT_DIR)
+        assert all(a.enabled for name in DEAD_MANS_SWITCHES for a in ours()[name])
+
     def test_the_heartbeat_stale_automation_goes_when_the_missing_one_covers_the_limit(
         self, recovery_deployments: dict[str, Any], receiver: Receiver
     ) -> None:
