@@ -107,12 +107,15 @@ def test_the_trader_killed_pauses_the_backtest_until_it_is_healthy_again(stack: 
                        RECOVERY_S, "the trader's incident to close")
     done = [a["step"] for a in inc.actions]
     assert done.index("pause-backtest") < done.index("start") < done.index("resume-backtest"), done
-    # the daemon itself yielded (its own pause, not a signal) and resumed: the same process says so in its log
-    lines = log.read_text(encoding="utf-8").splitlines()[seen:]
-    paused = [i for i, line in enumerate(lines) if f"[{daemon}]" in line and "live trading first" in line
-              and f"incident #{inc.id}" in line and "new work paused" in line]
-    resumed = [i for i, line in enumerate(lines) if f"[{daemon}]" in line and "work resumed" in line]
-    assert paused and resumed and paused[0] < resumed[-1], "\n".join(lines[-20:])
+    # the daemon itself yielded (its own pause, not a signal) and resumed (it looks every second): the same
+    # process says so in its log
+    def said(words: str) -> list[int]:
+        lines = log.read_text(encoding="utf-8").splitlines()[seen:]
+        return [i for i, line in enumerate(lines) if f"[{daemon}]" in line and words in line]
+
+    paused = [i for i in said("new work paused") if i in said(f"incident #{inc.id}")]
+    resumed = stack.wait(lambda: said("work resumed"), 30, "the daemon to say it resumed")
+    assert paused and paused[0] < resumed[-1], log.read_text(encoding="utf-8").splitlines()[seen:][-20:]
     assert stack.pid("backtest") == daemon
     stack.wait(lambda: (b := read_heartbeat(process.service_spec("backtest", stack.settings).heartbeat))
                is not None and not (b.state or "").startswith("paused"), 60, "the backtest to resume")
