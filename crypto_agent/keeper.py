@@ -30,6 +30,7 @@ class PartHistory:
     dead_since: float | None = None  # when the keeper first saw it dead, None while it lives
     told_at: float | None = None
     restarts: list[float] = field(default_factory=list)
+    dead_confirmed: bool = False  # seen dead at two looks in a row (a stop in progress is seen once at most)
     failed_start: bool = False  # its last restart failed (its pidfile is gone): still dead, not stopped on purpose
 
 

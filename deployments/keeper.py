@@ -178,11 +178,19 @@ class Keeper:
             if history.started_at is None and check.record is not None:
                 history.started_at = check.record.create_time
             keeper.seen_alive(history, now)
+            history.dead_confirmed = False
             return "alive"
         if check.state is Liveness.NO_PIDFILE and not history.failed_start:
             history.dead_since = None
+            history.dead_confirmed = False
             return "stopped"
-        first_look = history.dead_since is None
+        if history.dead_since is None and not history.failed_start:
+            # confirmed at the next look: a deliberate stop (`down`, stop_part) removes the pidfile just after
+            # the process is gone, and that window must not read as a death
+            history.dead_since = now
+            return "suspect"
+        first_look = not history.dead_confirmed
+        history.dead_confirmed = True
         decision = keeper.decide(history, now, base_s=self.base_s, cap_s=self.cap_s)
         if first_look:
             log.warning("%s is dead: %s", name, check.reason)

@@ -111,17 +111,29 @@ class TestKeeperLoop:
         assert kept.look("relay", time.time()) == "alive"
         os.kill(first, signal.SIGKILL)
         psutil.Process(first).wait(5)
+        assert kept.look("relay", time.time()) == "suspect"  # confirmed at the next look
         assert kept.look("relay", time.time()) == "restarted"
         second = process.inspect(spec).pid
         reaped.append(second)
         assert second != first and process.inspect(spec).alive
         os.kill(second, signal.SIGKILL)
         psutil.Process(second).wait(5)
+        assert kept.look("relay", time.time()) == "suspect"
         assert kept.look("relay", time.time()) == "waiting"  # death 2 in a row: 1 s after its last start
         time.sleep(keeper.BASE_S)
         assert kept.look("relay", time.time()) == "restarted"
         reaped.append(process.inspect(spec).pid)
         assert kept.histories["relay"].streak == 2 and kept.restarts == 2
+
+    def test_a_stop_caught_between_the_exit_and_its_clean_up_is_not_a_death(self, tmp_path: Path, reaped) -> None:
+        kept = keeping_a_sleeper(tmp_path)
+        spec = kept.children["relay"].spec(kept.plan.settings)
+        pid = process.start_child(spec, env=kept.env, ready=lambda: True).pid
+        os.kill(pid, signal.SIGTERM)  # what a stop does first; its clean-up of the pidfile comes a moment later
+        psutil.Process(pid).wait(5)
+        assert kept.look("relay", time.time()) == "suspect"
+        process.clean_state(spec)  # the stop's clean-up
+        assert kept.look("relay", time.time()) == "stopped" and kept.restarts == 0
 
     def test_a_part_stopped_on_purpose_is_left_alone(self, tmp_path: Path, reaped) -> None:
         kept = keeping_a_sleeper(tmp_path)
@@ -146,6 +158,7 @@ class TestKeeperLoop:
             time.sleep(0.01)
         write_atomic(spec.pidfile, f"{stranger.pid}\n")  # as if the dead part's PID were reused
         assert process.inspect(spec).state is process.Liveness.FOREIGN
+        assert kept.look("relay", time.time()) == "suspect"
         assert kept.look("relay", time.time()) == "restarted"
         new = process.inspect(spec)
         reaped.append(new.pid)
@@ -159,6 +172,7 @@ class TestKeeperLoop:
         spec = kept.children["relay"].spec(kept.plan.settings)
         spec.pidfile.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(spec.pidfile, "999999\n")  # a part that died: its pidfile names no process
+        assert kept.look("relay", time.time()) == "suspect"
         assert kept.look("relay", time.time()) == "failed"
         assert not spec.pidfile.exists()  # the failed start left no pidfile, yet the part is not "stopped"
         assert kept.look("relay", time.time()) == "waiting" and kept.restarts == 0
