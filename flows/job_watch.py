@@ -20,13 +20,12 @@ from uuid import UUID
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from sqlalchemy.exc import SQLAlchemyError
 
-from crypto_agent import alerts, incidents
+from crypto_agent import alerts
 from crypto_agent.alerts import JOB_KINDS, JobRun
-from crypto_agent.errors import CryptoAgentError, InputError
+from crypto_agent.errors import InputError
 from flows.common import run_settings
-from flows.notify import CRASH_HOOKS, FAILURE_HOOKS, notify_level
+from flows.notify import CRASH_HOOKS, FAILURE_HOOKS, page_episode
 
 FLOW_RUN_PREFIX = "prefect.flow-run."
 EVENT_PREFIX = "prefect.flow-run."
@@ -122,34 +121,13 @@ def job_watch(flow_run_id: str = "", kind: str = "", settings: dict[str, Any] | 
         return result
     result["level"] = alert.level
     key = f"job:{run.deployment}"
-    try:
-        log_store = incidents.open_incident_store(cfg)
-    except (CryptoAgentError, SQLAlchemyError) as exc:  # no log to dedupe against: page rather than stay silent
-        logger.warning("the incident log cannot be opened (%s): paging without the one-page-per-problem check", exc)
-        notify_level(alert.level, alert.subject, alert.body)
-        result.update(paged=True, reason="paged (no incident log)")
+    if not alert.payload["repeat"]:  # a first bad run after a good one: a new problem, paged at once
+        for stale in (key, key + REPEAT_SUFFIX):
+            page_episode(cfg, stale, False, alert.level)
+    if not page_episode(cfg, key + REPEAT_SUFFIX if alert.payload["repeat"] else key, True, alert.level,
+                        alert.subject, alert.body):
+        result["reason"] = f"already paged for {run.deployment} this episode"
+        logger.info("nobody paged: %s", result["reason"])
         return result
-    try:
-        alerts.ensure_episodes_table(log_store)
-        if alert.payload["repeat"]:
-            step = alerts.episode_step(log_store, key + REPEAT_SUFFIX, True, repeat_after_s=cfg.page_repeat_after_s,
-                                       detail=alert.subject)
-        else:  # a first bad run after a good one: a new problem, paged at once
-            for stale in (key, key + REPEAT_SUFFIX):
-                alerts.episode_step(log_store, stale, False, repeat_after_s=cfg.page_repeat_after_s)
-            step = alerts.episode_step(log_store, key, True, repeat_after_s=cfg.page_repeat_after_s,
-                                       detail=alert.subject)
-        if not step.page:
-            result["reason"] = (f"already paged for {run.deployment} "
-                                f"({step.episode.pages if step.episode else '?'} page(s) this episode)")
-            logger.info("nobody paged: %s", result["reason"])
-            return result
-        try:
-            notify_level(alert.level, alert.subject, alert.body)
-        except CryptoAgentError:
-            alerts.unclaim_page(log_store, key + REPEAT_SUFFIX if alert.payload["repeat"] else key, None)
-            raise
-    finally:
-        log_store.close()
     result.update(paged=True, reason=alert.subject)
     return result
