@@ -208,6 +208,11 @@ class Settings(BaseSettings):
         description="The health monitor's dead man's switch pages L2 after its cron interval plus this grace "
         "without a tick (issue 10: within 2 minutes of the round that did not come).",
     )
+    flow_run_start: str = Field(
+        "fork", pattern="^(fork|spawn)$",
+        description="How the serving process starts a flow run: 'fork' from a process that has already imported "
+        "Prefect and the flows (about 0.1 s), or 'spawn' a fresh interpreter as Prefect does (2.5-4 s of imports).",
+    )
     serve_tick_s: float = Field(
         30.0, ge=1, le=600,
         description="How often the serving process emits its own tick; its dead man's switch pages L2 after "

@@ -2,10 +2,12 @@
 default instead of a work pool and its workers.
 
 prefect.yaml stays the one place deployments are declared; this module reads it and hands each
-entry to `prefect.serve()` as `flow.to_deployment(...)` with the same name, parameters, tags,
-description, schedules (cron, timezone, day_or, slug), concurrency limit and triggers (named as
-`prefect deploy` names them, so serving and deploying replace the same automations). Flow runs then
-start about 1.5 s after their trigger with PREFECT_RUNNER_POLL_FREQUENCY=1.
+entry's flow to a `prefect.runner.Runner` (`Runner.add_flow`, what `flow.serve()` does) with the same
+name, parameters, tags, description, schedules (cron, timezone, day_or, slug), concurrency limit and
+triggers (named as `prefect deploy` names them, so serving and deploying replace the same
+automations). A flow run then starts in a subprocess from the flow object itself, forked from a warm
+process when the setting flow_run_start is "fork" (the default): its body begins about 2 s after
+the event that triggered it, with PREFECT_RUNNER_POLL_FREQUENCY=1.
 
 Run: `python -m deployments.serve [--project-dir DIR] [--only FLOW/DEPLOYMENT ...] [--limit N]` with
 PREFECT_API_URL set; SIGTERM stops it cleanly (its running flow runs are cancelled, not left
@@ -15,7 +17,11 @@ RUNNING; SIGINT would leave them so).
 from __future__ import annotations
 
 import argparse
+import asyncio
+import copyreg
 import importlib
+import multiprocessing
+import multiprocessing.forkserver
 import os
 import sys
 import threading
@@ -113,19 +119,20 @@ def concurrency_of(spec: dict[str, Any]) -> int | ConcurrencyLimitConfig | None:
     return value
 
 
-def to_runner_deployment(entry: DeploymentEntry) -> RunnerDeployment:
-    """The served form of one prefect.yaml deployment."""
+def deployment_options(entry: DeploymentEntry) -> dict[str, Any]:
+    """What prefect.yaml says of one deployment, as the keyword arguments of flow.to_deployment / Runner.add_flow."""
     spec = entry.spec
     triggers: list[DeploymentTriggerTypes | TriggerTypes] = list(triggers_of(spec))
-    deployment = entry.flow.to_deployment(
-        name=spec["name"],
-        schedules=schedules_of(spec),
-        parameters=spec.get("parameters") or {},
-        description=spec.get("description"),
-        tags=spec.get("tags"),
-        triggers=triggers,
-        concurrency_limit=concurrency_of(spec),
-    )
+    return {
+        "name": spec["name"], "schedules": schedules_of(spec), "parameters": spec.get("parameters") or {},
+        "description": spec.get("description"), "tags": spec.get("tags"), "triggers": triggers,
+        "concurrency_limit": concurrency_of(spec),
+    }
+
+
+def to_runner_deployment(entry: DeploymentEntry) -> RunnerDeployment:
+    """The served form of one prefect.yaml deployment."""
+    deployment = entry.flow.to_deployment(**deployment_options(entry))
     assert isinstance(deployment, RunnerDeployment)  # sync outside an event loop, as here
     return deployment
 
@@ -146,15 +153,78 @@ def start_ticking(interval_s: float) -> threading.Event:
     return stop
 
 
+class _ForkserverMultiprocessing:
+    """prefect.flow_engine's view of `multiprocessing`: the "spawn" context it asks for is the forkserver's."""
+
+    context = multiprocessing.context
+
+    def __init__(self, ctx: multiprocessing.context.BaseContext) -> None:
+        self._ctx = ctx
+
+    def get_context(self, method: str | None = None) -> multiprocessing.context.BaseContext:
+        return self._ctx
+
+
+def fork_flow_runs(modules: list[str]) -> int:
+    """Start each flow run by forking a process that has already imported Prefect and `modules` (multiprocessing's
+    forkserver, started now), not by spawning a fresh interpreter that imports them again: Prefect's
+    run_flow_in_subprocess asks for a "spawn" context, which costs 2.5-4 s of imports per run here, the most
+    of a crash recovery's time. The flow run then starts as before (its environment and settings from this
+    process, cloudpickled flow, control channel), only its interpreter is warm. The forkserver's pid."""
+    import prefect.flow_engine as engine
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["prefect.flow_engine", *modules])
+    multiprocessing.forkserver.ensure_running()
+    engine.multiprocessing = _ForkserverMultiprocessing(ctx)  # type: ignore[assignment]
+    return multiprocessing.forkserver._forkserver._forkserver_pid  # type: ignore[attr-defined]
+
+
+def _flow_by_name(module: str, attr: str) -> Flow:
+    """The flow `attr` of `module`, imported (already, in a forked flow run)."""
+    return getattr(importlib.import_module(module), attr)
+
+
+def _reduce_flow(flow: Flow) -> str | tuple[Any, ...]:
+    """Pickle a flow of an importable module by its name, like a function: pickled by value (Prefect's default
+    for a flow object), its function loses the module's globals, and a parameter annotated with a name of the
+    module (flows.recovery.contract.Trigger, under `from __future__ import annotations`) no longer resolves."""
+    module, attr = flow.fn.__module__, flow.fn.__name__
+    try:
+        if _flow_by_name(module, attr) is flow:
+            return _flow_by_name, (module, attr)
+    except (ImportError, AttributeError):
+        pass
+    return flow.__reduce_ex__(4)
+
+
 def serve_all(project_dir: Path = PROJECT_DIR, only: list[str] | None = None, limit: int | None = None) -> None:
-    """Serve the deployments of prefect.yaml from this process until SIGTERM, ticking every serve_tick_s."""
-    from prefect import serve
+    """Serve the deployments of prefect.yaml from this process until SIGTERM, ticking every serve_tick_s.
+
+    Each flow is given to the runner as a flow object (Runner.add_flow), not as a deployment to load from
+    storage: its runs then start in a subprocess from that object, instead of `python -m prefect.engine`
+    importing Prefect and then the flow's module again (about 5 s per run here), and with flow_run_start
+    "fork" that subprocess is forked warm."""
+    from prefect.exceptions import TerminationSignal
+    from prefect.runner import Runner
 
     from crypto_agent.settings import load_settings
 
-    deployments = [to_runner_deployment(e) for e in read_entries(project_dir, only)]
-    start_ticking(load_settings().serve_tick_s)
-    serve(*deployments, limit=limit, print_starting_message=True)
+    settings = load_settings()
+    entries = read_entries(project_dir, only)
+    if settings.flow_run_start == "fork":
+        pid = fork_flow_runs(sorted({e.flow.fn.__module__ for e in entries}))
+        print(f"flow runs fork from a warm process (forkserver pid {pid})", flush=True)
+    copyreg.pickle(Flow, _reduce_flow)  # this process's pickles of flows (a flow run's start) name them
+    runner = Runner(pause_on_shutdown=True, limit=limit)
+    for entry in entries:
+        runner.add_flow(entry.flow, **deployment_options(entry))
+    print("serving:", ", ".join(e.full_name for e in entries), flush=True)
+    start_ticking(settings.serve_tick_s)
+    try:
+        asyncio.run(runner.start())
+    except (KeyboardInterrupt, TerminationSignal) as exc:
+        print(f"received {type(exc).__name__}, shutting down", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

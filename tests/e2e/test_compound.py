@@ -119,7 +119,9 @@ def test_the_trader_killed_pauses_the_backtest_until_it_is_healthy_again(stack: 
     assert stack.pid("backtest") == daemon
     stack.wait(lambda: (b := read_heartbeat(process.service_spec("backtest", stack.settings).heartbeat))
                is not None and not (b.state or "").startswith("paused"), 60, "the backtest to resume")
-    assert any(f"incident #{inc.id}" in s for s in subjects(stack, "l3", since_iso))  # live trading affected
+    # live trading was affected: L3 is told at the close, just after the incident is marked closed
+    stack.wait(lambda: any(f"incident #{inc.id}" in s for s in subjects(stack, "l3", since_iso)), 60,
+               f"L3 to be told of incident #{inc.id}")
 
 
 @pytest.mark.timeout(900)
@@ -186,8 +188,8 @@ def test_corrupt_pages_with_no_backup_are_rebuilt_and_the_trader_comes_back_firs
     stack.wait(lambda: fresh(stack), RECOVERY_S, "the candles back from the exchange")
     with Store(settings.database_url) as store:
         assert store.count("1h") >= candles_before * 0.99
-    told = subjects(stack, "l2", since_iso)
-    assert any("rebuilt" in s.lower() or f"incident #{inc.id}" in s for s in told), told
+    stack.wait(lambda: any("rebuilt" in s.lower() or f"incident #{inc.id}" in s
+                           for s in subjects(stack, "l2", since_iso)), 60, f"L2 to be told of incident #{inc.id}")
 
 
 @pytest.mark.timeout(900)
