@@ -301,15 +301,16 @@ class RunningStack:
             return list(client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
                                               sort=FlowRunSort.START_TIME_DESC, limit=50))
 
-    def run_monitor(self, wait_s: float = 0.0) -> str:
+    def run_monitor(self, wait_s: float = 0.0, parameters: dict[str, Any] | None = None) -> str:
         """Run the health monitor now, as its schedule would (through its deployment); the flow run id.
 
-        With wait_s, return once that run has ended (StackKitError after wait_s).
+        With wait_s, return once that run has ended (StackKitError after wait_s); `parameters` as
+        `prefect deployment run --param` would give them (settings overrides of this round, for one).
         """
         from prefect.deployments import run_deployment
 
         with self.using_api():
-            run_id = run_deployment(MONITOR_DEPLOYMENT, timeout=0).id
+            run_id = run_deployment(MONITOR_DEPLOYMENT, parameters=parameters or {}, timeout=0).id
         if wait_s:
             def ended() -> bool:
                 with api(self) as client:

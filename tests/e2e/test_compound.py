@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from crypto_agent import faults, process
+from crypto_agent import faults, health, process
 from crypto_agent.incidents import Incident
 from crypto_agent.quality import check_data
 from crypto_agent.service import read_heartbeat
@@ -163,6 +163,31 @@ def test_memory_growing_past_the_limit_is_restarted_by_the_hang_recovery(stack: 
                         RECOVERY_S, "the hang incident to close")
     assert hang.trigger["event"] == "crypto-agent.service.memory-high" and hang.outcome == "recovered"
     assert faults.fault_of(stack.settings) is None  # restarted clean, without the fault
+
+
+@pytest.mark.timeout(500)
+def test_results_gone_stale_under_a_beating_heart_are_triaged_by_the_hang_recovery(stack: RunningStack) -> None:
+    """A daemon that beats but writes no result (spinning in its loop) is found by the monitor's "results
+    stale" check (the limit shortened for this round from the runbook's 2 h) and restarted clean."""
+    since = now_ms()
+    spinning = faults.burn_cpu(stack.settings)
+    max_age_s = 5.0
+
+    def newest_result_age() -> float:
+        with Store(stack.settings.database_url) as store:
+            newest = health.newest_backtest_result_at(store)
+        return float("inf") if newest is None else time.time() - newest
+    stack.wait(lambda: newest_result_age() > max_age_s + 1 and time.time() - spinning.at > max_age_s + 1, 60,
+               "the newest backtest result to age past the limit")
+    assert stack.probe("backtest").alive and stack.pid("backtest") == spinning.pid  # beating, not dead
+    stack.run_monitor(parameters={"settings": {"backtest_results_max_age_s": max_age_s}})
+    [hang] = stack.wait(lambda: [i for i in since_incidents(stack, "process-hang", since) if not i.is_open],
+                        RECOVERY_S, "the hang incident to close")
+    assert hang.trigger["event"] == "crypto-agent.service.results-stale" and hang.outcome == "recovered", hang
+    assert any(a["step"] == "capture-stacks" and a["ok"] for a in hang.actions), hang.actions
+    assert stack.healthy_other_than("backtest", spinning.pid) is not None
+    assert faults.fault_of(stack.settings) is None  # restarted clean, without the fault
+    stack.wait(lambda: newest_result_age() < max_age_s, 120, "new backtest results from the restarted daemon")
 
 
 @pytest.mark.timeout(600)
