@@ -152,6 +152,16 @@ def restart_wait_s(last_start_s: float | None, grace_s: float, now: float | None
     return max(0.0, last_start_s + grace_s - now)
 
 
+def stop_grace_s(settings: Settings, heartbeat_age_s: float | None = None) -> float:
+    """The SIGTERM grace of a stop: stop_grace_s, or the shorter hung_stop_grace_s for a service whose main loop
+    has been silent past the heartbeat limit (heartbeat_age_s over heartbeat_max_age_s): it had that long to
+    finish its unit already, and SQLite rolls back what SIGKILL interrupts. One that still beats (CPU or memory
+    over its limit, stale results) gets the whole grace."""
+    if heartbeat_age_s is not None and heartbeat_age_s > settings.heartbeat_max_age_s:
+        return min(settings.hung_stop_grace_s, settings.stop_grace_s)
+    return settings.stop_grace_s
+
+
 def last_heartbeat_at(spec: ServiceSpec) -> float | None:
     """When the service last wrote its heartbeat (epoch s), None without a readable one."""
     try:

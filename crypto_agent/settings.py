@@ -75,6 +75,12 @@ class Settings(BaseSettings):
     log_errors_per_min_max: int = Field(5, ge=0)
     cpu_spike_minutes: float = Field(10.0, gt=0)
     stop_grace_s: float = Field(10.0, gt=0, description="SIGTERM grace before SIGKILL.")
+    hung_stop_grace_s: float = Field(
+        2.0, gt=0,
+        description="The SIGTERM grace of a service the hang recovery stops (instead of stop_grace_s): its main "
+        "loop has been silent past the heartbeat limit already, so a longer wait rarely sees it finish its unit; "
+        "SQLite rolls back what SIGKILL interrupts.",
+    )
 
     # --- backtest window 23:30-01:30 UTC ---
     window_start: str = Field("23:30")

@@ -269,6 +269,13 @@ class TestTriage:
         assert recovery.restart_wait_s(1000.0, 300, now=1100.0) == 200.0
         assert recovery.restart_wait_s(1000.0, 300, now=1400.0) == 0.0
 
+    def test_a_service_silent_past_the_heartbeat_limit_gets_the_short_stop_grace(self) -> None:
+        cfg = load_settings(heartbeat_max_age_s=20.0, stop_grace_s=10.0, hung_stop_grace_s=2.0)
+        assert recovery.stop_grace_s(cfg) == 10.0  # nothing known of its heartbeat
+        assert recovery.stop_grace_s(cfg, 3.0) == 10.0  # still beating (CPU or memory over, stale results)
+        assert recovery.stop_grace_s(cfg, 25.0) == 2.0  # hung
+        assert recovery.stop_grace_s(load_settings(stop_grace_s=1.0, hung_stop_grace_s=2.0), 500.0) == 1.0
+
 
 def test_log_errors_keeps_error_records_with_their_tracebacks(tmp_path: Path) -> None:
     log_file = tmp_path / "backtest_24h7.log"

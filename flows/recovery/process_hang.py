@@ -95,7 +95,8 @@ def recover_process_hang(service: str = "backtest", event: Trigger = None, setti
                     key=f"incident-{run.id}-stacks", description=f"stack dump of {service} PID {report.pid}",
                 )
 
-        # 3. stop (SIGTERM, SIGKILL after the grace), 4. clean, restart, confirm HEALTHY
-        stop_reported(run, settings, service)
+        # 3. stop (SIGTERM, SIGKILL after the grace: hung_stop_grace_s when silent past the heartbeat limit),
+        # 4. clean, restart, confirm HEALTHY
+        stop_reported(run, settings, service, report)
         return restart_and_close(run, settings, service, impact=impact, root_cause=root_cause,
                                  held=f"{service} stopped; not restarted: it is paused")

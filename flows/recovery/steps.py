@@ -76,11 +76,13 @@ def probe_service(settings: dict[str, Any] | None, service: str) -> health.Probe
 
 
 @task(name="stop-service", timeout_seconds=300, cache_policy=NO_CACHE)
-def stop_service(settings: dict[str, Any] | None, service: str) -> recovery.ServiceStop:
-    """SIGTERM our service, SIGKILL after stop_grace_s; a pidfile naming another process is refused, not signalled."""
+def stop_service(settings: dict[str, Any] | None, service: str, grace_s: float | None = None) -> recovery.ServiceStop:
+    """SIGTERM our service, SIGKILL after grace_s (stop_grace_s by default); a pidfile naming another process is
+    refused, not signalled."""
     cfg = run_settings(settings)
     try:
-        result = process.stop(process.service_spec(service, cfg), grace_s=cfg.stop_grace_s)
+        result = process.stop(process.service_spec(service, cfg),
+                              grace_s=cfg.stop_grace_s if grace_s is None else grace_s)
     except process.NotOurProcess as exc:
         return recovery.ServiceStop(service, None, refused=exc.message)
     return recovery.ServiceStop(service, result)
@@ -132,14 +134,18 @@ def read_log_errors(settings: dict[str, Any] | None, service: str) -> list[str]:
     return recovery.log_errors(process.service_spec(service, cfg).log)
 
 
-def stop_reported(run: Recovery, settings: dict[str, Any] | None, service: str) -> recovery.ServiceStop:
-    """Stop a service (our PID only) and record how: refused (a stranger's pidfile), gracefully, by force, or idle."""
-    stopped = stop_service(settings, service)
+def stop_reported(run: Recovery, settings: dict[str, Any] | None, service: str,
+                  report: health.ProbeReport | None = None) -> recovery.ServiceStop:
+    """Stop a service (our PID only) and record how: refused (a stranger's pidfile), gracefully, by force, or idle.
+    With the probe's `report` of a service silent past the heartbeat limit, the grace is the shorter
+    hung_stop_grace_s (crypto_agent.recovery.stop_grace_s)."""
+    grace_s = recovery.stop_grace_s(run.cfg, report.heartbeat_age_s if report is not None else None)
+    stopped = stop_service(settings, service, grace_s)
     if stopped.refused:
         run.act("stop-refused", f"{service}: {stopped.refused}; that process was left alone", ok=False)
     elif stopped.result is not None and stopped.result.was_running:
         how = "gracefully (SIGTERM)" if stopped.result.signal == "SIGTERM" else \
-            f"by force (SIGKILL after {run.cfg.stop_grace_s:g} s of SIGTERM)"
+            f"by force (SIGKILL after {grace_s:g} s of SIGTERM)"
         run.act("stop", f"stopped {service} (PID {stopped.result.pid}) {how} in {round(stopped.result.elapsed_s, 2)} s")
     else:
         run.act("stop", f"{service} was not running")

@@ -365,7 +365,7 @@ class TestProcessHang:
     def test_a_daemon_hung_past_sigterm_is_killed_then_restarted(
         self, env: dict[str, Any], keeper: Keeper, inbox: Receiver
     ) -> None:
-        overrides = {**env, "heartbeat_max_age_s": 2.0, "stop_grace_s": 1.5}
+        overrides = {**env, "heartbeat_max_age_s": 2.0, "stop_grace_s": 30.0, "hung_stop_grace_s": 1.5}
         cfg = settings_of(overrides)
         old = start(keeper, cfg, **{FAULT_ENV: "hang-after:2"})
         spec = process.service_spec("backtest", cfg)
@@ -376,6 +376,7 @@ class TestProcessHang:
         inc = incident_of(cfg, result)
         stacks = action(inc, "capture-stacks")["detail"]
         assert 'daemon.py", line' in stacks and " in step" in stacks  # where the injected hang sleeps
+        # silent past the heartbeat limit: the short hung_stop_grace_s, not the whole stop_grace_s
         assert "by force (SIGKILL after 1.5 s of SIGTERM)" in action(inc, "stop")["detail"]
         assert inc.root_cause.startswith("Process hang: Heartbeat stale")
         assert healthy(cfg).pid != old
