@@ -219,6 +219,12 @@ class Settings(BaseSettings):
         description="How the serving process starts a flow run: 'fork' from a process that has already imported "
         "Prefect and the flows (about 0.1 s), or 'spawn' a fresh interpreter as Prefect does (2.5-4 s of imports).",
     )
+    serve_poll_s: float = Field(
+        0.5, ge=0.1, le=60,
+        description="How often the serving process asks the Prefect server for flow runs to start (and for runs "
+        "to cancel): a triggered recovery waits half of it on average. PREFECT_RUNNER_POLL_FREQUENCY takes whole "
+        "seconds only; this is handed to the runner directly.",
+    )
     serve_tick_s: float = Field(
         30.0, ge=1, le=600,
         description="How often the serving process emits its own tick; its dead man's switch pages L2 after "

@@ -7,7 +7,7 @@ name, parameters, tags, description, schedules (cron, timezone, day_or, slug), c
 triggers (named as `prefect deploy` names them, so serving and deploying replace the same
 automations). A flow run then starts in a subprocess from the flow object itself, forked from a warm
 process when the setting flow_run_start is "fork" (the default): its body begins about 2 s after
-the event that triggered it, with PREFECT_RUNNER_POLL_FREQUENCY=1.
+the event that triggered it, polling the server every serve_poll_s (0.5 s).
 
 Run: `python -m deployments.serve [--project-dir DIR] [--only FLOW/DEPLOYMENT ...] [--limit N]` with
 PREFECT_API_URL set; SIGTERM stops it cleanly (its running flow runs are cancelled, not left
@@ -216,7 +216,7 @@ def serve_all(project_dir: Path = PROJECT_DIR, only: list[str] | None = None, li
         pid = fork_flow_runs(sorted({e.flow.fn.__module__ for e in entries}))
         print(f"flow runs fork from a warm process (forkserver pid {pid})", flush=True)
     copyreg.pickle(Flow, _reduce_flow)  # this process's pickles of flows (a flow run's start) name them
-    runner = Runner(pause_on_shutdown=True, limit=limit)
+    runner = Runner(pause_on_shutdown=True, limit=limit, query_seconds=settings.serve_poll_s)
     for entry in entries:
         runner.add_flow(entry.flow, **deployment_options(entry))
     print("serving:", ", ".join(e.full_name for e in entries), flush=True)
