@@ -214,6 +214,17 @@ incidents = Table(
     Column("last_paged_at", BigInteger),  # UTC ms of the last message about it that was delivered
     Column("detections", Integer, nullable=False, server_default=_sql_text("0")),  # runs that rejoined it
     Column("rejoined_at", BigInteger),  # UTC ms of the last rejoin: from then on it is abandoned like a new one
+    # Paging as on-call tools do it (issue 11): the climb of unacknowledged pages, MTTA, the report's last fields.
+    Column("first_paged_at", BigInteger),  # UTC ms of the first delivered page (MTTA counts from it)
+    Column("paged_level", String(4)),  # the highest level paged: l1, l2, l3
+    Column("paged_level_at", BigInteger),  # when it was reached: the ack timeout counts from it
+    Column("acked_at", BigInteger),  # UTC ms of the acknowledgement (`crypto-agent ack ID`)
+    Column("acked_by", String(120)),
+    Column("report_owner", String(120)),  # the report's "Assigned to" (`crypto-agent incidents close-report`)
+    Column("report_due", String(10)),  # YYYY-MM-DD
+    Column("report_prevention", Text),  # JSON list of the runbook's prevention items ticked, "Other: ..." for text
+    Column("report_published_at", BigInteger),  # UTC ms the artifact incident-<id> last showed report_md
+    Column("report_updated_at", BigInteger),  # UTC ms report_md last changed outside a flow (republish when newer)
     Index("ux_incidents_open", "resource", "family", unique=True, sqlite_where=_sql_text("status = 'open'")),
     Index("ix_incidents_scenario_time", "scenario", "opened_at"),
 )
@@ -230,4 +241,20 @@ reported_service_events = Table(
     Column("kind", String(16), primary_key=True),
     Column("instance", String(64), primary_key=True),  # service_events.instance
     Column("reported_at", BigInteger, nullable=False),  # UTC ms
+)
+
+
+# --- silences (issue 11): pages for a resource held while maintenance goes on; recoveries still run ---
+
+silences = Table(
+    "silences",
+    incidents_metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("pattern", String(200), nullable=False),  # a resource id, a glob of them, or a service/store name
+    Column("reason", Text, nullable=False),
+    Column("created_by", String(120), nullable=False),
+    Column("starts_at", BigInteger, nullable=False),  # UTC ms
+    Column("ends_at", BigInteger, nullable=False),  # UTC ms; an expired silence ends when it was expired
+    Column("held", Text, nullable=False, server_default=_sql_text("'[]'")),  # JSON list of the pages held back
+    Column("summarized_at", BigInteger),  # UTC ms the pages it held were told, after its end
 )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -277,6 +277,23 @@ class Settings(BaseSettings):
         14400.0, ge=0,
         description="A problem the recoveries could not fix is one 'needs a person' incident: the same signal "
         "detected again joins it, and it is re-paged at most this often (seconds) until it clears.",
+    )
+
+    # --- paging as on-call tools do it: acknowledgements, silences, the rollback's gate (issue 11) ---
+    ack_timeout_s: float = Field(
+        900.0, ge=10,
+        description="A page that needs a person and is not acknowledged (`crypto-agent ack ID`) this long after it "
+        "reached a level climbs to the next one (L1 -> L2 -> L3), as PagerDuty's escalation policies do.",
+    )
+    rollback_approval_timeout_s: float = Field(
+        1800.0, ge=0,
+        description="How long the rollback (the runbook's last resort) waits in the Prefect UI for a person to "
+        "approve or reject it before rollback_on_timeout applies.",
+    )
+    rollback_on_timeout: Literal["proceed", "wait"] = Field(
+        "proceed",
+        description="What a rollback nobody approved or rejected does after rollback_approval_timeout_s: 'proceed' "
+        "(the runbook's automatic last resort) or 'wait' (stays paused, L3 paged).",
     )
 
     # --- the whole stack on this machine: `crypto-agent up` (issue 6) ---

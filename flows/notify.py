@@ -104,6 +104,35 @@ def notify_level(level: str, subject: str, body: str, escalation: str = DEFAULT_
     get_run_logger().info("told %s: %s", level.upper(), subject)
 
 
+def silenced(cfg: Settings, resource: str, level: str, subject: str, *, incident_id: int | None = None,
+             store: Any = None) -> bool:
+    """Whether a silence in force holds this page about `resource` (a resource id or an alert key): then it is
+    recorded in the silence (told once after it ends) and not sent. No incident log, no silence: False."""
+    own = store is None
+    try:
+        if own:
+            if not incidents.incidents_db_path(cfg).exists():
+                return False
+            store = incidents.open_incident_store(cfg)
+        found = incidents.silences.silencing(store, resource)
+        if found is None:
+            return False
+        incidents.silences.hold(store, found.id, resource=resource, level=level, subject=subject,
+                                incident_id=incident_id)
+        if incident_id is not None:
+            incidents.add_action(store, incident_id, f"page-held-{level}",
+                                 f"held by silence #{found.id} ({found.pattern}: {found.reason}) until "
+                                 f"{incidents.iso(found.ends_at)}: {subject}")
+    except (CryptoAgentError, SQLAlchemyError) as exc:  # the log is unreadable: page (never silence by accident)
+        get_run_logger().warning("silences not checked (%s): paging", exc)
+        return False
+    finally:
+        if own and store is not None:
+            store.close()
+    get_run_logger().info("held by silence #%d: %s %s", found.id, level.upper(), subject)
+    return True
+
+
 def page_episode(cfg: Settings, key: str, active: bool, level: str, subject: str = "", body: str = "") -> bool:
     """Page `level` about the condition `key` when it is new or its last page is page_repeat_after_s old, once
     for all the watchers (crypto_agent.alerts episodes in the incident log); not active ends the episode, so
@@ -117,6 +146,8 @@ def page_episode(cfg: Settings, key: str, active: bool, level: str, subject: str
     try:
         alerts.ensure_episodes_table(store)
         step = alerts.episode_step(store, key, active, repeat_after_s=cfg.page_repeat_after_s, detail=subject)
+        if active and step.page and silenced(cfg, key, level, subject, store=store):
+            return False
         if not (active and step.page):
             if active:
                 get_run_logger().info("not paged again: %s (paged %s time(s) this episode)", subject,

@@ -88,6 +88,16 @@ class Incident:
     last_paged_at: int | None = None  # the last message about it that was delivered
     detections: int = 0  # recoveries that rejoined it while it needed a person
     rejoined_at: int | None = None  # the last of them
+    first_paged_at: int | None = None  # the first delivered page: MTTA counts from it
+    paged_level: str | None = None  # the highest level paged (l1, l2, l3)
+    paged_level_at: int | None = None  # when it was reached: the ack timeout counts from it
+    acked_at: int | None = None
+    acked_by: str | None = None
+    report_owner: str | None = None
+    report_due: str | None = None
+    report_prevention: list[str] = field(default_factory=list)
+    report_published_at: int | None = None
+    report_updated_at: int | None = None
 
     @property
     def is_open(self) -> bool:
@@ -105,6 +115,13 @@ class Incident:
         if self.resolved_at is None:
             return None
         return (self.resolved_at - (self.fault_at if self.fault_at is not None else self.detected_at)) / 1000
+
+    @property
+    def ack_s(self) -> float | None:
+        """Time to acknowledge: from the first page to the acknowledgement (None until both happened)."""
+        if self.acked_at is None or self.first_paged_at is None:
+            return None
+        return max(0, self.acked_at - self.first_paged_at) / 1000
 
     @property
     def scenario_info(self) -> Scenario | None:
@@ -162,6 +179,16 @@ def _from_row(row: Any) -> Incident:
         last_paged_at=m.get("last_paged_at"),
         detections=int(m.get("detections") or 0),
         rejoined_at=m.get("rejoined_at"),
+        first_paged_at=m.get("first_paged_at"),
+        paged_level=m.get("paged_level"),
+        paged_level_at=m.get("paged_level_at"),
+        acked_at=m.get("acked_at"),
+        acked_by=m.get("acked_by"),
+        report_owner=m.get("report_owner"),
+        report_due=m.get("report_due"),
+        report_prevention=_loads(m.get("report_prevention"), []),
+        report_published_at=m.get("report_published_at"),
+        report_updated_at=m.get("report_updated_at"),
     )
 
 
@@ -190,6 +217,16 @@ ADDED_COLUMNS = {
     "last_paged_at": "BIGINT",
     "detections": "INTEGER NOT NULL DEFAULT 0",
     "rejoined_at": "BIGINT",
+    "first_paged_at": "BIGINT",
+    "paged_level": "VARCHAR(4)",
+    "paged_level_at": "BIGINT",
+    "acked_at": "BIGINT",
+    "acked_by": "VARCHAR(120)",
+    "report_owner": "VARCHAR(120)",
+    "report_due": "VARCHAR(10)",
+    "report_prevention": "TEXT",
+    "report_published_at": "BIGINT",
+    "report_updated_at": "BIGINT",
 }
 
 
@@ -420,8 +457,15 @@ def told(store: Store, incident_id: int, level: str, now: float | None = None) -
     level = level.lower()
     if level not in LEVELS:
         raise InputError(f"unknown escalation level {level!r}", hint="use l1, l2 or l3")
+    now_ms = _now_ms(now)
+    c = incidents.c
     with store.engine.begin() as conn:
-        conn.execute(update(incidents).where(incidents.c.id == int(incident_id)).values(last_paged_at=_now_ms(now)))
+        conn.execute(update(incidents).where(c.id == int(incident_id)).values(
+            last_paged_at=now_ms, first_paged_at=func.coalesce(c.first_paged_at, now_ms)))
+        # the highest level reached, and when: the ack clock climbs from it ("l1" < "l2" < "l3" as text)
+        conn.execute(update(incidents).where(c.id == int(incident_id),
+                                             (c.paged_level.is_(None)) | (c.paged_level < level))
+                     .values(paged_level=level, paged_level_at=now_ms))
         conn.execute(
             text(
                 "UPDATE incidents SET levels_told = json_insert(levels_told, '$[#]', :level) "
@@ -431,7 +475,8 @@ def told(store: Store, incident_id: int, level: str, now: float | None = None) -
         )
 
 
-_EDITABLE = {"impact", "root_cause", "summary", "fault_at", "data_lost_hours", "flow_run_id", "report_md"}
+_EDITABLE = {"impact", "root_cause", "summary", "fault_at", "data_lost_hours", "flow_run_id", "report_md",
+             "report_published_at"}
 
 
 def update_fields(store: Store, incident_id: int, **fields: Any) -> None:
@@ -577,6 +622,65 @@ def needing_person(store: Store) -> list[Incident]:
         return [_from_row(r) for r in conn.execute(q)]
 
 
+# --- acknowledgements and the report's last fields (issue 11) ---
+
+
+def acknowledge(store: Store, incident_id: int, by: str, note: str = "", now: float | None = None) -> Incident:
+    """A person took the incident: its pages stop climbing (the ack clock), MTTA is counted. Acknowledging
+    one already acknowledged changes nothing (the first acknowledgement stays)."""
+    current = get(store, incident_id)
+    if current.acked_at is not None:
+        return current
+    by = (by or "").strip()[:120] or "a person"
+    detail = f"acknowledged by {by}" + (f": {note}" if note else "")
+    now_ms = _now_ms(now)
+    action = {"at": now_ms, "step": "acknowledged", "ok": True, "detail": detail[:MAX_ACTION_DETAIL]}
+    with store.engine.begin() as conn:
+        conn.execute(
+            update(incidents).where(incidents.c.id == current.id, incidents.c.acked_at.is_(None)).values(
+                acked_at=now_ms, acked_by=by,
+                actions=func.json_insert(incidents.c.actions, "$[#]", func.json(json.dumps(action))))
+        )
+    return get(store, current.id)
+
+
+def set_report_fields(
+    store: Store, incident_id: int, *, owner: str, prevention: list[str], due: str | None = None,
+    report_md: str | None = None, now: float | None = None,
+) -> Incident:
+    """Fill the report's Owner (and due date) and Prevention fields; report_md, when given, is the re-rendered
+    report, marked for republishing (report_updated_at newer than report_published_at)."""
+    current = get(store, incident_id)
+    if current.is_open:
+        raise InputError(f"incident #{current.id} is open: a recovery is still working in it",
+                         hint="close its report once the recovery has closed it (`crypto-agent incidents --open`)")
+    values: dict[str, Any] = {"report_owner": owner.strip()[:120], "report_prevention": json.dumps(prevention),
+                              "report_due": due, "report_updated_at": _now_ms(now)}
+    if report_md is not None:
+        values["report_md"] = report_md
+    with store.engine.begin() as conn:
+        conn.execute(update(incidents).where(incidents.c.id == current.id).values(**values))
+    return get(store, current.id)
+
+
+def reports_to_publish(store: Store) -> list[Incident]:
+    """Incidents whose report changed outside a flow after it was last published as an artifact."""
+    c = incidents.c
+    q = select(incidents).where(c.report_updated_at.is_not(None), c.report_md.is_not(None),
+                                (c.report_published_at.is_(None)) | (c.report_published_at < c.report_updated_at))
+    with store.engine.connect() as conn:
+        return [_from_row(r) for r in conn.execute(q.order_by(c.id))]
+
+
+def awaiting_ack(store: Store) -> list[Incident]:
+    """Incidents that paged someone and are not acknowledged, open or needing a person (the ack clock's list)."""
+    c = incidents.c
+    q = select(incidents).where(c.acked_at.is_(None), c.paged_level.is_not(None),
+                                (c.status == OPEN) | (c.needs_person == 1)).order_by(c.id)
+    with store.engine.connect() as conn:
+        return [_from_row(r) for r in conn.execute(q)]
+
+
 # --- questions asked of the log ---
 
 
@@ -625,6 +729,8 @@ class ScenarioStats:
     max_s: float | None
     eta_s: float
     recovery_times_s: list[float] = field(default_factory=list, repr=False)
+    acked: int = 0
+    mtta_s: float | None = None  # mean time from the first page to the acknowledgement
 
     @property
     def within_eta(self) -> bool | None:
@@ -650,7 +756,8 @@ def percentile(values: list[float], pct: float) -> float | None:
 
 def mttr_by_scenario(store: Store, since_ms: int | None = None) -> list[ScenarioStats]:
     """Per runbook scenario: incidents, outcomes, mean/p95/max recovery time of the recovered ones, the ETA."""
-    q = select(incidents.c.scenario, incidents.c.status, incidents.c.outcome, incidents.c.recovery_time_s)
+    q = select(incidents.c.scenario, incidents.c.status, incidents.c.outcome, incidents.c.recovery_time_s,
+               incidents.c.first_paged_at, incidents.c.acked_at)
     if since_ms is not None:
         q = q.where(incidents.c.opened_at >= since_ms)
     with store.engine.connect() as conn:
@@ -660,12 +767,15 @@ def mttr_by_scenario(store: Store, since_ms: int | None = None) -> list[Scenario
         mine = [r for r in rows if r.scenario == sc.name]
         times = [float(r.recovery_time_s) for r in mine
                  if r.status == RESOLVED and r.outcome == RECOVERED and r.recovery_time_s is not None]
+        acks = [max(0, r.acked_at - r.first_paged_at) / 1000 for r in mine
+                if r.acked_at is not None and r.first_paged_at is not None]
         out.append(ScenarioStats(
             scenario=sc.name, number=sc.number, title=sc.title, incidents=len(mine), recovered=len(times),
             open=sum(r.status == OPEN for r in mine), escalated=sum(r.status == ESCALATED for r in mine),
             failed=sum(r.status == FAILED for r in mine),
             mttr_s=round(sum(times) / len(times), 3) if times else None,
             p95_s=percentile(times, 95), max_s=max(times) if times else None, eta_s=sc.eta_s,
-            recovery_times_s=times,
+            recovery_times_s=times, acked=len(acks),
+            mtta_s=round(sum(acks) / len(acks), 3) if acks else None,
         ))
     return out

@@ -138,3 +138,34 @@ def condition_cleared(inc: Incident, *, healthy_resources: set[str], store_sound
     if inc.scenario == "stale-data" and store_fresh:
         return "the data checks pass again"
     return None
+
+
+# --- the ack clock (issue 11): an unacknowledged page climbs L1 -> L2 -> L3, as PagerDuty's escalation policies ---
+
+NEXT_LEVEL = {"l1": "l2", "l2": "l3"}
+
+
+@dataclass(frozen=True)
+class Climb:
+    """The next level an unacknowledged incident is paged at, and the sentence that says why."""
+
+    level: str
+    why: str
+
+
+def ack_climb(inc: Incident, now_ms: int, ack_timeout_s: float) -> Climb | None:
+    """The level to page now because nobody acknowledged `inc`, or None: acknowledged, paged nobody yet, resolved
+    (neither open nor needing a person), already at L3, or its level reached less than ack_timeout_s ago."""
+    if inc.acked_at is not None or inc.paged_level is None or inc.paged_level_at is None:
+        return None
+    if not (inc.is_open or inc.needs_person):
+        return None
+    nxt = NEXT_LEVEL.get(inc.paged_level)
+    if nxt is None:
+        return None
+    waited_s = (now_ms - inc.paged_level_at) / 1000
+    if waited_s < ack_timeout_s:
+        return None
+    return Climb(nxt, f"nobody acknowledged incident #{inc.id} in {waited_s / 60:.0f} min at "
+                 f"{inc.paged_level.upper()} (ack timeout {ack_timeout_s / 60:g} min): escalated to {nxt.upper()}; "
+                 f"acknowledge with `crypto-agent ack {inc.id}` or the acknowledge deployment")

@@ -37,6 +37,29 @@ def root_cause_boxes(root_cause: str) -> str:
     return line
 
 
+PREVENTIONS = ("Auto-restart added", "Backup validation improved", "Monitoring threshold adjusted")
+
+
+def prevention_item(text: str) -> str:
+    """One --prevention value as the report keeps it: one of the runbook's items (matched loosely, e.g.
+    'auto-restart', 'backup validation', 'monitoring threshold'), or 'Other: <text>'."""
+    clean = " ".join(text.split())
+    key = clean.lower().replace("-", " ")
+    for item in PREVENTIONS:
+        words = item.lower().replace("-", " ").split()
+        if key == item.lower().replace("-", " ") or key == " ".join(words[:2]) or key == words[0]:
+            return item
+    return f"Other: {clean}"
+
+
+def prevention_boxes(items: list[str]) -> list[str]:
+    """The runbook's Prevention checklist with the items done ticked, one line each; free text as Other."""
+    lines = [f"{_box(item in items)} {item}" for item in PREVENTIONS]
+    others = [i.partition(":")[2].strip() for i in items if i.startswith("Other:")]
+    lines += [f"[x] Other: {o}" for o in others] or ["[ ] Other: ___"]
+    return lines
+
+
 def render_report(incident: Incident, flow_run_link: str | None = None) -> str:
     """The runbook's post-incident checklist, filled in from the incident (markdown)."""
     sc = incident.scenario_info
@@ -75,6 +98,11 @@ def render_report(incident: Incident, flow_run_link: str | None = None) -> str:
         status += (f"; NEEDS A PERSON since {iso(incident.needs_person_since)} ({incident.detections} detection(s) "
                    f"since; once fixed by hand: `crypto-agent incidents --resolve {incident.id}`)")
     due = (started + timedelta(days=2)).strftime("%Y-%m-%d")
+    if incident.acked_at is not None:
+        mtta = _minutes(incident.ack_s) if incident.ack_s is not None else "unknown"
+        acked = f"by {incident.acked_by or 'a person'} at {iso(incident.acked_at)} (time to acknowledge {mtta})"
+    else:
+        acked = "not yet" if incident.first_paged_at is not None else "nobody was paged"
     lines = [
         f"# Incident Report #{incident.id}: {title}",
         "",
@@ -101,20 +129,18 @@ def render_report(incident: Incident, flow_run_link: str | None = None) -> str:
         "",
         f"Recovery time: {recovery}  ",
         f"Data loss: {lost}  ",
-        f"Escalated to: {told}",
+        f"Escalated to: {told}  ",
+        f"Acknowledged: {acked}",
     ]
     if flow_run_link:
         lines.append(f"\nFlow run: {flow_run_link}")
     lines += [
         "",
         "## Prevention",
-        "[ ] Auto-restart added",
-        "[ ] Backup validation improved",
-        "[ ] Monitoring threshold adjusted",
-        "[ ] Other: ___",
+        *prevention_boxes(incident.report_prevention),
         "",
         "## Assigned to",
-        f"Owner: ___ | Due: {due}",
+        f"Owner: {incident.report_owner or '___'} | Due: {incident.report_due or due}",
         "",
     ]
     return "\n".join(lines)

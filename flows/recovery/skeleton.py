@@ -27,7 +27,7 @@ from prefect.client.schemas.objects import FlowRun, State
 from prefect.concurrency.sync import concurrency
 from prefect.flows import FlowStateHook
 from prefect.runtime import flow_run as current_flow_run
-from prefect.settings import PREFECT_UI_URL
+from prefect.utilities.urls import url_for
 
 from crypto_agent import holds, incidents, process, recovery, storelock
 from crypto_agent.errors import CryptoAgentError, InputError
@@ -45,7 +45,7 @@ from flows.events import (
     incident_resource,
     service_resource,
 )
-from flows.notify import CRASH_HOOKS, FAILURE_HOOKS, load_escalation, notify_level
+from flows.notify import CRASH_HOOKS, FAILURE_HOOKS, load_escalation, notify_level, silenced
 
 # The owner a store recovery writes into db/LOCKED, followed by its incident id.
 LOCK_OWNERS = {"db-corruption": "recover-db-corruption", "persistent-failures": "rollback-persistent-failures"}
@@ -72,9 +72,9 @@ def limit_name(resource: str) -> str:
 def flow_run_link() -> str:
     """The current flow run's page in the Prefect UI, or its id when no UI URL is configured."""
     run_id = current_flow_run.id
-    ui = PREFECT_UI_URL.value()
-    if ui and run_id:
-        return f"{ui.rstrip('/')}/flow-runs/flow-run/{run_id}"
+    link = url_for("flow-run", obj_id=run_id) if run_id else None  # the UI's route: /runs/flow-run/<id>
+    if link:
+        return link
     return f"flow run id {run_id} (no PREFECT_UI_URL configured)" if run_id else "no flow run (called directly)"
 
 
@@ -221,6 +221,8 @@ class Recovery:
             self.act("over-budget", note, ok=False)
             emit(RECOVERY_OVER_BUDGET, incident_resource(self.id), self._event_payload(note=note))
             subject, body = self.message("over budget")
+            if silenced(self.cfg, self.resource, "l2", subject, incident_id=self.id, store=self.log_store):
+                return True
             try:
                 load_escalation().notify("l2", subject, body + f"\n\nWhy L2: {note}. Look at the flow run: what "
                                          "does it wait for? It is still recovering; nothing was stopped.")
@@ -244,7 +246,10 @@ class Recovery:
                   "orphaned: `prefect gcl inspect` it, and reset it with `prefect gcl update NAME --active-slots 0`")
 
     def tell(self, level: str, subject: str, body: str) -> bool:
-        """Send one message to an escalation level; an undeliverable one is recorded, never fatal to the recovery."""
+        """Send one message to an escalation level; an undeliverable one is recorded, never fatal to the recovery.
+        A page about a silenced resource is held in the silence (told once after it ends) and not sent: False."""
+        if silenced(self.cfg, self.resource, level, subject, incident_id=self.id, store=self.log_store):
+            return False
         try:
             notify_level(level, subject, body)
         except Exception as exc:  # noqa: BLE001 (the recovery matters more than the message; the report says who was not told)

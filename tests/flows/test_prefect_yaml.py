@@ -19,6 +19,7 @@ import flows.daily as daily
 import flows.job_watch as job_watch
 import flows.maintenance as maintenance
 import flows.monitoring as monitoring
+import flows.paging as paging
 import flows.recovery as recovery
 import flows.retention as retention
 from flows.notify import notify_crashed, notify_failure
@@ -70,8 +71,9 @@ class TestEveryDeployment:
         assert "prefect.deployments.steps.set_working_directory" in step
 
     def test_every_schedule_is_a_utc_cron_with_a_slug(self, dep: dict[str, Any]) -> None:
-        # issue 5: the recoveries (<flow>/auto) have no schedule: automations run them
-        assert dep.get("schedules") or dep["name"] == "auto"
+        # issue 5: the recoveries (<flow>/auto) have no schedule: automations run them; issue 11: <flow>/ui are
+        # run by a person from the UI's form
+        assert dep.get("schedules") or dep["name"] in ("auto", "ui")
         for sched in dep.get("schedules") or []:
             assert sched["timezone"] == "UTC"
             assert KEBAB.match(sched["slug"])
@@ -80,7 +82,13 @@ class TestEveryDeployment:
     def test_parameters_fit_the_flow_signature(self, dep: dict[str, Any]) -> None:
         flow = entrypoint_flow(dep["entrypoint"])
         params = dep.get("parameters") or {}
-        assert set(params) <= set(inspect.signature(flow.fn).parameters)
+        signature = inspect.signature(flow.fn).parameters
+        assert set(params) <= set(signature)
+        if dep["name"] == "ui":  # the UI's form asks for the required ones: fill them as a person would
+            samples = {int: 1, str: "alice", "int": 1, "str": "alice", "list[str]": ["auto-restart"]}
+            required = {n: samples[p.annotation] for n, p in signature.items()
+                        if p.default is inspect.Parameter.empty and n not in params}
+            params = {**params, **required}
         flow.validate_parameters(params)
 
     def test_the_flow_has_hooks_a_timeout_and_a_description(self, dep: dict[str, Any]) -> None:
@@ -94,7 +102,7 @@ class TestEveryDeployment:
 def test_every_runbook_flow_has_a_deployment() -> None:
     deployed = {entrypoint_flow(d["entrypoint"]).name for d in DEPLOYMENTS}
     defined = {
-        obj.name for module in (daily, maintenance, monitoring, recovery, retention, job_watch)
+        obj.name for module in (daily, maintenance, monitoring, recovery, retention, job_watch, paging)
         for obj in vars(module).values() if isinstance(obj, Flow)
     }
     assert defined == deployed
