@@ -138,7 +138,7 @@ def recover_daemon_crash(service: str = "backtest", event: Trigger = None, setti
                 if Path(cfg.db_path).exists():
                     run.describe(root_cause=incidents.root_cause.crash_root_cause(service, errors), impact=impact)
                     sub = recover_db_corruption(service=service, event=event, settings=settings,
-                                                handover={"incident_id": None, "held": run.held})
+                                                handover=run.cause_handover())
                     if sub.get("outcome") != SKIPPED:
                         if sub.get("outcome") == RECOVERED:
                             resume_backtest(run, cfg, service, probe_service(settings, service))
@@ -181,7 +181,7 @@ def recover_daemon_crash(service: str = "backtest", event: Trigger = None, setti
         if not check.ok and Path(cfg.db_path).exists():
             run.act("integrity-check", integrity_detail(check) + "\nhanding over to recover-db-corruption", ok=False)
             sub = recover_db_corruption(service=service, event=event, settings=settings,
-                                        handover={"incident_id": None, "held": run.held})
+                                        handover=run.cause_handover())
             if sub.get("outcome") == RECOVERED:
                 resume_backtest(run, cfg, service, probe_service(settings, service))
             return run.finish_from(sub)
@@ -207,7 +207,7 @@ def recover_daemon_crash(service: str = "backtest", event: Trigger = None, setti
                         f"{RESTARTS_PER_INCIDENT} in this incident; {decision.reason}", ok=False)
                 if decision.state is restart_policy.RestartState.STORE_CORRUPT and Path(cfg.db_path).exists():
                     sub = recover_db_corruption(service=service, event=event, settings=settings,
-                                                handover={"incident_id": None, "held": run.held})
+                                                handover=run.cause_handover())
                     if sub.get("outcome") == RECOVERED:
                         resume_backtest(run, cfg, service, probe_service(settings, service))
                     return run.finish_from(sub)

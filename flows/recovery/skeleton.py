@@ -167,6 +167,11 @@ class Recovery:
         incidents.update_fields(self.log_store, self.id, **fields)
         self.incident = incidents.get(self.log_store, self.id)
 
+    def cause_handover(self) -> dict[str, Any]:
+        """What a store recovery gets from a service recovery whose service died of the store: its own incident,
+        linked to this one (caused by it), the limits already held."""
+        return {"incident_id": None, "held": list(self.held), "caused": self.id}
+
     def handover(self, limits: list[str] | None = None) -> dict[str, Any]:
         """What a subflow working in this incident gets: its id and the concurrency limits already held."""
         return {"incident_id": self.id, "held": sorted(set(self.held) | set(limits or []))}
@@ -359,7 +364,11 @@ class Recovery:
 
     def _page_as_usual(self, inc: Incident, status: str, link: str) -> bool:
         """levels_to_tell's levels, then L1; whether the close still wants the L1 escalated event."""
-        levels = {} if self.escalated_in is not None else self._levels(inc)
+        if self.escalated_in is not None:  # inhibited: the incident that caused it pages for both (issue 11)
+            incidents.add_action(self.log_store, self.id, "page-inhibited",
+                                 f"caused by incident #{self.escalated_in}, which pages for it: no close page here")
+            return False
+        levels = self._levels(inc)
         report = incidents.render_report(inc, link)
         for level, why in levels.items():
             subject, body = self.message(f"escalated to {level.upper()}",
@@ -368,7 +377,7 @@ class Recovery:
                 emit(INCIDENT_ESCALATED, incident_resource(self.id), self._event_payload(level=level, reason=why))
         headline = {RESOLVED: "resolved", FAILED: "closed: recovery FAILED", ESCALATED: "closed: ESCALATED"}[status]
         self.tell("l1", *self.message(headline))
-        return status != RESOLVED and not levels and self.escalated_in is None
+        return status != RESOLVED and not levels
 
     def _page_rejoined(self, before: Incident, inc: Incident, status: str, link: str, handed_to: int | None) -> bool:
         """A rejoined incident's close (policy.needs_person_action): one "resolved" message to L1 and each level
@@ -496,6 +505,11 @@ def begin(scenario: str, resource: str, event: dict[str, Any] | None, cfg: Setti
         return Absorbed({"incident_id": inc.id, "scenario": scenario, "outcome": "absorbed",
                          "absorbed_by": inc.scenario, "status": inc.status})
     run = Recovery(scenario, resource, cfg, log_store, inc, held=held)
+    caused = (handover or {}).get("caused")
+    if isinstance(caused, int):  # the incident that handed over is caused by this one: linked, its pages inhibited
+        other = incidents.get(log_store, caused)
+        run.act("linked", f"incident #{caused} ({other.scenario} of {other.resource}) is caused by this one: "
+                "this incident pages for both")
     run.announce()
     return run
 
