@@ -285,6 +285,11 @@ class Settings(BaseSettings):
         description="A page that needs a person and is not acknowledged (`crypto-agent ack ID`) this long after it "
         "reached a level climbs to the next one (L1 -> L2 -> L3), as PagerDuty's escalation policies do.",
     )
+    exchange_down_l3_after_s: float = Field(
+        3600.0, ge=0,
+        description="Data stale because the exchange cannot be used: L2 checks the Binance API at once, L3 is told "
+        "to contact Binance once it has been unusable this long (at once for an HTTP 418 ban).",
+    )
     rollback_approval_timeout_s: float = Field(
         1800.0, ge=0,
         description="How long the rollback (the runbook's last resort) waits in the Prefect UI for a person to "

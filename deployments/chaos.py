@@ -368,6 +368,28 @@ class DrillRunner(StackRuns):
                               hint="`crypto-agent up` (or `crypto-agent deploy`) creates it")
         self.note(f"automation {PERSISTENT_FAILURES} re-applied: its crash count starts from zero")
 
+    def approve_gate(self, result: DrillResult, inc: Any, timeout_s: float = 120.0) -> None:
+        """The rollback waits at its gate for a person: the drill is that person (`Resume` with the form in the UI)."""
+        from prefect.flow_runs import resume_flow_run
+
+        if not inc.flow_run_id:
+            raise ChaosFailed(f"incident #{inc.id} has no flow run to approve", hint="see `crypto-agent incidents`")
+        deadline = time.monotonic() + self.limit(timeout_s)
+        while True:
+            run = self.client.read_flow_run(UUID(inc.flow_run_id))
+            if run.state is not None and run.state.is_paused():
+                break
+            if run.state is not None and run.state.is_final():
+                self.note(f"the rollback ended {run.state.name} before its gate (nothing to approve)")
+                return
+            if time.monotonic() > deadline:
+                raise ChaosFailed(f"the rollback of incident #{inc.id} did not reach its approval gate in "
+                                  f"{timeout_s:g} s", hint=f"look at flow run {inc.flow_run_id} in the UI")
+            time.sleep(0.5)
+        resume_flow_run(run.id, run_input={"approve": True, "by": "crypto-agent chaos",
+                                           "note": "a rehearsal: the drill approves its own rollback"})
+        self.mark(result, "approved", time.time(), f"approved the rollback's gate (flow run {run.id})")
+
     def drill_crash_loop(self, result: DrillResult, *, resume_after: bool = False, **_: Any) -> None:
         """Three crashes in a row, each recovered; the threshold automation then rolls the store back 48 h."""
         self.settle(result)
@@ -394,6 +416,7 @@ class DrillRunner(StackRuns):
                                  missing=f"health-monitor reports the crashes (crypto-agent.service.crashed); the "
                                  f"automation {PERSISTENT_FAILURES} needs {crashes} of them")
         self.detected(result, inc)
+        self.approve_gate(result, inc)
         self.wait_closed(result, inc, result.drill.eta_s)
         self.wait_verified(result, paused=(DAEMON,))
         self.note("the backtest stays paused after a rollback, for a person to investigate; resume it with: "

@@ -51,7 +51,8 @@ class TestLevelsToTell:
 
     def test_a_done_rollback_tells_l3(self) -> None:
         got = levels_to_tell(incident("persistent-failures"), 1, 24, live_trading_affected=True)
-        assert got == {"l3": "a rollback to the 48 h backup was done"}
+        assert got == {"l2": "live trading was affected: page the on-call lead",
+                       "l3": "a rollback to the 48 h backup was done"}
 
     def test_a_failed_rollback_tells_l3_and_l2(self) -> None:
         failed = levels_to_tell(incident("persistent-failures"), 1, 24, rollback_failed=True)
@@ -59,8 +60,19 @@ class TestLevelsToTell:
         escalated = levels_to_tell(incident("persistent-failures", ESCALATED, "no backup"), 1, 24)
         assert escalated == {"l2": "the recovery did not succeed: no backup", "l3": "the rollback FAILED: no backup"}
 
-    def test_live_trading_affected_tells_l3(self) -> None:
-        assert levels_to_tell(incident(), 1, 24, live_trading_affected=True) == {"l3": "live trading was affected"}
+    def test_live_trading_affected_pages_the_on_call_lead_and_the_war_room(self) -> None:
+        assert levels_to_tell(incident(), 1, 24, live_trading_affected=True) == {
+            "l2": "live trading was affected: page the on-call lead", "l3": "live trading was affected: war room"}
+
+    def test_an_exchange_that_cannot_be_used_is_l2_then_l3_when_banned_or_down_too_long(self) -> None:
+        from crypto_agent.incidents.policy import exchange_levels
+
+        throttled = exchange_levels(False, 0, 600_000, 3600, "HTTP 429")
+        assert list(throttled) == ["l2"] and throttled["l2"].startswith("check the Binance API")
+        banned = exchange_levels(True, 0, 1_000, 3600, "HTTP 418 until 14:00")
+        assert banned["l3"].startswith("contact Binance: the exchange banned this IP (HTTP 418)")
+        down = exchange_levels(False, 0, 3_600_000, 3600, "connection refused")
+        assert "unusable for 60 min" in down["l3"]
 
     def test_extra_levels_are_added_or_joined_to_the_reason_a_level_has(self) -> None:
         got = levels_to_tell(incident(status=FAILED, summary="x"), 1, 24,

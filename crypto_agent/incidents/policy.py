@@ -28,7 +28,8 @@ def levels_to_tell(
     """The levels beyond L1 to tell at the close of `incident` and why, sorted by level.
 
     L2 when the recovery did not succeed, or when its scenario happened `repeats` >= 3 times in the
-    window; L3 for every rollback (done, or failed) and whenever live trading was affected; `extra`
+    window; L3 for every rollback (done, or failed); L2 (the on-call lead) and L3 (the war room) whenever live
+    trading was affected; `extra`
     adds the recovery's own reasons (a failed validation, a store left down), joined to any reason
     a level already has.
     """
@@ -40,10 +41,14 @@ def levels_to_tell(
                         "the same scenario keeps coming back")
     if incident.scenario == ROLLBACK_SCENARIO:
         failed = rollback_failed or incident.status != RESOLVED
-        levels["l3"] = ("the rollback FAILED: " + incident.summary) if failed \
-            else "a rollback to the 48 h backup was done"
-    if live_trading_affected and "l3" not in levels:
-        levels["l3"] = "live trading was affected"
+        if failed and "nothing restored" in incident.summary:  # rejected at its gate, or nobody decided
+            levels["l3"] = "the rollback was NOT done: " + incident.summary
+        else:
+            levels["l3"] = ("the rollback FAILED: " + incident.summary) if failed \
+                else "a rollback to the 48 h backup was done"
+    if live_trading_affected:  # the runbook's cells: L1 stops the backtest, L2 the on-call lead, L3 the war room
+        for level, why in live_trading_levels().items():
+            levels.setdefault(level, why)
     for level, why in (extra or {}).items():
         if level not in levels:
             levels[level] = why
@@ -169,3 +174,27 @@ def ack_climb(inc: Incident, now_ms: int, ack_timeout_s: float) -> Climb | None:
     return Climb(nxt, f"nobody acknowledged incident #{inc.id} in {waited_s / 60:.0f} min at "
                  f"{inc.paged_level.upper()} (ack timeout {ack_timeout_s / 60:g} min): escalated to {nxt.upper()}; "
                  f"acknowledge with `crypto-agent ack {inc.id}` or the acknowledge deployment")
+
+
+# --- the runbook's escalation cells (issue 11) ---
+
+
+def exchange_levels(banned: bool, unusable_since_ms: int, now_ms: int, l3_after_s: float,
+                    what: str) -> dict[str, str]:
+    """Data stale because the exchange cannot be used: L2 checks the Binance API (down, throttling); L3 contacts
+    Binance when it banned us (HTTP 418) or has been unusable for l3_after_s or longer."""
+    levels = {"l2": f"check the Binance API (status page, our request weight): {what}"}
+    down_s = (now_ms - unusable_since_ms) / 1000
+    if banned:
+        levels["l3"] = f"contact Binance: the exchange banned this IP (HTTP 418): {what}"
+    elif down_s >= l3_after_s:
+        levels["l3"] = (f"contact Binance: the exchange has been unusable for {down_s / 60:.0f} min "
+                        f"(L3 after {l3_after_s / 60:g} min): {what}")
+    return levels
+
+
+def live_trading_levels() -> dict[str, str]:
+    """Live trading affected: L1 stops the backtest (the recovery does), L2 pages the on-call lead, L3 opens the
+    war room (the escalation's war-room channel when it has one)."""
+    return {"l2": "live trading was affected: page the on-call lead",
+            "l3": "live trading was affected: war room"}

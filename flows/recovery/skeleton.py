@@ -396,7 +396,17 @@ class Recovery:
                     emit(INCIDENT_ESCALATED, incident_resource(self.id), self._event_payload(level=level, reason=why))
             self.tell("l1", *self.message(headline))
         else:
-            incidents.add_action(self.log_store, self.id, "page-held", decision.why)
+            # held, except a level this incident never reached (L3 once the exchange is down too long): it pages now
+            new = {lv: why for lv, why in self._levels(inc).items() if lv not in before.levels_told}
+            if new and self.escalated_in is None:
+                report = incidents.render_report(inc, link)
+                for level, why in new.items():
+                    if self.tell(level, *self.message(f"escalated to {level.upper()}",
+                                                      extra=f"Why {level.upper()}: {why}\n\n{report}")):
+                        emit(INCIDENT_ESCALATED, incident_resource(self.id),
+                             self._event_payload(level=level, reason=why))
+            incidents.add_action(self.log_store, self.id, "page-held", decision.why
+                                 + (f"; newly paged: {', '.join(lv.upper() for lv in new)}" if new else ""))
         return False
 
     def finish_from(self, sub: dict[str, Any], **details: Any) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from crypto_agent import incidents, recovery
 from crypto_agent.collector import CollectSummary, backfill
 from crypto_agent.errors import CryptoAgentError
-from crypto_agent.exchange import BinanceClient
+from crypto_agent.exchange import BinanceClient, IPBanned
 from crypto_agent.incidents import ESCALATED, RECOVERED, RESOLVED
 from crypto_agent.quality import check_data
 from crypto_agent.store import open_store
@@ -85,6 +85,11 @@ def recover_stale_data(service: str = "backtest", event: Trigger = None, setting
             exchange = check_exchange(settings)
         except CryptoAgentError as exc:
             run.act("check-exchange", exc.message, ok=False)
+            # the runbook's cells: L2 checks the Binance API; L3 contacts Binance (banned, or down too long)
+            since = run.incident.needs_person_since or run.incident.detected_at
+            run.extra_levels.update(incidents.policy.exchange_levels(
+                isinstance(exc, IPBanned), since, int(time.time() * 1000), cfg.exchange_down_l3_after_s,
+                exc.message))
             return run.finish(ESCALATED, "escalated", summary=f"the exchange cannot be used: {exc.message}; "
                               "L2: check the Binance API status", impact=impact,
                               root_cause=incidents.root_cause.exchange_root_cause(exc))

@@ -72,3 +72,44 @@ def test_an_unfixable_condition_is_one_incident_paged_once_until_it_clears(
     new = recover_stale_data(settings=down, event=None)
     assert new["incident_id"] != inc.id and new["outcome"] == "escalated"
     assert len(all_incidents(cfg)) == 2
+
+
+def test_the_exchange_down_is_l2_check_the_api_then_l3_contact_binance_once_it_lasts(
+    env: dict[str, Any], simulator: Simulator, inbox: Receiver
+) -> None:
+    down = {**env, "request_timeout_s": 2.0}
+    simulator.go_down("refuse")
+    first = recover_stale_data(settings=down, event=None)
+    assert first["outcome"] == "escalated"
+    [l2] = wait_for_messages(inbox, "/l2", 1)
+    assert "Why L2: the recovery did not succeed" in l2["body"]["body"]
+    assert "check the Binance API (status page, our request weight)" in l2["body"]["body"]
+    assert subjects(inbox, "l3") == []
+
+    # still down past exchange_down_l3_after_s: L3 is paged once, "contact Binance"; L2's repeat stays held
+    longer = {**down, "exchange_down_l3_after_s": 0}
+    again = recover_stale_data(settings=longer, event=None)
+    assert again["incident_id"] == first["incident_id"]
+    [l3] = wait_for_messages(inbox, "/l3", 1)
+    assert "escalated to L3" in l3["body"]["subject"] and "contact Binance: the exchange has been unusable" \
+        in l3["body"]["body"]
+    recover_stale_data(settings=longer, event=None)  # a third detection: L3 already told, nothing new
+    [inc] = all_incidents(settings_of(env))
+    held = next(a for a in inc.actions if a["step"] == "page-held")
+    assert inc.levels_told == ["l1", "l2", "l3"] and "newly paged: L3" in held["detail"]
+    assert len(subjects(inbox, "l2")) == 1 and len(subjects(inbox, "l3")) == 1
+
+
+def test_a_418_ban_pages_l3_contact_binance_at_once(
+    env: dict[str, Any], simulator: Simulator, inbox: Receiver
+) -> None:
+    simulator.set_faults(ban_418_s=120)
+    try:
+        result = recover_stale_data(settings={**env, "request_timeout_s": 2.0}, event=None)
+    finally:
+        simulator.set_faults(ban_418_s=0)
+    assert result["outcome"] == "escalated"
+    [l3] = wait_for_messages(inbox, "/l3", 1)
+    assert "contact Binance: the exchange banned this IP (HTTP 418)" in l3["body"]["body"]
+    [l2] = wait_for_messages(inbox, "/l2", 1)
+    assert "check the Binance API" in l2["body"]["body"]

@@ -28,7 +28,6 @@ from recovery_kit import (
     incident_of,
     kill_and_wait,
     leaf_page,
-    messages,
     rows,
     running_pid,
     settings_of,
@@ -37,6 +36,7 @@ from recovery_kit import (
     wait_until,
 )
 from service_kit import keeper  # noqa: F401 (the fixture, one for every test module)
+from test_rollback_gate import GATE_S, Gated
 
 from crypto_agent import backup, health, holds, process, storelock
 from crypto_agent.quality import check_data
@@ -149,8 +149,10 @@ class TestCorruption:
         healthy(cfg, "trader")
         healthy(cfg, "backtest")
         [l3] = wait_for_messages(inbox, "/l3", 1)
-        assert "live trading was affected" in l3["body"]["body"]
-        assert len(wait_for_messages(inbox, "/l1", 2)) == 2 and messages(inbox, "l2") == []
+        assert "live trading was affected: war room" in l3["body"]["body"]
+        [l2] = wait_for_messages(inbox, "/l2", 1)  # the runbook's cell: L2 pages the on-call lead
+        assert "live trading was affected: page the on-call lead" in l2["body"]["body"]
+        assert len(wait_for_messages(inbox, "/l1", 2)) == 2
         [report] = artifacts_of(inc.flow_run_id, f"incident-{inc.id}")
         assert "[x] DB corruption" in report and "Data loss: 0 hours" in report
 
@@ -330,6 +332,16 @@ class TestCorruption:
         assert "handing over to recover-db-corruption" in action(crash, "integrity-check")["detail"]
         assert f"handed over to incident #{store_incident.id}" in crash.summary
         assert "restore" in steps(store_incident) and check_integrity(db, full=True).ok
+        # one cause, one problem paged (issue 11): the crash's incident is linked to the corruption's, which pages
+        assert f"incident #{crash.id} (daemon-crash of" in action(store_incident, "linked")["detail"]
+        assert f"caused by incident #{store_incident.id}" in action(crash, "page-inhibited")["detail"]
+        wait_for_messages(inbox, "/l1", 3)
+        l1 = [m["body"]["subject"] for m in inbox.messages("/l1")]
+        assert [x for x in l1 if f"incident #{crash.id} " in x] == [next(x for x in l1 if "opened" in x)], l1
+        assert sum(f"incident #{store_incident.id} " in x for x in l1) == 2, l1  # opened, resolved
+        opened = next(m for m in inbox.messages("/l1") if f"incident #{store_incident.id} opened" in
+                      m["body"]["subject"])
+        assert f"incident #{crash.id} (daemon-crash" in opened["body"]["body"]
         healthy(cfg, "trader")
         healthy(cfg, "backtest")
 
@@ -461,8 +473,10 @@ class TestRollback:
         add_result(db, "state-of-now", now_ms())
         checkpoint(db)
         start_both(keeper, cfg)
-        result = rollback_persistent_failures(settings=env, event=event(
+        gated = Gated(settings={**env, "rollback_approval_timeout_s": GATE_S}, event=event(
             "crypto-agent.service.crashed", "crypto-agent.service.backtest-daemon"))
+        gated.answer(True, "the on-call L3")  # the gate, approved in the Prefect UI
+        result = gated.result()
 
         assert result["outcome"] == "recovered", result
         assert result["backup"] == str(two_days.path)
@@ -477,7 +491,8 @@ class TestRollback:
         daemon = process.service_spec("backtest", cfg)
         assert holds.read_hold(daemon).by == f"rollback-persistent-failures #{inc.id}"
         assert holds.covering_hold(daemon, cfg, process.inspect(daemon)) is not None  # monitoring stays quiet
-        [l3] = wait_for_messages(inbox, "/l3", 1)
+        ask, l3 = wait_for_messages(inbox, "/l3", 2)  # the approval asked, then the rollback done
+        assert "needs approval" in ask["body"]["subject"]
         assert "a rollback to the 48 h backup was done" in l3["body"]["body"]
         assert "# Incident Report" in l3["body"]["body"]
         # nothing restarts the paused daemon until a person resumes it
@@ -496,6 +511,7 @@ class TestRollback:
         assert result["outcome"] == "escalated"
         inc = incident_of(cfg, result)
         assert "rollback FAILED" in inc.summary and storelock.lock_holder(cfg.db_path) is None
+        assert "approval-not-asked" in steps(inc)  # nothing to restore: nobody is asked, it fails loudly at once
         healthy(cfg, "trader")
         assert running_pid(cfg, "backtest") is None
         [l3] = wait_for_messages(inbox, "/l3", 1)
