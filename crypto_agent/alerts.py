@@ -343,14 +343,19 @@ def late_wait_s(run: JobRun, late_after_s: float, now: float | None = None) -> f
     return max(0.0, run.expected_start + late_after_s - now)
 
 
+DATA_UPDATE_FLOWS = ("data-update", "data-update-deadline")  # the runbook's cell: L3 past the staleness limit
+
+
 def job_alert(
-    kind: str, run: JobRun, previous: JobRun | None, *, late_after_s: float, now: float | None = None
+    kind: str, run: JobRun, previous: JobRun | None, *, late_after_s: float, now: float | None = None,
+    stale: str | None = None,
 ) -> Alert | None:
     """The page for a runbook job's run that failed, crashed or is late; None when nobody is to be told.
 
     None for a run job-watch does not watch, for a Late run that has started since (or is not yet
     `late_after_s` late). L1 the first time; L2 when the previous run of the same deployment also failed,
-    crashed or was late (the job repeats its failure).
+    crashed or was late (the job repeats its failure); L3 when it is the data-update and the store is past its
+    staleness limit (`stale` says how: the runbook's "data-update misses the staleness limit").
     """
     now = time.time() if now is None else now
     if kind not in JOB_KINDS:
@@ -366,11 +371,12 @@ def job_alert(
     else:
         what = "crashed (its process died or was killed)" if kind == JOB_CRASHED else "failed"
     repeat = previous is not None and previous.bad is not None
-    level = "l2" if repeat else "l1"
+    past_limit = stale if run.flow in DATA_UPDATE_FLOWS and stale else None
+    level = "l3" if past_limit else "l2" if repeat else "l1"
     job = run.deployment or run.flow
     subject = f"[crypto-agent] runbook job {job} {kind.lower()}" + (
         f" again (previous run {previous.bad.lower()})" if repeat and previous is not None and previous.bad else ""
-    )
+    ) + (": the data is past its staleness limit" if past_limit else "")
     lines = [
         f"what happened: run {run.name} of {job} {what}",
         f"state: {run.state_name}: {run.state_message or 'no message'}",
@@ -386,6 +392,9 @@ def job_alert(
                      "The run starts as soon as one picks it up")
     else:
         lines.append(f"to do: read the run's logs; rerun it with `prefect deployment run '{job}'` once fixed")
+    if past_limit:
+        lines.append(f"to do (L3): the data-update missed the staleness limit ({past_limit}); backtests and live "
+                     "trading run on stale candles until it completes")
     payload = {"flow_run_id": run.id, "flow_run": run.name, "deployment": run.deployment, "kind": kind,
                "level": level, "repeat": repeat, "previous_flow_run_id": previous.id if previous else None}
     return Alert(f"job:{job}:{run.id}:{kind}", level, subject, "\n".join(lines), payload)

@@ -88,6 +88,26 @@ def read_job_runs(flow_run_id: str) -> tuple[JobRun, list[JobRun]]:
     return current, others
 
 
+def staleness(cfg: Any) -> str | None:
+    """How the store is past its staleness limit (H1 < 6 h, H4 < 24 h), or None (fresh, or it cannot be read:
+    the data-validation and the recoveries deal with that)."""
+    from crypto_agent.quality import check_data
+    from crypto_agent.store import open_store
+
+    try:
+        with open_store(cfg) as store:
+            report = check_data(store, cfg)
+    except Exception as exc:  # noqa: BLE001 (a page without the L3 detail beats no page)
+        get_run_logger().warning("staleness not checked: %s", exc)
+        return None
+    stale = report.stale_series
+    if not stale:
+        return None
+    shown = ", ".join(f"{s.symbol} {s.timeframe} "
+                      + ("no candle" if s.age_hours is None else f"{s.age_hours:.1f} h old") for s in stale[:5])
+    return f"{len(stale)} stale series: {shown}" + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
+
+
 @flow(name="job-watch", log_prints=True, timeout_seconds=TIMEOUT_S, on_failure=FAILURE_HOOKS,
       on_crashed=CRASH_HOOKS)
 def job_watch(flow_run_id: str = "", kind: str = "", settings: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -111,7 +131,8 @@ def job_watch(flow_run_id: str = "", kind: str = "", settings: dict[str, Any] | 
             time.sleep(wait)
             run, others = read_job_runs(run_id)
     previous = alerts.previous_outcome(run, others)
-    alert = alerts.job_alert(kind, run, previous, late_after_s=cfg.job_late_after_s)
+    alert = alerts.job_alert(kind, run, previous, late_after_s=cfg.job_late_after_s,
+                             stale=staleness(cfg) if run.flow in alerts.DATA_UPDATE_FLOWS else None)
     result: dict[str, Any] = {"flow_run_id": run.id, "deployment": run.deployment, "kind": kind,
                               "level": None, "paged": False, "reason": ""}
     if alert is None:

@@ -94,6 +94,26 @@ class TestPages:
         wait_for_messages(inbox, "/l1", count=2)
         assert len(l_messages(inbox, "l1", name)) == 2 and len(l_messages(inbox, "l2", name)) == 1
 
+    def test_a_failed_data_update_with_the_store_past_its_staleness_limit_pages_l3(
+        self, deployments: dict[str, UUID], settings_for: Any, inbox: Receiver
+    ) -> None:
+        entries = {e.full_name: e for e in read_entries(PROJECT_DIR)}
+        deployment = to_runner_deployment(entries["data-update/daily"])
+        deployment.name = f"daily-{datetime.now(UTC).strftime('%H%M%S%f')}"
+        deployment_id = deployment.apply()
+        try:
+            # the store of this home holds no candle at all: every series is past its limit (H1 6 h, H4 24 h)
+            run = make_run(deployment_id, 40, Failed(message="the exchange answered HTTP 503"))
+            got = job_watch(flow_run_id=str(run.id), kind="Failed", settings=settings_for())
+            assert (got["level"], got["paged"]) == ("l3", True), got
+            [l3] = wait_for_messages(inbox, "/l3")
+            assert l3["body"]["subject"].endswith("failed: the data is past its staleness limit")
+            assert "to do (L3): the data-update missed the staleness limit (" in l3["body"]["body"]
+            assert "stale series: BTCUSDT 1h no candle" in l3["body"]["body"]
+        finally:
+            with get_client(sync_client=True) as client:
+                client.delete_deployment(deployment_id)
+
     def test_a_run_late_past_the_limit_pages_l1_and_one_that_started_pages_nobody(
         self, job: Any, inbox: Receiver
     ) -> None:
