@@ -41,7 +41,8 @@ def register_block_types() -> list[str]:
     """Register our Block types with the Prefect API; their slugs."""
     slugs = []
     for block_type in BLOCK_TYPES:
-        block_type.register_type_and_schema()
+        # Synchronously (also from async code); Escalation then registers its tree once per process and API.
+        block_type.register_type_and_schema(_sync=True)  # type: ignore[call-arg]  # async_dispatch takes it
         slugs.append(block_type.get_block_type_slug())
     return slugs
 
@@ -60,7 +61,11 @@ def register_defaults(settings: Settings | None = None, fred_api_key: str | None
         webhook.save(name, overwrite=True)
         levels[level] = load_block(CustomWebhookNotificationBlock, name)
         done.documents.append(f"{CustomWebhookNotificationBlock.get_block_type_slug()}/{name}")
-    Escalation(**levels).save(DEFAULT_ESCALATION, overwrite=True)
+    war_room = receiver_webhook(settings, "war-room")  # the runbook's war room: a channel of its own, beside L3
+    war_room.save(f"{DEFAULT_ESCALATION}-war-room", overwrite=True)
+    Escalation(**levels, war_room=[load_block(CustomWebhookNotificationBlock, f"{DEFAULT_ESCALATION}-war-room")]
+               ).save(DEFAULT_ESCALATION, overwrite=True)
+    done.documents.append(f"{CustomWebhookNotificationBlock.get_block_type_slug()}/{DEFAULT_ESCALATION}-war-room")
     done.documents.append(f"{Escalation.get_block_type_slug()}/{DEFAULT_ESCALATION}")
     key = fred_api_key or os.environ.get(FRED_KEY_ENV)
     if key:

@@ -2,7 +2,9 @@
 
 It accepts a POST (or PUT/PATCH) of any JSON or text on any path, records it in memory and as one
 JSON line in a log file, and answers ``GET /messages`` (optionally ``?path=/l1``) with what it got.
-The escalation levels post to ``/l1``, ``/l2``, ``/l3`` so one receiver serves all three.
+The escalation levels post to ``/l1``, ``/l2``, ``/l3`` so one receiver serves all three. A POST to
+``/hooks/<token>`` is answered as a Mattermost incoming webhook answers it (200, ``ok`` as plain text),
+so Prefect's MattermostWebhook block can deliver to it through Apprise.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from crypto_agent.errors import ConfigError
 
+MATTERMOST_HOOKS = "/hooks/"  # a Mattermost incoming webhook: POST /hooks/<token>, JSON {"text": ...}
 # Headers worth keeping: enough to tell who sent what, never an Authorization or a cookie.
 KEPT_HEADERS = ("content-type", "user-agent", "content-length")
 MAX_BODY_BYTES = 1_000_000
@@ -36,9 +39,11 @@ class _Handler(BaseHTTPRequestHandler):
         return  # the JSON-lines log is the record; stderr stays quiet
 
     def _reply(self, status: int, payload: Any) -> None:
-        data = json.dumps(payload).encode()
+        self._send(status, json.dumps(payload).encode(), "application/json")
+
+    def _send(self, status: int, data: bytes, content_type: str) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
@@ -65,12 +70,16 @@ class _Handler(BaseHTTPRequestHandler):
             body = json.loads(text) if text else None
         except json.JSONDecodeError:
             body = text
+        path = urlsplit(self.path).path
         status = self.server.receiver.record(
-            path=urlsplit(self.path).path,
+            path=path,
             headers={k: v for k, v in self.headers.items() if k.lower() in KEPT_HEADERS},
             body=body,
         )
-        self._reply(status, {"ok": status < 300})
+        if path.startswith(MATTERMOST_HOOKS) and status == HTTPStatus.OK:
+            self._send(status, b"ok", "text/plain")  # what Mattermost answers a message it took
+        else:
+            self._reply(status, {"ok": status < 300})
 
     do_POST = do_PUT = do_PATCH = _receive
 

@@ -77,6 +77,22 @@ class TestReceivesAnything:
         assert r.status_code == 503
 
 
+class TestMattermostIncomingWebhook:
+    def test_a_post_to_hooks_token_is_answered_as_mattermost_does(self, receiver: Receiver) -> None:
+        r = httpx.post(f"{receiver.url}/hooks/tok3n42", json={"text": "#### daemon DEAD\npid 123"}, timeout=5)
+        assert (r.status_code, r.text, r.headers["Content-Type"]) == (200, "ok", "text/plain")
+        [m] = receiver.messages("/hooks/tok3n42")
+        assert m["body"] == {"text": "#### daemon DEAD\npid 123"}
+
+    def test_only_a_hooks_post_it_takes_gets_mattermosts_ok(self, receiver: Receiver) -> None:
+        assert httpx.post(f"{receiver.url}/l1", json={"text": "x"}, timeout=5).json() == {"ok": True}
+        receiver.respond_with(500)
+        refused = httpx.post(f"{receiver.url}/hooks/tok3n42", json={"text": "x"}, timeout=5)
+        assert refused.status_code == 500 and refused.json() == {"ok": False}
+        receiver.respond_with(200)
+        assert httpx.post(f"{receiver.url}/hooks/tok3n42", json={"text": "x"}, timeout=5).text == "ok"
+
+
 class TestLifecycle:
     def test_stop_releases_the_port_and_later_posts_fail(self, tmp_path: Path) -> None:
         r = Receiver(port=0).start()

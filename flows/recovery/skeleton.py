@@ -262,7 +262,23 @@ class Recovery:
             incidents.add_action(self.log_store, self.id, f"notify-{level}", f"not delivered: {exc}", ok=False)
             return False
         incidents.told(self.log_store, self.id, level)
+        if level == "l3" and self.live_trading_affected:
+            self.tell_war_room(subject, body)
         return True
+
+    def tell_war_room(self, subject: str, body: str) -> None:
+        """Live trading affected: the escalation's war room hears what L3 hears (nothing when it has none)."""
+        try:
+            delivery = load_escalation().tell_war_room(subject, body)
+        except Exception as exc:  # noqa: BLE001 (L3 has it; the incident says the war room did not)
+            incidents.add_action(self.log_store, self.id, "notify-war-room", f"not delivered: {exc}", ok=False)
+            return
+        if delivery is None:
+            return
+        ok = bool(delivery.delivered)
+        incidents.add_action(self.log_store, self.id, "notify-war-room",
+                             ("told " + ", ".join(delivery.delivered)) if ok else
+                             "not delivered: " + "; ".join(delivery.failed), ok=ok and not delivery.failed)
 
     def message(self, headline: str, extra: str = "") -> tuple[str, str]:
         """Subject and body: what happened, what was done, the current state, the data lost, the flow run."""

@@ -262,6 +262,12 @@ class TestDaemonCrash:
         assert inc.impact == "Live trading down"
         [l3] = wait_for_messages(inbox, "/l3", 1)
         assert "live trading was affected" in l3["body"]["body"] and "# Incident Report" in l3["body"]["body"]
+        # the runbook's cells for live trading: L2 pages the on-call lead, the war room hears what L3 hears
+        [l2] = wait_for_messages(inbox, "/l2", 1)
+        assert "live trading was affected: page the on-call lead" in l2["body"]["body"]
+        [war] = wait_for_messages(inbox, "/war-room", 1)
+        assert war["body"]["subject"] == l3["body"]["subject"] and "war room" in war["body"]["body"]
+        assert action(incident_of(cfg, result), "notify-war-room")["ok"]
         healthy(cfg, "trader")
 
     def test_two_recoveries_at_once_one_recovers_and_the_other_is_absorbed(
