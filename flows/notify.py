@@ -97,11 +97,23 @@ FAILURE_HOOKS: list[FlowStateHook[..., Any]] = [notify_failure]
 CRASH_HOOKS: list[FlowStateHook[..., Any]] = [notify_crashed]
 
 
-@task(name="notify-level", retries=1, retry_delay_seconds=2)
+def retry_unless_delivered(task: Any, task_run: Any, state: State) -> bool:
+    """retry_condition_fn of notify-level: a message a higher level took instead (the fallback) is not sent again."""
+    from flows.common import failure_of
+
+    failure = failure_of(state)
+    return not (isinstance(failure, NotificationUndelivered) and failure.fell_back_to is not None)
+
+
+@task(name="notify-level", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_unless_delivered)
 def notify_level(level: str, subject: str, body: str, escalation: str = DEFAULT_ESCALATION) -> None:
-    """Tell one escalation level (l1, l2, l3); the task fails when the message cannot be delivered."""
-    load_escalation(escalation).notify(level, subject, body)
-    get_run_logger().info("told %s: %s", level.upper(), subject)
+    """Tell one escalation level (l1, l2, l3); the task fails when the level's blocks could not deliver it (a
+    higher level may have taken it instead: NotificationUndelivered.fell_back_to), and is not retried then."""
+    delivery = load_escalation(escalation).notify(level, subject, body)
+    logger = get_run_logger()
+    for failed in delivery.failed:  # told, but not by every block of the level
+        logger.error("%s: one block of %s did not deliver %r: %s", level.upper(), level.upper(), subject, failed)
+    logger.info("told %s: %s", level.upper(), subject)
 
 
 def silenced(cfg: Settings, resource: str, level: str, subject: str, *, incident_id: int | None = None,

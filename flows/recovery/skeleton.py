@@ -260,6 +260,9 @@ class Recovery:
         except Exception as exc:  # noqa: BLE001 (the recovery matters more than the message; the report says who was not told)
             self.undelivered.append(f"{level.upper()}: {exc}")
             incidents.add_action(self.log_store, self.id, f"notify-{level}", f"not delivered: {exc}", ok=False)
+            higher = getattr(exc, "fell_back_to", None)
+            if higher:  # a higher level took it instead: that one was told
+                incidents.told(self.log_store, self.id, higher)
             return False
         incidents.told(self.log_store, self.id, level)
         if level == "l3" and self.live_trading_affected:

@@ -372,6 +372,20 @@ class TestNotifyTask:
         assert state.is_failed()
         assert "not delivered" in (state.message or "")
 
+    def test_a_fallback_is_sent_once_the_task_fails_and_is_not_retried(self, inbox: Receiver) -> None:
+        escalation_at(inbox.url, l1=webhook(f"{closed_port_url()}/l1")).save("l1-unreachable", overwrite=True)
+
+        @flow(name="tell-l1-down")
+        def tell() -> None:
+            notify_level("l1", "daemon DEAD", "pid 1", escalation="l1-unreachable")  # retries=1 as deployed
+
+        state = tell(return_state=True)
+        assert state.is_failed() and "sent to L2 (DevOps) instead" in (state.message or ""), state.message
+        time.sleep(3)  # past the task's retry delay: a retry would have sent it again
+        [l2] = inbox.messages("/l2")
+        assert l2["body"]["subject"].startswith("[undelivered to L1 (on-call): ") and "daemon DEAD" in \
+            l2["body"]["subject"]
+
     def test_a_missing_escalation_block_is_an_error_naming_the_fix(self) -> None:
         @flow(name="tell-missing")
         def tell() -> None:
