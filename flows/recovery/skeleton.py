@@ -295,6 +295,14 @@ class Recovery:
         state.append(recovery.store_state(self.cfg))
         lost = "not known yet" if inc.data_lost_hours is None else f"{inc.data_lost_hours:g} hours"
         body = "\n".join([
+            # short first, as a phone shows it: what, where, state, link; the detail after
+            f"What: {sc.title}: {headline}",
+            f"Where: {inc.resource}",
+            f"State: {inc.status}{' (' + inc.outcome + ')' if inc.outcome else ''}"
+            + (", NEEDS A PERSON" if inc.needs_person else "")
+            + (f", acknowledged by {inc.acked_by}" if inc.acked_by else f"; ack: `crypto-agent ack {inc.id}`"),
+            f"Link: {flow_run_link()}",
+            "",
             (f"What happened: {inc.root_cause or 'being diagnosed'} (trigger: {trigger}, "
              f"detected {incidents.iso(inc.detected_at)})"),
             f"Status: {inc.status}{' (' + inc.outcome + ')' if inc.outcome else ''}"

@@ -265,6 +265,10 @@ class TestDaemonCrash:
         # the runbook's cells for live trading: L2 pages the on-call lead, the war room hears what L3 hears
         [l2] = wait_for_messages(inbox, "/l2", 1)
         assert "live trading was affected: page the on-call lead" in l2["body"]["body"]
+        head = l3["body"]["body"].splitlines()[:4]  # short first: what, where, state, link
+        assert [line.split(":", 1)[0] for line in head] == ["What", "Where", "State", "Link"], head
+        assert head[1] == "Where: crypto-agent.service.trader", head
+        assert "/runs/flow-run/" in head[3] or "no PREFECT_UI_URL" in head[3], head
         [war] = wait_for_messages(inbox, "/war-room", 1)
         assert war["body"]["subject"] == l3["body"]["subject"] and "war room" in war["body"]["body"]
         assert action(incident_of(cfg, result), "notify-war-room")["ok"]
