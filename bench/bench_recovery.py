@@ -235,6 +235,7 @@ def persistent_failures(stack: RunningStack) -> tuple[float, float | None, float
                    WAIT_S, "the daemon back, or the rollback")
         stack.run_monitor()
         time.sleep(1.0)
+    stack.approve_rollback(WAIT_S, by="bench_recovery")  # its gate, answered at once: the time is the system's
     incident = incident_after(stack, "persistent-failures", since)
     stack.wait(lambda: stack.probe("trader").healthy and stack.integrity_ok() and stack.pid("backtest") is None,
                WAIT_S, "live trading back, the backtest paused")

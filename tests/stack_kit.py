@@ -301,6 +301,19 @@ class RunningStack:
             return list(client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
                                               sort=FlowRunSort.START_TIME_DESC, limit=50))
 
+    def approve_rollback(self, timeout_s: float, by: str = "the on-call lead", approve: bool = True) -> str:
+        """Answer the rollback's gate as a person does in the UI (the paused run's form, then Resume); its run id."""
+        from prefect.flow_runs import resume_flow_run
+
+        def paused() -> Any:
+            return next((r for r in self.flow_runs("rollback-persistent-failures")
+                         if r.state is not None and r.state.is_paused()), None)
+
+        run = self.wait(paused, timeout_s, "the rollback to wait at its approval gate", alive="serve")
+        with self.using_api():
+            resume_flow_run(run.id, run_input={"approve": approve, "by": by, "note": "answered by the test"})
+        return str(run.id)
+
     def run_monitor(self, wait_s: float = 0.0, parameters: dict[str, Any] | None = None) -> str:
         """Run the health monitor now, as its schedule would (through its deployment); the flow run id.
 

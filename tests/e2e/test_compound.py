@@ -215,6 +215,13 @@ def test_corrupt_pages_with_no_backup_are_rebuilt_and_the_trader_comes_back_firs
         assert store.count("1h") >= candles_before * 0.99
     stack.wait(lambda: any("rebuilt" in s.lower() or f"incident #{inc.id}" in s
                            for s in subjects(stack, "l2", since_iso)), 60, f"L2 to be told of incident #{inc.id}")
+    # one cause, one problem paged (issue 11): a service that died of the damage is linked to this incident
+    assert [i.id for i in since_incidents(stack, "db-corruption", since)] == [inc.id]
+    handed = [c for c in since_incidents(stack, "daemon-crash", since) if "handed over to incident" in c.summary]
+    for crash in handed:
+        assert "page-inhibited" in [a["step"] for a in crash.actions], crash.actions
+        assert not [s for got in every_page(stack, since_iso).values() for s in got
+                    if f"incident #{crash.id} " in s and " opened: " not in s], every_page(stack, since_iso)
 
 
 @pytest.mark.timeout(900)

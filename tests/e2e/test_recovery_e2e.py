@@ -147,8 +147,12 @@ def test_three_crashes_in_a_row_roll_back_to_the_48h_backup_with_the_backtest_pa
                    RECOVERY_S, "the daemon back, or the rollback")
         stack.run_monitor()  # reports the new crash: the threshold automation counts crash events
         time.sleep(2)
+    stack.approve_rollback(300, by="alice")  # the last resort waits for a person at its gate (issue 11)
     incident = stack.wait(lambda: stack.closed_incident("persistent-failures", since), 300, "the rollback incident")
     assert incident.status == "resolved", incident.summary
+    done = [a["step"] for a in incident.actions]
+    assert done.index("approval-requested") < done.index("approval") < done.index("restore"), done
+    assert "rollback approved by alice" in next(a["detail"] for a in incident.actions if a["step"] == "approval")
     assert incident.trigger["event"] == "crypto-agent.service.crashed"
     restored = [a["detail"] for a in incident.actions if a["step"] == "restore"]
     assert restored and "db_backup_" in restored[0]
