@@ -398,3 +398,35 @@ def job_alert(
     payload = {"flow_run_id": run.id, "flow_run": run.name, "deployment": run.deployment, "kind": kind,
                "level": level, "repeat": repeat, "previous_flow_run_id": previous.id if previous else None}
     return Alert(f"job:{job}:{run.id}:{kind}", level, subject, "\n".join(lines), payload)
+
+
+# --- a runbook job that misses its day (issue 11): L2 ---
+
+_DAILY_CRON = re.compile(r"^\s*(\d{1,2})\s+(\d{1,2})\s+\*\s+\*\s+\*\s*$")
+MISSED_DAY_GRACE_S = 2 * 3600.0  # a daily job's run may come late (Late, retries): 26 h without one is a missed day
+
+
+def is_daily(crons: Sequence[str]) -> bool:
+    """Whether a deployment's schedules fire once a day (one cron "M H * * *"): the jobs that can miss their day."""
+    return len(crons) == 1 and _DAILY_CRON.match(crons[0]) is not None
+
+
+def missed_day(job: str, crons: Sequence[str], last_completed: float | None, created: float, now: float,
+               grace_s: float = MISSED_DAY_GRACE_S) -> Alert | None:
+    """The L2 page for a daily runbook job with no completed run in the last day plus `grace_s` (counted from the
+    deployment's creation when it never completed), or None: not a daily job, or it completed in time."""
+    if not is_daily(crons):
+        return None
+    since = last_completed if last_completed is not None else created
+    silent_s = now - since
+    if silent_s < 86400 + grace_s:
+        return None
+    last = "never" if last_completed is None else f"{silent_s / 3600:.1f} h ago"
+    subject = f"[crypto-agent] runbook job {job} missed its day: no completed run for {silent_s / 3600:.0f} h"
+    body = "\n".join([
+        (f"what happened: the daily job {job} ({crons[0]} UTC) has not completed a run for {silent_s / 3600:.1f} h "
+        f"(last completed: {last})"),
+        ("to do (L2): is the serving process or worker up (`crypto-agent watchdog`)? Are its runs failing or "
+        f"stuck (the UI, Runs, deployment {job})? Run it by hand with `prefect deployment run '{job}'` once fixed"),
+    ])
+    return Alert(f"job:{job}:missed-day", "l2", subject, body, {"deployment": job, "silent_s": round(silent_s)})

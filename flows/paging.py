@@ -21,12 +21,12 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.utilities.urls import url_for
 
-from crypto_agent import incidents
+from crypto_agent import alerts, incidents
 from crypto_agent.errors import InputError
 from crypto_agent.incidents import silences
 from crypto_agent.incidents.report import prevention_item
 from flows.common import run_settings
-from flows.notify import CRASH_HOOKS, FAILURE_HOOKS, notify_level, silenced
+from flows.notify import CRASH_HOOKS, FAILURE_HOOKS, notify_level, page_episode, silenced
 
 MAX_CLIMBS_PER_ROUND = 20  # a backlog after an outage climbs over several rounds, not in one burst
 
@@ -110,13 +110,54 @@ def publish_report(store: Any, inc: incidents.Incident) -> None:
     incidents.update_fields(store, inc.id, report_published_at=int(time.time() * 1000))
 
 
+def watch_missed_days(cfg: Any, now: float) -> list[str]:
+    """L2 for every daily runbook job (tag `runbook`, one daily cron) with no completed run for a day and
+    alerts.MISSED_DAY_GRACE_S: once per episode, over when it completes again; the jobs paged."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        DeploymentFilterTags,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    paged = []
+    with get_client(sync_client=True) as client:
+        deployments = client.read_deployments(
+            deployment_filter=DeploymentFilter(tags=DeploymentFilterTags(all_=[alerts.RUNBOOK_TAG])))
+        names = {}
+        for dep in deployments:
+            crons = [str(getattr(s.schedule, "cron", "")) for s in dep.schedules if s.active]
+            if not alerts.is_daily(crons):
+                continue
+            if dep.flow_id not in names:
+                names[dep.flow_id] = client.read_flow(dep.flow_id).name
+            job = f"{names[dep.flow_id]}/{dep.name}"
+            done = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
+                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                    type=FlowRunFilterStateType(any_=[StateType.COMPLETED]))),
+                sort=FlowRunSort.END_TIME_DESC, limit=1)
+            last = done[0].end_time.timestamp() if done and done[0].end_time else None
+            created = dep.created.timestamp() if dep.created else now
+            alert = alerts.missed_day(job, crons, last, created, now)
+            if page_episode(cfg, f"job:{job}:missed-day", alert is not None, "l2",
+                            alert.subject if alert else "", alert.body if alert else ""):
+                paged.append(job)
+    return paged
+
+
 @flow(name="page-clock", log_prints=True, timeout_seconds=300, on_failure=FAILURE_HOOKS, on_crashed=CRASH_HOOKS)
 def page_clock(settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Climb unacknowledged pages (L1 -> L2 -> L3 after ack_timeout_s), tell what ended silences held, republish
     reports closed from the CLI."""
     cfg = run_settings(settings)
     if not incidents.incidents_db_path(cfg).exists():
-        return {"climbed": [], "silences_told": [], "reports": []}
+        return {"climbed": [], "silences_told": [], "reports": [], "missed_days": watch_missed_days(cfg, time.time())}
     store = incidents.open_incident_store(cfg)
     try:
         now = time.time()
@@ -128,7 +169,8 @@ def page_clock(settings: dict[str, Any] | None = None) -> dict[str, Any]:
             reports.append(inc.id)
     finally:
         store.close()
-    return {"climbed": climbed, "silences_told": ended, "reports": reports}
+    return {"climbed": climbed, "silences_told": ended, "reports": reports,
+            "missed_days": watch_missed_days(cfg, now)}
 
 
 @flow(name="acknowledge", log_prints=True, timeout_seconds=60, on_failure=FAILURE_HOOKS, on_crashed=CRASH_HOOKS)

@@ -226,3 +226,26 @@ class TestTheCommands:
                        "--due", "next week"], settings)
         assert bad.returncode != 0 and "YYYY-MM-DD" in bad.stderr
         assert incidents.get(log, inc.id).report_owner == "alice"  # the bad call wrote nothing
+
+
+class TestMissedDay:
+    @pytest.mark.parametrize(("crons", "daily"), [
+        (["30 0 * * *"], True), (["0 3 * * 0"], False), (["*/5 * * * *"], False), (["15 * * * *"], False),
+        (["0 4 1-7 * 0"], False), (["30 0 * * *", "0 1 * * *"], False), ([], False),
+    ])
+    def test_only_once_a_day_jobs_can_miss_their_day(self, crons: list[str], daily: bool) -> None:
+        from crypto_agent.alerts import is_daily
+
+        assert is_daily(crons) is daily
+
+    def test_a_daily_job_silent_for_a_day_and_the_grace_pages_l2(self) -> None:
+        from crypto_agent.alerts import MISSED_DAY_GRACE_S, missed_day
+
+        day = 86400 + MISSED_DAY_GRACE_S
+        assert missed_day("data-update/daily", ["30 0 * * *"], T0 - day + 60, T0 - 9 * 86400, T0) is None
+        alert = missed_day("data-update/daily", ["30 0 * * *"], T0 - day - 60, T0 - 9 * 86400, T0)
+        assert alert is not None and alert.level == "l2" and "missed its day" in alert.subject
+        assert "no completed run for 26 h" in alert.subject and "prefect deployment run" in alert.body
+        never = missed_day("data-update/daily", ["30 0 * * *"], None, T0 - day - 1, T0)
+        assert never is not None and "last completed: never" in never.body
+        assert missed_day("compact/weekly", ["0 3 * * 0"], None, T0 - 30 * 86400, T0) is None

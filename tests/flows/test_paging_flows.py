@@ -138,3 +138,38 @@ def test_close_report_from_the_ui_fills_owner_and_prevention_and_republishes_the
     assert "Owner: alice" in str(newest.data) and "[x] Monitoring threshold adjusted" in str(newest.data)
     with incidents.open_incident_store(settings_of(env)) as log:
         assert incidents.reports_to_publish(log) == []  # published: page-clock has nothing to do
+
+
+def test_a_daily_runbook_job_without_a_completed_run_for_a_day_pages_l2_once(
+    settings_for: Any, inbox: Receiver
+) -> None:
+    from pathlib import Path
+
+    from prefect import flow
+
+    from deployments.serve import read_entries, to_runner_deployment
+    from flows.paging import watch_missed_days
+
+    entries = {e.full_name: e for e in read_entries(Path(__file__).resolve().parents[2])}
+    deployment = to_runner_deployment(entries["sentiment-macro-update/daily"])
+    deployment.name = f"daily-{int(time.time() * 1000)}"
+    deployment_id = deployment.apply()
+    cfg = settings_of(settings_for())
+    job = f"sentiment-macro-update/{deployment.name}"
+
+    @flow(name="watch-missed-days")
+    def watch(now: float) -> list[str]:
+        return watch_missed_days(cfg, now)
+
+    try:
+        assert job not in watch(time.time())  # created just now: it has a day to run
+        later = time.time() + 27 * 3600  # a day and more without a completed run
+        assert job in watch(later)
+        [l2] = [m for m in wait_for_messages(inbox, "/l2", 1) if job in m["body"]["subject"]]
+        assert "missed its day" in l2["body"]["subject"] and "last completed: never" in l2["body"]["body"]
+        assert job not in watch(later + 60)  # one page per episode
+        time.sleep(1.0)
+        assert len([m for m in inbox.messages("/l2") if job in m["body"]["subject"]]) == 1
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_deployment(deployment_id)
