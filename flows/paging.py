@@ -205,10 +205,8 @@ def close_report(incident_id: int, owner: str, prevention: list[str], due: str |
         raise incidents.IncidentError(f"no incident #{incident_id} (no incident log yet)",
                                       hint="list them with `crypto-agent incidents`")
     with incidents.open_incident_store(cfg) as store:
-        inc = incidents.set_report_fields(store, incident_id, owner=owner, prevention=items, due=due)
-        report = incidents.render_report(inc, incident_link(inc))
-        inc = incidents.set_report_fields(store, incident_id, owner=owner, prevention=items, due=due,
-                                          report_md=report)
+        inc = incidents.close_report(store, incident_id, owner=owner, prevention=items, due=due,
+                                     link=incident_link(incidents.get(store, incident_id)))
         publish_report(store, inc)
     return {"incident_id": incident_id, "owner": owner, "prevention": items}
 

@@ -453,12 +453,15 @@ def start_stack(home: Path, *, settings: Mapping[str, Any] | None = None, only: 
 
 def start_rehearsal(home: Path, *, symbols: tuple[str, ...] = REHEARSAL_SYMBOLS, history_days: int = 20,
                     settings: Mapping[str, Any] | None = None, timeout_s: float = UP_TIMEOUT_S,
-                    before_up: Callable[[Settings], None] | None = None) -> RunningStack:
-    """The runbook rehearsal: `up --only` the monitor and the five recoveries, REHEARSAL_SETTINGS, a small
-    universe of `history_days`, then two good backups (2 days and 1 day old) for the restore and the rollback."""
+                    before_up: Callable[[Settings], None] | None = None,
+                    also_serve: tuple[str, ...] = ()) -> RunningStack:
+    """The runbook rehearsal: `up --only` the monitor and the five recoveries (and `also_serve`), REHEARSAL_SETTINGS,
+    a small universe of `history_days`, then two good backups (2 days and 1 day old) for the restore and the
+    rollback."""
     wanted = {"symbols": list(symbols), "initial_history_days": history_days, "daemon_lookback_days": 0,
               **REHEARSAL_SETTINGS, **(settings or {})}
-    stack = start_stack(home, settings=wanted, only=REHEARSAL_DEPLOYMENTS, timeout_s=timeout_s, before_up=before_up)
+    stack = start_stack(home, settings=wanted, only=(*REHEARSAL_DEPLOYMENTS, *also_serve), timeout_s=timeout_s,
+                        before_up=before_up)
     try:
         stack.seed_backups()
     except BaseException:

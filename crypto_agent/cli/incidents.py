@@ -161,10 +161,8 @@ def close_report_command(
     settings = load_settings()
     _log_of(settings, incident_id)
     with incidents.open_incident_store(settings) as store:
-        incidents.get(store, incident_id)
-        filled = incidents.set_report_fields(store, incident_id, owner=owner, prevention=items, due=due)
-        report = incidents.render_report(filled, _report_link(filled))
-        incidents.set_report_fields(store, incident_id, owner=owner, prevention=items, due=due, report_md=report)
+        incidents.close_report(store, incident_id, owner=owner, prevention=items, due=due,
+                               link=_report_link(incidents.get(store, incident_id)))
     print(f"incident #{incident_id}: report closed (owner {owner.strip()}, prevention: {'; '.join(items)}); "
           f"the artifact incident-{incident_id} is republished by the page-clock flow within a minute")
 

@@ -63,7 +63,7 @@ from crypto_agent.incidents.policy import (
     needs_person_action,
     over_budget_note,
 )
-from crypto_agent.incidents.report import render_report, root_cause_boxes
+from crypto_agent.incidents.report import close_report, render_report, root_cause_boxes
 from crypto_agent.incidents.scenarios import (
     ABSORBED,
     ESCALATED,
@@ -110,6 +110,7 @@ __all__ = [
     "budget_left_s",
     "clear_needs_person",
     "close",
+    "close_report",
     "condition_cleared",
     "detected_at",
     "escalate",

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-from crypto_agent.incidents.log import Incident, iso
+from crypto_agent.incidents.log import Incident, get, iso, set_report_fields
 from crypto_agent.incidents.scenarios import ROOT_CAUSES
+from crypto_agent.store import Store
 
 
 def _minutes(seconds: float | None) -> str:
@@ -144,3 +146,13 @@ def render_report(incident: Incident, flow_run_link: str | None = None) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def close_report(store: Store, incident_id: int, *, owner: str, prevention: list[str], due: str | None = None,
+                 link: str | None = None) -> Incident:
+    """Fill the report's Owner (and due date) and Prevention fields and keep the report rendered with them, marked
+    for republishing; InputError for an incident still open."""
+    filled = replace(get(store, incident_id), report_owner=owner.strip()[:120], report_prevention=prevention,
+                     report_due=due)
+    return set_report_fields(store, incident_id, owner=owner, prevention=prevention, due=due,
+                             report_md=render_report(filled, link))

@@ -19,7 +19,7 @@ import pytest
 
 from crypto_agent import faults
 from crypto_agent.incidents import Incident
-from tests.stack_kit import PREFECT, REHEARSAL_DEPLOYMENTS, RunningStack, api, run_cli, start_stack
+from tests.stack_kit import PREFECT, RunningStack, api, run_cli, start_rehearsal
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -31,12 +31,8 @@ RECOVERY_S = 180.0
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
-    from tests.stack_kit import REHEARSAL_SETTINGS, REHEARSAL_SYMBOLS
-
-    settings = {"symbols": list(REHEARSAL_SYMBOLS), "initial_history_days": 20, "daemon_lookback_days": 0,
-                **REHEARSAL_SETTINGS, "ack_timeout_s": ACK_TIMEOUT_S}
-    running = start_stack(tmp_path_factory.mktemp("paging"), settings=settings,
-                          only=(*REHEARSAL_DEPLOYMENTS, PAGE_CLOCK, "acknowledge/ui"))
+    running = start_rehearsal(tmp_path_factory.mktemp("paging"), settings={"ack_timeout_s": ACK_TIMEOUT_S},
+                              also_serve=(PAGE_CLOCK, "acknowledge/ui"))
     try:
         yield running
     finally:
