@@ -23,9 +23,9 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from crypto_agent.health import HealthStatus, ProbeReport
 from crypto_agent.holds import Hold, covering_hold, read_hold
-from crypto_agent.process import inspect, service_spec
+from crypto_agent.process import ProcessCheck, inspect, service_spec
 from crypto_agent.schema import reported_service_events, service_events
-from crypto_agent.service import SERVICE_NAMES, read_heartbeat, store_corrupt_error
+from crypto_agent.service import SERVICE_NAMES, Heartbeat, read_heartbeat, store_corrupt_error
 from crypto_agent.settings import Settings
 from crypto_agent.store import Store, store_locked
 
@@ -226,7 +226,7 @@ class ServiceFinding:
     """A service found dead (process gone, pidfile left: no clean stop, no hold), or reporting a corrupt store."""
 
     service: str
-    kind: str  # "dead" or "store-corrupt"
+    kind: str  # "dead", "hung" or "store-corrupt"
     instance: str
     pid: int | None
     reason: str
@@ -234,15 +234,18 @@ class ServiceFinding:
     heartbeat_age_s: float | None = None
 
     def payload(self) -> dict[str, Any]:
-        """The event payload: for "dead" shaped like the health monitor's service.dead (Assessment.payload),
+        """The event payload: for "dead" and "hung" shaped like the health monitor's (Assessment.payload),
         for "store-corrupt" {check: "service", service, error, problems}."""
         if self.kind == FINDING_STORE_CORRUPT:
             return {"check": "service", "service": self.service, "error": self.reason, "problems": [self.reason],
                     "pid": self.pid, "instance": self.instance}
+        dead = self.kind == FINDING_DEAD
         return {
-            "service": self.service, "pid": self.pid, "status": HealthStatus.DEAD.value,
-            "summary": f"DEAD: {self.reason}",
-            "conditions": [Condition.DEAD.value], "reasons": [self.reason], "alive": False, "process_status": None,
+            "service": self.service, "pid": self.pid,
+            "status": HealthStatus.DEAD.value if dead else HealthStatus.DEGRADED.value,
+            "summary": f"{'DEAD' if dead else 'HUNG'}: {self.reason}",
+            "conditions": [(Condition.DEAD if dead else Condition.HUNG).value], "reasons": [self.reason],
+            "alive": not dead, "process_status": None,
             "heartbeat_age_s": self.heartbeat_age_s, "heartbeat_state": self.heartbeat_state, "cpu_pct": None,
             "rss_mb": None, "log_errors_per_min": None, "hold": None, "instance": self.instance,
             "detected_by": "heartbeat-relay",
@@ -251,15 +254,19 @@ class ServiceFinding:
 
 FINDING_DEAD = "dead"
 FINDING_STORE_CORRUPT = "store-corrupt"
+FINDING_HUNG = "hung"  # alive, silent past the heartbeat limit: the relay's service.hung (a hang seen in a second)
 
 
 @dataclass
 class ServiceWatch:
-    """Looks at each service's process and heartbeat: `look()` says which instances died or report a corrupt store.
+    """Looks at each service's process and heartbeat: `look()` says which instances died, hang or report a corrupt
+    store.
 
     Dead: the pidfile of an instance this watch saw alive still names it but it is gone (a clean stop, ours or
     a recovery's, removes the pidfile), no hold covers that, and it was so at two looks `confirm_s` apart (process
     control removes the files of a process it killed within milliseconds). Each instance is reported once.
+    Hung: alive, not held, and silent past heartbeat_max_age_s (the runbook's heartbeat limit), reported once per
+    silence, at the first look past the limit (the proactive heartbeat-stale automation is the fallback).
     """
 
     settings: Settings
@@ -294,6 +301,9 @@ class ServiceWatch:
                     self._reported.add((service, FINDING_STORE_CORRUPT, instance))
                     found.append(ServiceFinding(service, FINDING_STORE_CORRUPT, instance, check.pid, error,
                                                 beat.state if beat else None))
+                hung = self._hung(service, check, beat, now)
+                if hung is not None:
+                    found.append(hung)
                 continue
             dead = check.crashed_instance
             if dead is None or dead != self._alive.get(service) or (service, FINDING_DEAD, dead) in self._reported:
@@ -310,3 +320,24 @@ class ServiceWatch:
                 None if beat is None else beat.state, None if beat is None else round(beat.age_s(now), 1),
             ))
         return found
+
+    def _hung(self, service: str, check: ProcessCheck, beat: Heartbeat | None, now: float) -> ServiceFinding | None:
+        """A live instance of ours silent past the heartbeat limit (its own heartbeat older than
+        heartbeat_max_age_s, or none written since a start that long ago), not held: once per silence (a new
+        heartbeat of the same instance begins a new one)."""
+        record = check.record
+        if record is None:
+            return None
+        limit = self.settings.heartbeat_max_age_s
+        if beat is not None and beat.pid == check.pid:
+            age, silence, state = beat.age_s(now), f"{record.instance}@{beat.epoch}", beat.state
+            reason = f"heartbeat stale {age:.0f}s > {limit:g}s while the process lives"
+        else:
+            age = now - record.started_at if record.started_at > 0 else 0.0
+            silence, state = f"{record.instance}@none", None
+            reason = f"no heartbeat written in the {age:.0f}s since its start (limit {limit:g}s)"
+        key = (service, FINDING_HUNG, silence)
+        if age <= limit or key in self._reported or covering_hold(service, self.settings, check, now) is not None:
+            return None
+        self._reported.add(key)
+        return ServiceFinding(service, FINDING_HUNG, record.instance, check.pid, reason, state, round(age, 1))

@@ -144,6 +144,31 @@ class Settings(BaseSettings):
     backup_test_min_rows: int = Field(
         1000, ge=0, description="Rows of ohlcv_h4 yesterday's backup must hold to pass the restore test."
     )
+    # --- continuous replication, off-host copies, restore drills (issue 12) ---
+    replica_dir: Path = Field(
+        Path("replica"), description="Litestream's file replica of the store (the embedded default); relative to home."
+    )
+    replica_enabled: bool = Field(
+        True, description="Run Litestream beside the store (part of the stack, a systemd unit in production) and "
+        "restore from its replica first.",
+    )
+    replica_sync_interval_s: float = Field(
+        1.0, ge=0.1, le=3600, description="Litestream's sync interval: the floor of the replica's RPO."
+    )
+    replica_url: str = Field(
+        "", description="An S3-compatible replica for Litestream instead of replica_dir, e.g. "
+        "s3://bucket/crypto-agent (credentials from the environment: LITESTREAM_ACCESS_KEY_ID ...).",
+    )
+    replica_endpoint: str = Field("", description="The S3 endpoint of replica_url (empty: AWS itself).")
+    offhost_block: str = Field(
+        "", description="Name of a saved prefect-aws S3Bucket block the daily verified backup is uploaded to; "
+        "empty: no off-host copy.",
+    )
+    offhost_prefix: str = Field("backups", description="The key prefix of the off-host copies in that bucket.")
+    drill_dir: Path = Field(
+        Path("staging"), description="The staging home of the restore drill (its own db/, run/, logs/); relative "
+        "to home.",
+    )
     fear_greed_url: str = Field(
         "http://127.0.0.1:8765/fng/", description="Crypto Fear & Greed API (alternative.me: https://api.alternative.me/fng/)."
     )
@@ -205,6 +230,12 @@ class Settings(BaseSettings):
         15.0, ge=10, le=3600,
         description="Silence after a service's last heartbeat event before the proactive automation runs "
         "the daemon-crash recovery (Prefect needs at least 10 s; keep it over heartbeat_interval_s).",
+    )
+    heartbeat_stale_fallback_s: float = Field(
+        10.0, ge=0, le=3600,
+        description="How long after the heartbeat limit the proactive heartbeat-stale automation runs the "
+        "daemon-crash recovery: a fallback for a relay that is away (the relay itself emits service.hung at the "
+        "limit, and a second flow run starting beside the hang recovery only slows it down).",
     )
     dead_mans_switch_intervals: int = Field(
         3, ge=2, le=100, description="Missed intervals of the monitor or the relay before L2 is paged."
@@ -407,7 +438,7 @@ class Settings(BaseSettings):
     def _resolve_paths(self) -> Settings:
         home = self.home.expanduser()
         for name in ("db_path", "run_dir", "logs_dir", "backup_dir", "quarantine_dir", "incidents_db_path",
-                     "prefect_home"):
+                     "prefect_home", "replica_dir", "drill_dir"):
             p: Path = getattr(self, name).expanduser()
             if not p.is_absolute():
                 object.__setattr__(self, name, home / p)

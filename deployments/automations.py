@@ -10,7 +10,8 @@ Where each automation of DESIGN.md's table lives (one place each):
 | store stale | prefect.yaml, recover-stale-data/auto | run it |
 | store corrupt | prefect.yaml, recover-db-corruption/auto | run it |
 | heartbeat missing (proactive, `heartbeat_missing_s`) | `crypto-agent/heartbeat-missing` | recover-daemon-crash |
-| heartbeat over the limit (proactive, `heartbeat_max_age_s`) | `crypto-agent/heartbeat-stale` | recover-daemon-crash |
+| heartbeat over the limit (the relay's service.hung) | prefect.yaml, recover-process-hang/auto | run it |
+| limit + `heartbeat_stale_fallback_s` (proactive) | `crypto-agent/heartbeat-stale` | recover-daemon-crash |
 | 3 daemon crashes within 24 h (threshold) | `crypto-agent/persistent-failures` | rollback-persistent-failures |
 | health-monitor's switch (interval + `monitor_switch_grace_s`) | `crypto-agent/dead-mans-switch/health-monitor` | L2 |
 | dead man's switch of the relay (3 x `relay_tick_s`, 30 s) | `crypto-agent/dead-mans-switch/heartbeat-relay` | L2 |
@@ -158,18 +159,23 @@ def heartbeat_missing(settings: Settings, deployment_id: UUID) -> AutomationCore
 
 
 def heartbeat_stale(settings: Settings, deployment_id: UUID) -> AutomationCore:
-    """Proactive: no heartbeat event for heartbeat_max_age_s (the runbook's 2 min) runs recover-daemon-crash again.
+    """Proactive: no heartbeat event for heartbeat_max_age_s (the runbook's 2 min) plus heartbeat_stale_fallback_s
+    runs recover-daemon-crash again.
 
     The first automation fires after heartbeat_missing_s: a dead service is restarted then, but a
-    live one is not yet over the runbook's heartbeat limit, so its triage says "running". This one
-    fires at the limit, when the same triage finds a live process hung and hands it to
-    recover-process-hang: a hang is recovered seconds after the limit, not at the next monitor round.
+    live one is not yet over the runbook's heartbeat limit, so its triage says "running". At the limit
+    the relay emits service.hung and recover-process-hang runs at once; this one is the fallback for a
+    relay that is away: it fires heartbeat_stale_fallback_s later, when the same triage finds a live
+    process hung and hands it to recover-process-hang (not at the next monitor round). Firing at the
+    limit itself would start a second flow run beside the relay's, which only slows the recovery down.
     """
+    within = settings.heartbeat_max_age_s + settings.heartbeat_stale_fallback_s
     return silence(
         f"{PREFIX}heartbeat-stale",
-        f"No heartbeat event of a service for {settings.heartbeat_max_age_s:g} s (the heartbeat limit): "
-        "run the daemon-crash recovery, which finds a live one hung and recovers it (runbook scenario 4).",
-        settings.heartbeat_max_age_s, HEARTBEAT_STALE, deployment_id,
+        f"No heartbeat event of a service for {within:g} s (the heartbeat limit, {settings.heartbeat_max_age_s:g} "
+        f"s, plus {settings.heartbeat_stale_fallback_s:g} s for the relay's own service.hung): run the "
+        "daemon-crash recovery, which finds a live one hung and recovers it (runbook scenario 4).",
+        within, HEARTBEAT_STALE, deployment_id,
     )
 
 

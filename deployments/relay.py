@@ -6,8 +6,11 @@ long-running process, run by the stack next to the serving process, reads them e
 (`relay_poll_s`) and emits `crypto-agent.service.heartbeat` on the service's resource each time one
 advances (payload: service, epoch, state, pid, vouched). Each poll also looks at the services' processes: an
 instance it saw alive that is gone without a clean stop or a hold is `crypto-agent.service.dead` (once per
-instance, payload shaped like the health monitor's), and a heartbeat saying "store corrupt: <error>" is
-`crypto-agent.store.corrupt` on the store (once per instance). A
+instance, payload shaped like the health monitor's), one alive but silent past `heartbeat_max_age_s` (the
+runbook's heartbeat limit) is `crypto-agent.service.hung` at once (once per silence; the reactive automation
+runs recover-process-hang, seconds sooner than the proactive heartbeat-stale one, which stays as the fallback),
+and a heartbeat saying "store corrupt: <error>" is `crypto-agent.store.corrupt` on the store (once per
+instance). A
 service deliberately paused or stopped (a hold, crypto_agent.holds) is vouched for instead. Every
 `relay_tick_s` it emits `crypto-agent.monitor.tick` on its own resource for its dead man's switch.
 
@@ -29,7 +32,7 @@ from prefect.events import emit_event
 
 from crypto_agent import process
 from crypto_agent.errors import ConfigError, CryptoAgentError
-from crypto_agent.monitor import FINDING_DEAD, HeartbeatWatch, ServiceWatch
+from crypto_agent.monitor import FINDING_DEAD, FINDING_HUNG, HeartbeatWatch, ServiceWatch
 from crypto_agent.service import SERVICE_NAMES
 from crypto_agent.settings import Settings, load_settings
 from flows.events import (
@@ -37,6 +40,7 @@ from flows.events import (
     RELAY_RESOURCE,
     SERVICE_DEAD,
     SERVICE_HEARTBEAT,
+    SERVICE_HUNG,
     STORE_CORRUPT,
     STORE_RESOURCE,
     emit,
@@ -57,6 +61,7 @@ class RelayCounts:
     vouched: int = 0
     ticks: int = 0
     dead: int = 0
+    hung: int = 0
     corrupt: int = 0
 
 
@@ -91,6 +96,9 @@ def run_relay(
             if finding.kind == FINDING_DEAD:
                 emit(SERVICE_DEAD, resource_of_service(finding.service), finding.payload())
                 counts.dead += 1
+            elif finding.kind == FINDING_HUNG:
+                emit(SERVICE_HUNG, resource_of_service(finding.service), finding.payload())
+                counts.hung += 1
             else:
                 emit(STORE_CORRUPT, STORE_RESOURCE, finding.payload())
                 counts.corrupt += 1
@@ -147,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
              ", ".join(services), settings.run_dir, settings.relay_poll_s, settings.relay_tick_s)
     counts = run_relay(settings, services=services, stop=stop)
     flush_events()
-    log.info("stopped: %d heartbeat events (%d vouched), %d ticks", counts.heartbeats, counts.vouched, counts.ticks)
+    log.info("stopped: %d heartbeat events (%d vouched), %d ticks, %d dead, %d hung, %d store-corrupt",
+             counts.heartbeats, counts.vouched, counts.ticks, counts.dead, counts.hung, counts.corrupt)
     return 0
 
 

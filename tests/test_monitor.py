@@ -20,6 +20,7 @@ from crypto_agent.holds import (
 )
 from crypto_agent.monitor import (
     FINDING_DEAD,
+    FINDING_HUNG,
     FINDING_STORE_CORRUPT,
     Condition,
     HeartbeatWatch,
@@ -187,6 +188,51 @@ class TestServiceWatch:
         proc.kill()
         wait_until(lambda: not process.inspect(spec).alive, timeout=10, what="the daemon gone")
         assert watch.look() + watch.look() == []
+
+    def test_a_live_service_silent_past_the_heartbeat_limit_is_hung_once_per_silence(self, tmp_path, keeper) -> None:
+        settings = make_settings(tmp_path)
+        limit = settings.heartbeat_max_age_s
+        spec = process.service_spec("backtest", settings)
+        pid = keeper.start(spec, settings).pid
+        os.kill(pid, signal.SIGSTOP)  # so the heartbeats written below stay
+        wait_until(lambda: psutil.Process(pid).status() == psutil.STATUS_STOPPED, timeout=10, what="SIGSTOP")
+        try:
+            epoch = write_heartbeat(spec.heartbeat, "running", pid=pid)
+            watch = ServiceWatch(settings, ("backtest",))
+            assert watch.look(now=epoch + limit - 1) == []  # inside the limit
+            found = watch.look(now=epoch + limit + 1)
+            assert [(f.service, f.kind, f.pid) for f in found] == [("backtest", FINDING_HUNG, pid)]
+            payload = found[0].payload()
+            assert payload["conditions"] == ["hung"] and payload["alive"] is True and payload["pid"] == pid
+            assert payload["heartbeat_age_s"] == limit + 1 and "stale" in payload["reasons"][0]
+            assert watch.look(now=epoch + limit + 5) == []  # the same silence is reported once
+            later = write_heartbeat(spec.heartbeat, "running", pid=pid, now=epoch + limit + 10)  # it beat again
+            assert watch.look(now=later + 1) == []
+            assert [f.kind for f in watch.look(now=later + limit + 1)] == [FINDING_HUNG]  # a new silence
+            again = write_heartbeat(spec.heartbeat, "running", pid=pid, now=later + limit + 10)
+            place_hold("backtest", settings, kind=HOLD_PAUSED, by="test", reason="paused on purpose",
+                       instance=process.inspect(spec).record.instance)
+            assert watch.look(now=again + limit + 1) == []  # paused on purpose (a window guard's SIGSTOP): no hang
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+    def test_an_instance_that_never_beats_is_hung_once_its_start_is_older_than_the_limit(self, tmp_path,
+                                                                                         keeper) -> None:
+        settings = make_settings(tmp_path)
+        spec = process.service_spec("backtest", settings)
+        pid = keeper.start(spec, settings).pid
+        os.kill(pid, signal.SIGSTOP)
+        wait_until(lambda: psutil.Process(pid).status() == psutil.STATUS_STOPPED, timeout=10, what="SIGSTOP")
+        try:
+            write_heartbeat(spec.heartbeat, "running", pid=pid + 1)  # a heartbeat, but of another instance
+            started = process.inspect(spec).record.started_at
+            watch = ServiceWatch(settings, ("backtest",))
+            assert watch.look(now=started + settings.heartbeat_max_age_s - 1) == []
+            found = watch.look(now=started + settings.heartbeat_max_age_s + 1)
+            assert [f.kind for f in found] == [FINDING_HUNG] and "no heartbeat" in found[0].reason
+            assert found[0].payload()["heartbeat_state"] is None
+        finally:
+            os.kill(pid, signal.SIGCONT)
 
     def test_a_store_corrupt_heartbeat_is_reported_once_per_instance(self, tmp_path, keeper) -> None:
         settings = make_settings(tmp_path)

@@ -164,9 +164,10 @@ class TestApplyAutomations:
         assert run.parameters["event"]["event"] == HEARTBEAT_MISSING
         assert run.parameters["event"]["occurred"] == "{{ firing.triggered | string }}"
 
-        stale = found[f"{PREFIX}heartbeat-stale"]  # the runbook's limit: a live but silent service is hung
+        stale = found[f"{PREFIX}heartbeat-stale"]  # past the runbook's limit: the fallback of the relay's service.hung
         assert stale.trigger.after == stale.trigger.expect == {SERVICE_HEARTBEAT}
-        assert stale.trigger.within == timedelta(seconds=settings.heartbeat_max_age_s)
+        assert stale.trigger.within == timedelta(seconds=settings.heartbeat_max_age_s
+                                                 + settings.heartbeat_stale_fallback_s)
         assert stale.actions[0].deployment_id == recovery_deployments["recover-daemon-crash/auto"]
         assert stale.actions[0].parameters["event"]["event"] == HEARTBEAT_STALE
 
