@@ -46,6 +46,7 @@ from crypto_agent.service import write_atomic
 from deployments.stack.parts import (
     Child,
     ensure_port_free,
+    litestream_child,
     receiver_child,
     relay_child,
     serve_child,
@@ -67,8 +68,8 @@ LOG_LINES = 8  # the end of a dead part's log in the message to L2
 
 def kept_children(plan: StackPlan) -> list[Child]:
     """The parts of this stack the keeper restarts, in start order (the server first: the others need it)."""
-    children = [server_child(plan), simulator_child(plan), receiver_child(plan), serve_child(plan),
-                relay_child(plan)]
+    children = [server_child(plan), simulator_child(plan), receiver_child(plan), litestream_child(plan),
+                serve_child(plan), relay_child(plan)]
     return [c for c in children if c is not None and c.name in KEPT]
 
 
@@ -205,8 +206,8 @@ class Keeper:
         started = time.monotonic()
         try:
             ensure_port_free(child)
-            result = process.start_child(spec, env=self.env, ready=self._ready(child, stop), cwd=self.plan.project_dir,
-                                         timeout_s=child.ready_timeout_s)
+            result = process.start_child(spec, env=child.env(self.env), ready=self._ready(child, stop),
+                                         cwd=self.plan.project_dir, timeout_s=child.ready_timeout_s)
         except CryptoAgentError as exc:
             keeper.restarted(history, time.time(), told=decision.tell)  # a failed start counts: the next backs off
             history.failed_start = True

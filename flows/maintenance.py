@@ -12,13 +12,15 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from crypto_agent import backup
+from crypto_agent import backup, drill
 from crypto_agent.errors import CryptoAgentError
+from crypto_agent.settings import Settings
 from crypto_agent.store import IntegrityResult, check_integrity
 from crypto_agent.storelock import is_locked, lock_path
 from flows.common import retry_if_transient, run_settings
 from flows.events import STORE_CORRUPT, STORE_OK, STORE_RESOURCE, emit
 from flows.notify import CRASH_HOOKS, FAILURE_HOOKS, page_episode
+from flows.offhost import OffhostResult, offhost_message, upload_backup
 from flows.retention import answer_storage, measure_storage
 
 # Problems an event or a message names at most; the integrity output can be thousands of lines.
@@ -63,9 +65,9 @@ def _backups_table(backup_dir: Path) -> list[dict[str, Any]]:
     timeout_seconds=3600,
 )
 def create_backup(settings: dict[str, Any] | None, now: datetime | None) -> backup.BackupInfo:
-    """An online, consistent backup of the live database: db_backup_YYYYMMDD.db and its manifest."""
+    """An online, consistent, checked backup of the live database: db_backup_YYYYMMDD.db and its manifest."""
     cfg = run_settings(settings)
-    return backup.create(cfg.db_path, cfg.backup_dir, now=now, verify=False)
+    return backup.create(cfg.db_path, cfg.backup_dir, now=now, verify=True)
 
 
 @task(name="dry-restore", timeout_seconds=3600)
@@ -83,39 +85,56 @@ def apply_retention(settings: dict[str, Any] | None, now: datetime | None) -> li
 
 @flow(
     name="backup",
-    description="Online backup of the live store, its dry restore, then retention (daily, after the data jobs).",
+    description="Online verified backup of the live store, then retention (daily, after the data jobs).",
     timeout_seconds=2 * 3600,
     on_failure=FAILURE_HOOKS,
     on_crashed=CRASH_HOOKS,
 )
 def backup_flow(settings: dict[str, Any] | None = None, now: datetime | None = None) -> dict[str, Any]:
-    """Back up, verify by a dry restore (a failing backup is marked bad and the run fails), apply retention."""
+    """Back up and check it (a failing backup leaves nothing and the run fails), apply retention.
+
+    The full check (dry_restore) is the restore drill's, not the daily backup's: see backup.create().
+    """
     logger = get_run_logger()
     cfg = run_settings(settings)
     info = create_backup(settings, now)
-    check = dry_restore(info.path)
-    if not check.ok:
-        create_table_artifact(table=_backups_table(cfg.backup_dir), key="backups",
-                              description=f"{info.name} failed its dry restore and is marked bad")
-        raise backup.BackupVerificationFailed(
-            f"backup {info.path} failed its dry restore: {'; '.join(check.problems[:5])}; "
-            "it is marked bad and will never be chosen by a restore",
-            hint="check the live database with `crypto-agent check-integrity --full`, then run the backup again",
-        )
+    offhost = copy_offhost(cfg, info)
     removed = apply_retention(settings, now)
     create_table_artifact(
         table=_backups_table(cfg.backup_dir), key="backups",
-        description=f"{info.name}: good ({check.duration_s:.1f} s dry restore); {len(removed)} old backup(s) removed",
+        description=f"{info.name}: good ({info.verified}); off-host: {offhost.message}; {len(removed)} old "
+        "backup(s) removed",
     )
-    logger.info("backup %s good: %d tables, %d bytes; removed %s", info.name, len(check.tables), info.size,
-                ", ".join(p.name for p in removed) or "nothing")
+    logger.info("backup %s good: %d tables, %d bytes; off-host: %s; removed %s", info.name, len(info.tables),
+                info.size, offhost.message, ", ".join(p.name for p in removed) or "nothing")
     return {
         "backup": str(info.path),
         "sha256": info.sha256,
         "size": info.size,
-        "tables": dict(check.tables),
+        "tables": dict(info.tables),
+        "offhost": {"ok": offhost.ok, "skipped": offhost.skipped, "key": offhost.key, "error": offhost.error},
         "removed": [str(p) for p in removed],
     }
+
+
+OFFHOST_ALERT_KEY = "backup:offhost-failed"
+
+
+def copy_offhost(cfg: Settings, info: backup.BackupInfo) -> OffhostResult:
+    """Issue 12: the good local backup also goes to the off-host bucket (offhost_block). A bucket that fails
+    leaves the local copy as it is and tells L2, once per episode (page_episode); a copy that lands ends it."""
+    result = upload_backup(cfg, info)
+    if result.skipped:
+        return result
+    if result.ok:
+        page_episode(cfg, OFFHOST_ALERT_KEY, False, "l2")
+        return result
+    subject, body = offhost_message(result, info)
+    try:
+        page_episode(cfg, OFFHOST_ALERT_KEY, True, "l2", subject, body)
+    except CryptoAgentError as exc:  # the local backup stands: a page that cannot be delivered fails nothing here
+        get_run_logger().error("L2 could not be told that the off-host copy failed: %s", exc.message)
+    return result
 
 
 # --- compact ---
@@ -171,31 +190,49 @@ def compact_flow(settings: dict[str, Any] | None = None, max_gb: float | None = 
 # --- backup-restore-test ---
 
 
-@task(name="restore-test", timeout_seconds=3600)
-def restore_test(settings: dict[str, Any] | None, now: datetime | None) -> tuple[bool, str]:
-    """The runbook's backup_test.sh: yesterday's backup exists, integrity ok, ohlcv_h4 holds enough rows."""
+@task(name="restore-test", cache_policy=NO_CACHE, timeout_seconds=3600)
+def restore_test(settings: dict[str, Any] | None, now: datetime | None) -> drill.DrillResult:
+    """The restore drill: yesterday's backup (else the newest good) restored into staging and the system run on it."""
     cfg = run_settings(settings)
-    return backup.restore_test(cfg.backup_dir, now=now, min_rows=cfg.backup_test_min_rows)
+    return drill.run_drill(cfg, now=now)
 
 
 @flow(
     name="backup-restore-test",
-    description="The runbook's monthly backup_test.sh (first Sunday of the month).",
+    description="The monthly restore drill (first Sunday of the month): the backup restored into a staging home, "
+    "the daemon and the trader run on it, data checks and one backtest; a failed drill pages L2.",
     timeout_seconds=2 * 3600,
     on_failure=FAILURE_HOOKS,
     on_crashed=CRASH_HOOKS,
 )
 def backup_restore_test(settings: dict[str, Any] | None = None, now: datetime | None = None) -> str:
-    """Test yesterday's backup; a corrupted one is marked bad (never restored) and the run fails."""
-    ok, message = restore_test(settings, now)
-    create_markdown_artifact(markdown=f"## Backup restore test\n\n{message}\n", key="backup-restore-test",
-                             description=message.splitlines()[0])
-    if not ok:
+    """Drill yesterday's backup on staging; publish the figures; on failure page L2 and fail the run."""
+    logger = get_run_logger()
+    cfg = run_settings(settings)
+    try:
+        result = restore_test(settings, now)
+    except drill.DrillRefused as exc:
+        page_episode(cfg, drill.ALERT_KEY, True, "l2", "[crypto-agent] restore drill refused to run", str(exc))
+        raise
+    create_markdown_artifact(markdown=drill.report_markdown(result), key="backup-restore-test",
+                             description=result.summary)
+    try:
+        paged = page_episode(cfg, drill.ALERT_KEY, not result.ok, "l2", *drill.page_message(result))
+        told = "L2 was paged" if paged else "L2 was not paged again (paged already this episode, or silenced)"
+    except Exception as exc:  # noqa: BLE001 (the drill's problems stay the run's message; the failure hook tells L1)
+        logger.error("the L2 page about the restore drill did not go out: %s", exc)
+        told = f"the L2 page did not go out ({exc})"
+    logger.info("%s (recorded in %s)", result.summary, drill.drill_record_path(cfg))
+    if not result.ok:
         raise BackupTestFailed(
-            message,
-            hint="check the backup flow's last runs; take a fresh backup (deployment backup/daily) and rerun this test",
+            "ERROR: " + "; ".join(result.problems[:5]),
+            hint=f"{told}; read the staging logs in {result.staging}/logs, take a fresh backup (deployment "
+            "backup/daily) and rerun this drill",
         )
-    return message
+    healthy = ", ".join(f"{name} HEALTHY in {s:.1f} s" for name, s in result.healthy_s.items())
+    return (f"✅ Backup test passed: {result.backup} (rows={result.tables.get('ohlcv_h4', 0)}); restore drill on "
+            f"staging: restored in {result.restore_s or 0:.1f} s, {healthy}, data checks ok, one backtest ran, "
+            f"{result.total_s:.1f} s in all")
 
 
 # --- integrity-check ---

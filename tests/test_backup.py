@@ -195,6 +195,109 @@ class TestCreate:
         assert not bdir.exists() or not list(bdir.glob("db_backup_*"))
 
 
+def overwrite_page(path: Path) -> None:
+    """Write garbage over one whole page in the middle of a database file, as a bad sector would."""
+    with open(path, "rb") as f:
+        header = f.read(100)
+    page_size = int.from_bytes(header[16:18], "big")
+    pages = path.stat().st_size // page_size
+    with open(path, "r+b") as f:
+        f.seek(pages // 2 * page_size)
+        f.write(b"\x5a" * page_size)
+
+
+CHEAP = "copy+sha256+header+size+schema+counts"
+
+
+class TestCheapVerification:
+    """create() marks a backup good on checks of the hot copy; the full check is the drill's (dry_restore)."""
+
+    def test_a_backup_of_a_real_store_is_good_and_restorable_without_a_full_check(self, tmp_path, db, bdir):
+        info = backup.create(db, bdir, now=NOW, quick_check_max_bytes=0)
+        assert info.status == backup.GOOD and info.verified == CHEAP and info.full_check_at is None
+        assert info.tables["ohlcv_h4"] == 1200 and info.tables["ohlcv_h1"] == 600
+        assert backup.choose_backup(bdir).path == info.path
+        target = tmp_path / "restored" / "crypto_agent.db"
+        result = backup.restore(info.path, target, tmp_path / "quarantine")
+        assert count(target, "ohlcv_h4") == 1200 and count(target, "ohlcv_h1") == 600
+        assert result.tables == info.tables
+
+    def test_the_drill_records_when_the_full_check_last_passed(self, db, bdir):
+        info = backup.create(db, bdir, now=NOW, quick_check_max_bytes=0)
+        result = backup.dry_restore(info.path)
+        assert result.ok
+        after = backup.backup_info(info.path)
+        manifest = json.loads(info.manifest_path.read_text())
+        assert after.status == backup.GOOD and after.full_check_at is not None
+        assert manifest["full_check"] == backup.FULL_CHECK and manifest["verified"] == CHEAP
+        assert after.to_dict()["full_check_at"] == manifest["full_check_at"]
+
+    def test_the_manifest_says_what_was_verified(self, tmp_path, db, bdir):
+        small = backup.create(db, bdir, now=NOW - timedelta(days=1))  # a few hundred kB: quick_check is cheap
+        big = backup.create(db, bdir, now=NOW, quick_check_max_bytes=0)  # as if it were over the limit
+        small_m = json.loads(small.manifest_path.read_text())
+        big_m = json.loads(big.manifest_path.read_text())
+        assert small_m["verified"] == "copy+sha256+header+size+schema+quick_check+counts"
+        assert big_m["verified"] == CHEAP
+        for m, info in ((small_m, small), (big_m, big)):
+            assert m["status"] == "good" and m["full_check_at"] is None and m["full_check"] is None
+            assert m["sha256"] == backup._sha256(info.path)[0] and m["size"] == info.path.stat().st_size
+            assert m["tables"]["ohlcv_h4"] == 1200 and m["check_seconds"] >= 0 and m["copy_seconds"] >= 0
+        unverified = json.loads(backup.create(db, bdir, now=NOW, verify=False).manifest_path.read_text())
+        assert unverified["status"] == "unverified" and unverified["verified"] is None
+
+    def test_the_daily_backup_no_longer_needs_scratch_space(self, tmp_path, db, bdir):
+        scratch = tmp_path / "scratch-is-a-file"
+        scratch.write_text("")
+        info = backup.create(db, bdir, now=NOW, scratch_dir=scratch / "sub")
+        assert info.status == backup.GOOD and leftovers(bdir) == []
+
+    def test_bytes_damaged_after_the_backup_are_refused_by_restore(self, tmp_path, db, bdir):
+        info = backup.create(db, bdir, now=NOW, quick_check_max_bytes=0)
+        overwrite_page(info.path)
+        with pytest.raises(RestoreRefused, match="sha256 differs from the manifest"):
+            backup.restore(info.path, db, tmp_path / "quarantine")
+        assert backup.backup_info(info.path).status == backup.BAD
+        assert count(db, "ohlcv_h4") == 1200 and not (tmp_path / "quarantine").exists()
+        with pytest.raises(NoGoodBackup):
+            backup.choose_backup(bdir)
+
+    def test_bytes_damaged_after_the_backup_are_caught_by_the_drill(self, db, bdir):
+        info = backup.create(db, bdir, now=NOW, quick_check_max_bytes=0)
+        overwrite_page(info.path)
+        result = backup.dry_restore(info.path)
+        assert not result.ok and any("sha256 differs" in p for p in result.problems)
+        after = backup.backup_info(info.path)
+        assert after.status == backup.BAD and after.full_check_at is None
+        assert leftovers(bdir) == []
+
+    def test_a_copy_that_fails_its_cheap_checks_leaves_nothing_and_marks_nothing_good(self, db, bdir, monkeypatch):
+        online_copy = backup._online_copy
+
+        def truncated_copy(src: Path, dest: Path) -> float:
+            seconds = online_copy(src, dest)
+            with open(dest, "r+b") as f:  # a copy that lost its last page on the way
+                f.truncate(dest.stat().st_size - 4096)
+            return seconds
+
+        monkeypatch.setattr(backup, "_online_copy", truncated_copy)
+        with pytest.raises(BackupError, match=r"failed its integrity check: the header says \d+ pages") as exc:
+            backup.create(db, bdir, now=NOW, quick_check_max_bytes=0)
+        assert "check-integrity" in exc.value.hint
+        assert sorted(p.name for p in bdir.iterdir()) == [".backup.lock"]  # neither temp nor backup nor manifest
+
+    def test_the_cheap_checks_find_a_wrong_header_and_a_wrong_size(self, tmp_path, db):
+        good = tmp_path / "good.db"
+        good.write_bytes(db.read_bytes())
+        assert backup._cheap_checks(good, 0)[0] == []
+        grown = tmp_path / "grown.db"
+        grown.write_bytes(db.read_bytes() + b"\0" * 4096)
+        assert "the file has" in backup._cheap_checks(grown, 0)[0][0]
+        junk = tmp_path / "junk.db"
+        junk.write_bytes(b"\0" * 8192)
+        assert backup._cheap_checks(junk, 0)[0] == ["the SQLite header is missing or wrong"]
+
+
 class TestDryRestore:
     def test_a_corrupted_backup_is_marked_bad_and_never_chosen(self, db, bdir):
         older = backup.create(db, bdir, now=NOW - timedelta(days=1))
@@ -234,7 +337,7 @@ class TestDryRestore:
         scratch = tmp_path / "scratch-is-a-file"
         scratch.write_text("")
         with pytest.raises(BackupError, match=r"dry restore of db_backup_20260315\.db could not run"):
-            backup.create(db, bdir, now=NOW, scratch_dir=scratch / "sub")
+            backup.create(db, bdir, now=NOW, scratch_dir=scratch / "sub", full_check=True)
         assert backup.backup_info(bdir / "db_backup_20260315.db").status == backup.UNVERIFIED
         assert leftovers(bdir) == []
 

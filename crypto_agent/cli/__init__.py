@@ -14,6 +14,7 @@ from crypto_agent.cli import (  # noqa: F401
     maintenance,
     quality,
     receiver,
+    replica,
     run,
     services,
     simulator,

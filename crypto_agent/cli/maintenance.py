@@ -1,17 +1,19 @@
-"""Commands: backup, backups, restore-test, compact, restore, sentiment-update."""
+"""Commands: backup, backups, restore-test, compact, restore (a backup or the replica), sentiment-update."""
 
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import typer
 
 from crypto_agent import backup as backups_mod
+from crypto_agent import replica
 from crypto_agent.cli.app import app
 from crypto_agent.cli.data import check_store_sound
 from crypto_agent.errors import InputError
-from crypto_agent.settings import load_settings
+from crypto_agent.settings import Settings, load_settings
 
 
 def _mb(n: int) -> str:
@@ -88,15 +90,25 @@ def restore_cmd(
     backup_file: Path | None = typer.Option(None, "--backup", help="A backup file (path, or a name in backup_dir)."),
     latest_good: bool = typer.Option(False, "--latest-good", help="The newest good backup."),
     hours_ago: float | None = typer.Option(None, "--hours-ago", help="The good backup of that many hours ago (48)."),
+    from_replica: bool = typer.Option(False, "--from-replica", help="The Litestream replica: its newest point, "
+                                      "or the state at --at."),
+    at: str | None = typer.Option(None, "--at", help="With --from-replica: the point in time (ISO 8601, UTC)."),
     force: bool = typer.Option(False, "--force", help="Restore even though processes still have the database open."),
     reason: str = typer.Option("manual restore", "--reason", help="Written in the quarantine note."),
 ) -> None:
-    """Put a backup in place of the store; the current database goes to quarantine (never overwritten)."""
-    chosen = [backup_file is not None, latest_good, hours_ago is not None]
+    """Put a backup (or the replica) in place of the store; the current database goes to quarantine (never
+    overwritten). Litestream is paused meanwhile and replicates the restored store after."""
+    chosen = [backup_file is not None, latest_good, hours_ago is not None, from_replica]
     if sum(chosen) != 1:
-        raise InputError("say which backup: exactly one of --backup FILE, --latest-good, --hours-ago N",
-                         hint="see the backups with `crypto-agent backups`")
+        raise InputError("say which backup: exactly one of --backup FILE, --latest-good, --hours-ago N, "
+                         "--from-replica", hint="see the backups with `crypto-agent backups`")
+    point = _point_in_time(at) if at is not None else None
+    if point is not None and not from_replica:
+        raise InputError("--at goes with --from-replica", hint="a daily backup is chosen with --hours-ago N")
     s = load_settings()
+    if from_replica:
+        _restore_from_replica(s, point, force, reason)
+        return
     if backup_file is not None:
         path = backup_file if backup_file.exists() else s.backup_dir / backup_file
         info = backups_mod.backup_info(path)
@@ -104,12 +116,42 @@ def restore_cmd(
         info = backups_mod.backup_for_hours_ago(s.backup_dir, hours_ago)
     else:  # --latest-good
         info = backups_mod.choose_backup(s.backup_dir)
-    result = backups_mod.restore(info.path, s.db_path, s.quarantine_dir, owner="crypto-agent restore (cli)",
-                                 reason=reason, allow_open=force)
+    with replica.paused(s):
+        result = backups_mod.restore(info.path, s.db_path, s.quarantine_dir, owner="crypto-agent restore (cli)",
+                                     reason=reason, allow_open=force)
     print(f"restored {result.db_path} from {info.name} ({_rows(result.tables)}) in {result.duration_s:.1f} s")
     if result.quarantined:
         print(f"the previous database is in {result.quarantined}")
     print("next: resync the data newer than the backup, then check integrity and staleness")
+
+
+def _point_in_time(text: str) -> datetime:
+    """--at: an ISO 8601 instant (UTC when it names no zone); InputError otherwise, or when it is in the future."""
+    try:
+        point = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise InputError(f"--at {text!r} is not an ISO 8601 time", hint="e.g. --at 2026-12-01T12:00:00Z") from None
+    point = point if point.tzinfo else point.replace(tzinfo=UTC)
+    if point > datetime.now(UTC):
+        raise InputError(f"--at {text} is in the future", hint="choose a past instant, or leave --at out")
+    return point
+
+
+def _restore_from_replica(s: Settings, point: datetime | None, force: bool, reason: str) -> None:
+    """The replica (newest point or `point`) restored into scratch, checked, then put in place as a backup is."""
+    scratch = s.quarantine_dir / ".replica-scratch"
+    got = replica.restore(s, scratch, timestamp=point)
+    try:
+        with replica.paused(s):
+            result = backups_mod.restore(got.path, s.db_path, s.quarantine_dir, owner="crypto-agent restore (cli)",
+                                         reason=reason, allow_open=force)
+    finally:
+        replica.discard(got.path)
+    print(f"restored {result.db_path} from the Litestream replica (txid {got.txid or '?'}, point in time "
+          f"{got.point_iso}; {_rows(result.tables)}) in {got.seconds + result.duration_s:.1f} s")
+    if result.quarantined:
+        print(f"the previous database is in {result.quarantined}")
+    print("next: resync the data newer than that point, then check integrity and staleness")
 
 
 @app.command("sentiment-update")

@@ -3,6 +3,7 @@ simulator, receiver, serving process, relay), the two services, their ports, and
 
 from __future__ import annotations
 
+import functools
 import socket
 import sys
 import time
@@ -23,6 +24,7 @@ from deployments.stack.plan import (
     HOST,
     HTTP_TIMEOUT_S,
     KEEPER,
+    LITESTREAM,
     RECEIVER,
     RELAY,
     RELAY_SETTLE_S,
@@ -52,6 +54,11 @@ class Child:
     ready_timeout_s: float
     stop_grace_s: float
     what: str  # one line for the operator
+    environment: Callable[[dict[str, str]], dict[str, str]] | None = None  # its env from the stack's, if not that
+
+    def env(self, stack_env: dict[str, str]) -> dict[str, str]:
+        """The environment it starts with."""
+        return stack_env if self.environment is None else self.environment(stack_env)
 
     def spec(self, settings: Settings) -> process.ServiceSpec:
         """Its process-control spec (files under run/ and logs/)."""
@@ -127,6 +134,20 @@ def relay_child(plan: StackPlan) -> Child:
     spec = process.child_spec(RELAY, (), plan.settings)
     return Child(RELAY, _python_m("deployments.relay"), None, running_for(spec, RELAY_SETTLE_S), CHILD_READY_S,
                  plan.settings.stop_grace_s, "heartbeat relay (heartbeat files -> Prefect events)")
+
+
+def litestream_child(plan: StackPlan) -> Child | None:
+    """Litestream replicating the store to its replica (crypto_agent/replica.py), when replication is on."""
+    from crypto_agent import replica
+
+    if not replica.available(plan.settings):
+        return None
+    spec = process.child_spec(LITESTREAM, (), plan.settings)
+    target = plan.settings.replica_url or str(plan.settings.replica_dir)
+    return Child(LITESTREAM, replica.replicate_command(plan.settings), None, running_for(spec, RELAY_SETTLE_S),
+                 CHILD_READY_S, plan.settings.stop_grace_s,
+                 f"Litestream (the store replicated to {target} every {plan.settings.replica_sync_interval_s:g} s)",
+                 functools.partial(replica.litestream_env, plan.settings))
 
 
 def keeper_child(plan: StackPlan) -> Child:
@@ -280,7 +301,8 @@ def ensure_child(child: Child, plan: StackPlan, env: dict[str, str], out: Consol
         checkpoint()
         return child.ready() if wait else True
 
-    result = process.start_child(spec, env=env, ready=ready, cwd=plan.project_dir, timeout_s=child.ready_timeout_s)
+    result = process.start_child(spec, env=child.env(env), ready=ready, cwd=plan.project_dir,
+                                 timeout_s=child.ready_timeout_s)
     if wait:
         out.print(f"{child.name}: started {child.what}, PID {result.pid}, in {result.elapsed_s:.1f} s "
                   f"(log {spec.log})")

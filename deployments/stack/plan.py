@@ -25,12 +25,12 @@ HOST = "127.0.0.1"
 LOCAL_HOSTS = {"127.0.0.1", "localhost"}
 
 # Start order; `down` and Ctrl-C stop in the reverse order.
-SERVER, SIMULATOR, RECEIVER, TRADER, DAEMON, SERVE, RELAY, KEEPER = (
-    "prefect-server", "simulator", "receiver", "trader", "backtest", "serve", "relay", "keeper",
+SERVER, SIMULATOR, RECEIVER, TRADER, DAEMON, SERVE, RELAY, KEEPER, LITESTREAM = (
+    "prefect-server", "simulator", "receiver", "trader", "backtest", "serve", "relay", "keeper", "litestream",
 )
-START_ORDER: tuple[str, ...] = (SERVER, SIMULATOR, RECEIVER, TRADER, DAEMON, RELAY, SERVE, KEEPER)
+START_ORDER: tuple[str, ...] = (SERVER, SIMULATOR, RECEIVER, TRADER, DAEMON, LITESTREAM, RELAY, SERVE, KEEPER)
 # What the keeper (deployments/keeper.py) restarts when it dies; it starts last and `down` stops it first.
-KEPT = (SERVER, SIMULATOR, RECEIVER, SERVE, RELAY)
+KEPT = (SERVER, SIMULATOR, RECEIVER, LITESTREAM, SERVE, RELAY)
 SERVICES = (TRADER, DAEMON)  # crypto_agent's services: they write their own pidfile and heartbeat
 FOREGROUND = "up"  # the pidfile of an `up` that holds the stack in the foreground, so `down` can stop it
 

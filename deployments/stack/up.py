@@ -28,6 +28,7 @@ from deployments.stack.parts import (
     ensure_child,
     ensure_service,
     keeper_child,
+    litestream_child,
     no_checkpoint,
     part_spec,
     receiver_child,
@@ -41,6 +42,7 @@ from deployments.stack.parts import (
 from deployments.stack.plan import (
     FOREGROUND,
     KEEPER,
+    LITESTREAM,
     RELAY,
     SERVE,
     SERVER,
@@ -278,6 +280,9 @@ def bring_up(plan: StackPlan, out: Console, err: Console, interrupts: Interrupts
             for name in SERVICES:
                 add(name, functools.partial(ensure_service, name, plan, out))
             first_backup(plan, out)
+            replicator = litestream_child(plan)  # the store exists now: replicate it from here on (issue 12)
+            if replicator is not None:
+                add(LITESTREAM, functools.partial(ensure_child, replicator, plan, env, out, checkpoint=checkpoint))
             wait_child(server, server_part, out, checkpoint)
             out.print(f"{SERVER}: UI {plan.ui_url}  API {plan.api_url}")
             register_blocks(plan, out)

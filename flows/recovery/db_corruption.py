@@ -33,6 +33,7 @@ from flows.recovery.steps import (
     integrity_detail,
     quarantine_corrupt,
     rebuild_and_refetch,
+    replication_paused,
     restore_and_resync,
     start_verified,
     stop_all,
@@ -122,7 +123,7 @@ def recover_db_corruption(service: str = "backtest", event: Trigger = None, sett
         run.describe(root_cause=root_cause)
 
         details: dict[str, Any] = {}
-        with store_lock(run):
+        with store_lock(run), replication_paused(run):
             # 2. stop everything that writes; running until we stopped it, or found dead: live trading was hit
             stopped = stop_all(run, settings)
             run.live_trading_affected = stopped["trader"].was_running or bool(stopped["trader"].cleaned)

@@ -32,6 +32,7 @@ from flows.recovery.skeleton import (
 )
 from flows.recovery.steps import (
     integrity_detail,
+    replication_paused,
     restore_and_resync,
     sound_store,
     start_verified,
@@ -172,7 +173,7 @@ def roll_back(run: Recovery, settings: Overrides, plan: approval.RollbackPlan | 
     """The approved rollback: stop everything, restore the 48 h backup, validate, resume live trading only."""
     cfg = run.cfg
     # 2. stop everything, 3. restore the 48 h backup, 4. full validation
-    with store_lock(run):
+    with store_lock(run), replication_paused(run):
         stop_all(run, settings)
         restored = restore_and_resync(run, settings, f"rollback incident #{run.id}", cfg.rollback_hours,
                                       salvage=False)

@@ -13,13 +13,14 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from crypto_agent import backup, health, holds, incidents, priority, process, rebuild, recovery, storelock
+from crypto_agent import backup, health, holds, incidents, priority, process, rebuild, recovery, replica, storelock
 from crypto_agent.collector import Window, backfill
 from crypto_agent.errors import CryptoAgentError
 from crypto_agent.exchange import BinanceClient
@@ -234,6 +235,10 @@ def restore_good_backup(
     marked bad and the next one tried. Its `backup` is None (with the message) when none qualifies."""
     cfg = run_settings(settings)
     refused: list[str] = []
+    from_replica = restore_from_replica(cfg, owner, reason, hours_ago, refused)
+    if from_replica is not None:
+        return recovery.Restoration(from_replica, refused=tuple(refused))
+    fetched_offhost = False
     while True:
         try:
             if hours_ago is None:
@@ -241,6 +246,10 @@ def restore_good_backup(
             else:
                 info = backup.backup_for_hours_ago(cfg.backup_dir, hours_ago)
         except backup.NoGoodBackup as exc:
+            if not fetched_offhost:  # the off-host copies are the next source (issue 12)
+                fetched_offhost = True
+                if fetch_offhost_backups(cfg, refused):
+                    continue
             return recovery.Restoration(None, message=exc.message, refused=tuple(refused))
         try:
             result = backup.restore(info.path, cfg.db_path, cfg.quarantine_dir, owner=owner, reason=reason)
@@ -254,6 +263,87 @@ def restore_good_backup(
         restored = recovery.RestoredBackup(info.path, int(created * 1000), quarantined, dict(result.tables),
                                            round(result.duration_s, 2))
         return recovery.Restoration(restored, refused=tuple(refused))
+
+
+OFFHOST_REFUSAL = "the off-host copies"  # how a refusal of the bucket's copies begins (nothing is marked bad)
+OFFHOST_FETCH_MAX = 3
+
+
+def fetch_offhost_backups(cfg: Settings, refused: list[str]) -> list[Path]:
+    """No good local backup: download the newest off-host copies the backup folder lacks (at most
+    OFFHOST_FETCH_MAX, each checked against its manifest) into it; what came. Why not, in `refused`."""
+    from flows.offhost import download_backup, list_offhost
+
+    if not cfg.offhost_block:
+        return []
+    try:
+        local = {b.name for b in backup.list_backups(cfg.backup_dir)}
+        wanted = [b.name for b in list_offhost(cfg) if b.has_manifest and b.name not in local][:OFFHOST_FETCH_MAX]
+    except CryptoAgentError as exc:
+        refused.append(f"{OFFHOST_REFUSAL}: {exc.message}")
+        return []
+    got: list[Path] = []
+    for name in wanted:
+        try:
+            got.append(download_backup(cfg, name, Path(cfg.backup_dir)))
+        except CryptoAgentError as exc:
+            refused.append(f"{OFFHOST_REFUSAL}: {name}: {exc.message}")
+    if not wanted:
+        refused.append(f"{OFFHOST_REFUSAL}: none the backup folder lacks")
+    return got
+
+
+@contextmanager
+def replication_paused(run: Recovery) -> Iterator[None]:
+    """Litestream stopped while a recovery replaces the store's file (it holds the old one open), started again
+    after on the new one (issue 12); both recorded in the incident."""
+    with replica.paused(run.cfg) as pause:
+        if pause.was_running:
+            run.act("pause-replication", "Litestream stopped while the store's file is replaced")
+        yield
+    if pause.was_running:
+        run.act("resume-replication", pause.error or f"Litestream replicates the new store (PID {pause.restarted_pid})",
+                ok=not pause.error)
+
+
+REPLICA_REACH_SLACK_S = 3600.0  # a point-in-time restore may land this far after the point asked (hourly snapshots)
+REPLICA_REFUSAL = "the Litestream replica"  # how a refusal of the replica begins (it is never marked bad)
+
+
+def restore_from_replica(cfg: Settings, owner: str, reason: str, hours_ago: float | None,
+                         refused: list[str]) -> recovery.RestoredBackup | None:
+    """Issue 12: the Litestream replica first: its newest consistent point (a corruption), or the state `hours_ago`
+    (a rollback), restored into scratch, checked, then put in place as a backup is (the old file quarantined).
+    None (why in `refused`) when replication is off, the replica is missing, foreign or corrupt, or does not reach
+    back that far: the daily backups are tried next."""
+    if not replica.available(cfg):
+        return None
+    asked = None if hours_ago is None else datetime.now(UTC) - timedelta(hours=hours_ago)
+    scratch = Path(cfg.quarantine_dir) / ".replica-scratch"
+    try:
+        got = replica.restore(cfg, scratch, timestamp=asked)
+    except CryptoAgentError as exc:
+        refused.append(f"{REPLICA_REFUSAL}: {exc.message}")
+        return None
+    try:
+        if asked is not None and (got.point_in_time is None
+                                  or (got.point_in_time - asked).total_seconds() > REPLICA_REACH_SLACK_S):
+            refused.append(f"{REPLICA_REFUSAL}: it reaches back only to {got.point_iso}, not to "
+                           f"{asked.isoformat(timespec='seconds')}")
+            return None
+        try:
+            result = backup.restore(got.path, cfg.db_path, cfg.quarantine_dir, owner=owner, reason=reason)
+        except backup.RestoreRefused as exc:
+            refused.append(f"{REPLICA_REFUSAL}: its copy {exc.message}")
+            return None
+    finally:
+        replica.discard(got.path)
+    point = got.point_in_time or asked or datetime.now(UTC)
+    quarantined = result.quarantined / Path(cfg.db_path).name if result.quarantined else None
+    # the "backup" restored is named by the replica's transaction: the incident says source and point in time
+    where = Path(cfg.replica_dir) / f"litestream-replica-txid-{got.txid or 'unknown'}"
+    return recovery.RestoredBackup(where, int(point.timestamp() * 1000), quarantined, dict(result.tables),
+                                   round(got.seconds + result.duration_s, 2))
 
 
 @task(name="resync-candles", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_if_transient,
@@ -301,7 +391,12 @@ def restore_and_resync(
     leave them in quarantine); what happened, its `backup` None when none qualifies. Runs under the store's lock."""
     restored = restore_good_backup(settings, run.lock_owner, reason, hours_ago)
     for refusal in restored.refused:
-        run.act("backup-refused", f"{refusal} (now marked bad; never chosen again)", ok=False)
+        if refusal.startswith(REPLICA_REFUSAL):  # the replica is not marked anything: it is tried again next time
+            run.act("replica-skipped", f"{refusal}: the daily backups are tried next", ok=False)
+        elif refusal.startswith(OFFHOST_REFUSAL):
+            run.act("offhost-skipped", refusal, ok=False)
+        else:
+            run.act("backup-refused", f"{refusal} (now marked bad; never chosen again)", ok=False)
     good = restored.backup
     if good is None:
         return restored

@@ -133,6 +133,9 @@ def test_a_corrupted_page_is_repaired_and_live_trading_comes_back_first(stack: R
     for service in ("trader", "backtest"):
         stack.wait(lambda s=service: stack.probe(s).healthy, 60, f"{service} HEALTHY")
     assert list(stack.settings.quarantine_dir.iterdir())  # the corrupt file was kept, never overwritten
+    # a restore (when REINDEX could not repair) comes from the Litestream replica first, not yesterday's copy
+    restored = [a["detail"] for a in incident.actions if a["step"] == "restore"]
+    assert not restored or "litestream-replica-txid-" in restored[0], restored
     told_opened_and_resolved(stack, incident, since_iso)
 
 

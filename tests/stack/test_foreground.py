@@ -18,7 +18,7 @@ from tests.stack_kit import CRYPTO_AGENT, UP_TIMEOUT_S, free_port, stack_env
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 STOP_TIMEOUT_S = 120.0
-STOP_ORDER = ["keeper", "serve", "relay", "backtest", "trader", "receiver", "simulator", "prefect-server"]
+STOP_ORDER = ["keeper", "serve", "relay", "litestream", "backtest", "trader", "receiver", "simulator", "prefect-server"]
 
 
 def test_ctrl_c_stops_everything_up_started_in_reverse_order(tmp_path: Path) -> None:
