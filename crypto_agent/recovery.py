@@ -369,6 +369,26 @@ def salvage_since(corrupt_db: Path | str, target_db: Path | str, since_ms: int) 
     return summary
 
 
+def minutes_lost(tables: dict[str, int], point_ms: int, now_ms: int, *, resync_ok: bool,
+                 salvage: SalvageSummary | None, salvaged: bool) -> dict[str, float]:
+    """Minutes of rows each table of a restored store may have lost, from the restored point (`point_ms`: the
+    replica's transaction or the backup's time) to `now_ms`: 0 for the candles when the resync fetched them all
+    again, 0 for a table whose newer rows were all salvaged from the quarantined file, the whole span for a table
+    with unreadable ranges, or when nothing was salvaged (a rollback drops them on purpose; they stay in quarantine).
+    """
+    span = round(max(0, now_ms - point_ms) / 60_000, 1)
+    candles = {t.name for t in OHLCV_TABLES.values()}
+    lost: dict[str, float] = {}
+    for table in sorted(tables):
+        if table in candles:
+            lost[table] = 0.0 if resync_ok else span
+        elif not salvaged:
+            lost[table] = span
+        else:
+            lost[table] = span if salvage is not None and salvage.unreadable.get(table) else 0.0
+    return lost
+
+
 def hours_between(start_ms: int | None, end_ms: int) -> float:
     """Hours from start_ms to end_ms, 0 when start is unknown or later."""
     if start_ms is None:

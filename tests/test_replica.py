@@ -250,3 +250,18 @@ def test_the_replica_in_an_s3_bucket_restores_the_store(tmp_path: Path, monkeypa
         s3.stop()
         with pytest.raises(replica.ReplicaError):  # the bucket is down: a clear error, the next source is tried
             replica.restore(settings, tmp_path / "scratch")
+
+
+def test_minutes_lost_per_table_count_only_what_neither_the_resync_nor_the_salvage_gave_back() -> None:
+    from crypto_agent.recovery import SalvageSummary, minutes_lost
+
+    tables = {"ohlcv_h1": 10, "backtest_results": 5, "paper_trades": 3}
+    point, now = 1_000_000, 1_000_000 + 90 * 60_000  # restored the state of 90 minutes ago
+    whole = minutes_lost(tables, point, now, resync_ok=True, salvage=SalvageSummary({"backtest_results": 2}),
+                         salvaged=True)
+    assert whole == {"backtest_results": 0.0, "ohlcv_h1": 0.0, "paper_trades": 0.0}
+    partial = minutes_lost(tables, point, now, resync_ok=False,
+                           salvage=SalvageSummary(unreadable={"paper_trades": ["rowid 1-9"]}), salvaged=True)
+    assert partial == {"backtest_results": 0.0, "ohlcv_h1": 90.0, "paper_trades": 90.0}
+    rollback = minutes_lost(tables, point, now, resync_ok=True, salvage=None, salvaged=False)
+    assert rollback == {"backtest_results": 90.0, "ohlcv_h1": 0.0, "paper_trades": 90.0}

@@ -432,6 +432,12 @@ def restore_and_resync(
     elif not salvage:
         # a rollback drops everything newer than the backup on purpose; it stays in quarantine
         lost_hours = max(lost_hours, recovery.hours_between(since, int(time.time() * 1000)))
+    lost = recovery.minutes_lost(good.tables, good.created_at_ms, int(time.time() * 1000), resync_ok=resync.ok,
+                                 salvage=salvaged, salvaged=salvage and good.quarantined is not None)
+    shown = ", ".join(f"{table} {minutes:g} min" for table, minutes in lost.items() if minutes) or "nothing"
+    run.act("data-lost", f"restored the state of {incidents.iso(good.created_at_ms)} ({good.name}); lost per table: "
+            f"{shown}" + ("" if salvage else "; the newer rows stay in the quarantined file"), ok=not any(lost.values())
+            or not salvage)
     return replace(restored, resync=resync, salvage=salvaged, data_lost_hours=round(lost_hours, 3))
 
 

@@ -64,6 +64,7 @@ def test_a_corrupt_store_is_restored_from_the_replica_with_the_rows_written_seco
         assert order.index("pause-replication") < order.index("restore") < order.index("resume-replication")
         assert "litestream-replica-txid-" in action(inc, "restore")["detail"], action(inc, "restore")
         assert "backup-refused" not in order and "rebuild" not in order
+        assert action(inc, "data-lost")["detail"].endswith("lost per table: nothing"), action(inc, "data-lost")
         assert check_integrity(db, full=True).ok
         assert rows(db, "SELECT run_id FROM backtest_results WHERE run_id = 'seconds-before-the-damage'")
         # Litestream replicates the new file: a new instance of ours, not the one stopped for the restore
