@@ -274,7 +274,8 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     _fsync_dir(path.parent)
 
 
-def _sha256(path: Path) -> tuple[str, int]:
+def file_sha256(path: Path) -> tuple[str, int]:
+    """The sha256 (hex) and size of a file, read in chunks."""
     h = hashlib.sha256()
     size = 0
     with open(path, "rb") as f:
@@ -539,7 +540,7 @@ def create(
             # The copy is hot in the page cache: hash it, flush it to disk and check it at once
             # (hashlib, fsync and SQLite all release the GIL), instead of three passes in a row.
             with ThreadPoolExecutor(max_workers=2) as pool:
-                hashed = pool.submit(_sha256, tmp)
+                hashed = pool.submit(file_sha256, tmp)
                 synced = pool.submit(_fsync_file, tmp)
                 problems, tables, verified = _cheap_checks(tmp, quick_check_max_bytes)
                 sha, size = hashed.result()

@@ -40,6 +40,7 @@ from crypto_agent.backup import (
     BackupError,
     BackupInfo,
     backup_info,
+    file_sha256,
     manifest_path,
 )
 from crypto_agent.settings import Settings
@@ -181,22 +182,12 @@ def save_offhost_block(name: str, bucket: str, endpoint_url: str | None, access_
 # --- upload ---
 
 
-def _sha256(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
-
-
 def _upload(client: Any, bucket: str, key: str, info: BackupInfo) -> tuple[int, str]:
     """Upload one good backup and then its manifest; (bytes, problem or "")."""
     info = backup_info(info.path)  # the manifest as it is now: the dry restore marks it good after create()
     if info.status != GOOD or not info.sha256:
         return 0, f"not uploading {info.name}: it is {info.status}, not a verified good backup"
-    sha, size = _sha256(info.path)
+    sha, size = file_sha256(info.path)
     if sha != info.sha256:
         return 0, (f"not uploading {info.name}: its sha256 {sha[:12]} differs from its manifest's "
                    f"{info.sha256[:12]} (the local file changed)")

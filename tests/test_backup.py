@@ -138,7 +138,7 @@ class TestCreate:
         manifest = json.loads(info.manifest_path.read_text())
         assert info.manifest_path.name == "db_backup_20260315.json"
         assert manifest["size"] == info.path.stat().st_size
-        assert manifest["sha256"] == backup._sha256(info.path)[0]
+        assert manifest["sha256"] == backup.file_sha256(info.path)[0]
         assert manifest["tables"]["ohlcv_h4"] == 1200 and manifest["tables"]["ohlcv_h1"] == 600
         assert manifest["status"] == "good" and manifest["problems"] == []
         assert manifest["source"] == str(db.resolve())
@@ -241,7 +241,7 @@ class TestCheapVerification:
         assert big_m["verified"] == CHEAP
         for m, info in ((small_m, small), (big_m, big)):
             assert m["status"] == "good" and m["full_check_at"] is None and m["full_check"] is None
-            assert m["sha256"] == backup._sha256(info.path)[0] and m["size"] == info.path.stat().st_size
+            assert m["sha256"] == backup.file_sha256(info.path)[0] and m["size"] == info.path.stat().st_size
             assert m["tables"]["ohlcv_h4"] == 1200 and m["check_seconds"] >= 0 and m["copy_seconds"] >= 0
         unverified = json.loads(backup.create(db, bdir, now=NOW, verify=False).manifest_path.read_text())
         assert unverified["status"] == "unverified" and unverified["verified"] is None
