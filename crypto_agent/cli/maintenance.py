@@ -26,7 +26,8 @@ def _rows(tables: dict[str, int]) -> str:
 
 @app.command("backup")
 def backup_cmd(
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="Dry-restore the new backup and mark it good/bad."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the new backup (sha256, header, size, "
+                                "schema, counts) and mark it good/bad; the full check is the restore drill's."),
     prune: bool = typer.Option(False, "--prune", help="Then apply the retention policy (backup_keep_*)."),
 ) -> None:
     """Online backup of the store to backup_dir/db_backup_YYYYMMDD.db with a manifest; exit 1 if it is bad."""
