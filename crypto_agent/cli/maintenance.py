@@ -141,7 +141,7 @@ def _point_in_time(text: str) -> datetime:
 def _restore_from_replica(s: Settings, point: datetime | None, force: bool, reason: str) -> None:
     """The replica (newest point or `point`) restored into scratch, checked, then put in place as a backup is."""
     scratch = s.quarantine_dir / ".replica-scratch"
-    got = replica.restore(s, scratch, timestamp=point)
+    got = replica.restore(s, scratch, timestamp=point, check_copy=False)
     try:
         with replica.paused(s):
             result = backups_mod.restore(got.path, s.db_path, s.quarantine_dir, owner="crypto-agent restore (cli)",

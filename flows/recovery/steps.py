@@ -321,7 +321,7 @@ def restore_from_replica(cfg: Settings, owner: str, reason: str, hours_ago: floa
     asked = None if hours_ago is None else datetime.now(UTC) - timedelta(hours=hours_ago)
     scratch = Path(cfg.quarantine_dir) / ".replica-scratch"
     try:
-        got = replica.restore(cfg, scratch, timestamp=asked)
+        got = replica.restore(cfg, scratch, timestamp=asked, check_copy=False)
     except CryptoAgentError as exc:
         refused.append(f"{REPLICA_REFUSAL}: {exc.message}")
         return None
