@@ -33,7 +33,7 @@ them is the runbook's ETA (the manual runbook); the machine's load average is pr
 Run: python -m bench.bench_recovery [--reps 5] [--scenarios daemon-crash,stale-data,...]
 Env: CRYPTO_AGENT_BENCH_DB_MB (database size of the corruption scenario; the size used is printed),
 CRYPTO_AGENT_BENCH_REPS (repetitions, default 5), CRYPTO_AGENT_BENCH_HISTORY_DAYS (default 10),
-CRYPTO_AGENT_BENCH_STEPS=1 (print each hang recovery's steps, timed from the fault: where the seconds go).
+CRYPTO_AGENT_BENCH_STEPS=1 (print each hang or corruption recovery's steps, timed from the fault: where the seconds go).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ from crypto_agent.store import Store
 from crypto_agent.universe import UNIVERSE
 from tests.stack_kit import PROJECT_DIR, RunningStack, StackKitError, start_rehearsal
 
-STEPS_ENV = "CRYPTO_AGENT_BENCH_STEPS"  # set: print each hang recovery's steps, timed from the fault
+STEPS_ENV = "CRYPTO_AGENT_BENCH_STEPS"  # set: print each hang or corruption recovery's steps, timed from the fault
 DB_MB_ENV = "CRYPTO_AGENT_BENCH_DB_MB"
 REPS_ENV = "CRYPTO_AGENT_BENCH_REPS"
 WAIT_S = 600.0  # a recovery that takes longer than this is reported as not recovered
@@ -217,6 +217,8 @@ def db_corruption(stack: RunningStack) -> tuple[float, float | None, float | Non
     faults.corrupt_pages(stack.settings)
     monitor_until_opened(stack, "db-corruption", since)
     incident = incident_after(stack, "db-corruption", since)
+    if os.environ.get(STEPS_ENV):
+        print_steps(incident, started)
     if incident.outcome != "recovered":
         raise RuntimeError(f"db-corruption incident #{incident.id} ended {incident.outcome}: {incident.summary}; "
                            + "; ".join(f"{a['step']}: {str(a['detail'])[:120]}" for a in incident.actions[-6:]))

@@ -8,6 +8,7 @@ the helpers below them run a sequence of tasks and record each in the incident (
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -235,7 +236,7 @@ def restore_good_backup(
     marked bad and the next one tried. Its `backup` is None (with the message) when none qualifies."""
     cfg = run_settings(settings)
     refused: list[str] = []
-    from_replica = restore_from_replica(cfg, owner, reason, hours_ago, refused)
+    from_replica = restore_from_replica(cfg, reason, hours_ago, refused)
     if from_replica is not None:
         return recovery.Restoration(from_replica, refused=tuple(refused))
     fetched_offhost = False
@@ -310,18 +311,19 @@ REPLICA_REACH_SLACK_S = 3600.0  # a point-in-time restore may land this far afte
 REPLICA_REFUSAL = "the Litestream replica"  # how a refusal of the replica begins (it is never marked bad)
 
 
-def restore_from_replica(cfg: Settings, owner: str, reason: str, hours_ago: float | None,
+def restore_from_replica(cfg: Settings, reason: str, hours_ago: float | None,
                          refused: list[str]) -> recovery.RestoredBackup | None:
     """Issue 12: the Litestream replica first: its newest consistent point (a corruption), or the state `hours_ago`
-    (a rollback), restored into scratch, checked, then put in place as a backup is (the old file quarantined).
-    None (why in `refused`) when replication is off, the replica is missing, foreign or corrupt, or does not reach
-    back that far: the daily backups are tried next."""
+    (a rollback), restored beside the store (same file system), checked fully once (integrity_check and counts),
+    then renamed into place with the old file quarantined: no second copy of the whole store. None (why in
+    `refused`) when replication is off, the replica is missing, foreign or corrupt, or does not reach back that
+    far: the daily backups are tried next. The caller holds the store's lock; the services are stopped."""
     if not replica.available(cfg):
         return None
     asked = None if hours_ago is None else datetime.now(UTC) - timedelta(hours=hours_ago)
-    scratch = Path(cfg.quarantine_dir) / ".replica-scratch"
+    db = Path(cfg.db_path)
     try:
-        got = replica.restore(cfg, scratch, timestamp=asked, check_copy=False)
+        got = replica.restore(cfg, db.parent / ".replica-restore", timestamp=asked)
     except CryptoAgentError as exc:
         refused.append(f"{REPLICA_REFUSAL}: {exc.message}")
         return None
@@ -331,19 +333,26 @@ def restore_from_replica(cfg: Settings, owner: str, reason: str, hours_ago: floa
             refused.append(f"{REPLICA_REFUSAL}: it reaches back only to {got.point_iso}, not to "
                            f"{asked.isoformat(timespec='seconds')}")
             return None
+        started = time.perf_counter()
+        with open(got.path, "rb+") as f:
+            os.fsync(f.fileno())
+        folder = backup.quarantine(db, cfg.quarantine_dir, reason) if any(
+            Path(f"{db}{suffix}").exists() for suffix in ("", "-wal", "-shm")) else None
+        os.replace(got.path, db)
+        fd = os.open(db.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            result = backup.restore(got.path, cfg.db_path, cfg.quarantine_dir, owner=owner, reason=reason)
-        except backup.RestoreRefused as exc:
-            refused.append(f"{REPLICA_REFUSAL}: its copy {exc.message}")
-            return None
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        installed_s = time.perf_counter() - started
     finally:
         replica.discard(got.path)
     point = got.point_in_time or asked or datetime.now(UTC)
-    quarantined = result.quarantined / Path(cfg.db_path).name if result.quarantined else None
+    quarantined = folder / db.name if folder else None
     # the "backup" restored is named by the replica's transaction: the incident says source and point in time
     where = Path(cfg.replica_dir) / f"litestream-replica-txid-{got.txid or 'unknown'}"
-    return recovery.RestoredBackup(where, int(point.timestamp() * 1000), quarantined, dict(result.tables),
-                                   round(got.seconds + result.duration_s, 2))
+    return recovery.RestoredBackup(where, int(point.timestamp() * 1000), quarantined, dict(got.tables),
+                                   round(got.seconds + installed_s, 2))
 
 
 @task(name="resync-candles", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_if_transient,
