@@ -61,6 +61,7 @@ SIM_TIMEOUT_S = 5.0
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 # The WAL is folded into the file before a page is damaged, so the damaged page is the one SQLite reads.
 CHECKPOINT_BUSY_MS = 30_000
+TRUNCATE_BUSY_MS = 2_000  # then PASSIVE: a reader that never lets go (Litestream) is not waited for
 EXCHANGE_MODES = ("down", "refuse", "429", "418", "malformed", "slow")
 
 
@@ -180,10 +181,15 @@ def _damageable(settings: Settings) -> Path:
 
 
 def _fold_wal(db: Path) -> tuple[int, int, sqlite3.Connection]:
-    """Checkpoint the WAL into the file (TRUNCATE); (busy, page_size, the open connection)."""
+    """Checkpoint the WAL into the file (TRUNCATE; PASSIVE when a reader holds it back); (busy, page_size, the open
+    connection). Litestream holds a read transaction on the store all the time: a TRUNCATE waits out its whole busy
+    timeout for nothing, while PASSIVE folds in every frame up to Litestream's mark at once (issue 12)."""
     conn = sqlite3.connect(db, timeout=CHECKPOINT_BUSY_MS / 1000)
-    conn.execute(f"PRAGMA busy_timeout={CHECKPOINT_BUSY_MS}")
+    conn.execute(f"PRAGMA busy_timeout={TRUNCATE_BUSY_MS}")
     busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+    if busy:
+        busy = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0]
+    conn.execute(f"PRAGMA busy_timeout={CHECKPOINT_BUSY_MS}")
     return int(busy), int(conn.execute("PRAGMA page_size").fetchone()[0]), conn
 
 
