@@ -329,7 +329,7 @@ def _counts(conn: sqlite3.Connection) -> dict[str, int]:
     return {n: int(conn.execute(f'SELECT COUNT(*) FROM "{n}"').fetchone()[0]) for n in names}
 
 
-def _check_and_count(path: Path, full: bool) -> tuple[list[str], dict[str, int]]:
+def check_and_count(path: Path, full: bool) -> tuple[list[str], dict[str, int]]:
     """Integrity problems and row counts of a database file that nobody writes."""
     try:
         conn = _connect_ro(path)
@@ -726,7 +726,7 @@ def dry_restore(backup_path: Path | str, *, scratch_dir: Path | str | None = Non
             problems.append(manifest_problem)
         elif manifest is not None and manifest.get("sha256") and manifest["sha256"] != sha:
             problems.append(f"sha256 differs from the manifest (file {sha[:12]}, manifest {manifest['sha256'][:12]})")
-        check_problems, tables = _check_and_count(scratch, full=True)
+        check_problems, tables = check_and_count(scratch, full=True)
         problems.extend(check_problems)
         if manifest is not None and not check_problems:
             problems.extend(_compare_counts(manifest.get("tables") or {}, tables))
@@ -940,7 +940,7 @@ def restore(
             problems = []
             if info.sha256 and sha != info.sha256:
                 problems.append(f"sha256 differs from the manifest (file {sha[:12]}, manifest {info.sha256[:12]})")
-            check_problems, tables = _check_and_count(tmp, full=True)
+            check_problems, tables = check_and_count(tmp, full=True)
             problems.extend(check_problems)
             if info.tables and not check_problems:
                 problems.extend(_compare_counts(info.tables, tables))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import httpx
 
+from crypto_agent.backup import check_and_count
 from crypto_agent.errors import CryptoAgentError
 from crypto_agent.process import ServiceSpec, child_spec, inspect, start_child, stop
 from crypto_agent.service import write_atomic
@@ -248,24 +248,10 @@ def point_of(settings: Settings, txid: str, asked: datetime | None) -> datetime 
 
 
 def check(path: Path) -> tuple[list[str], dict[str, int]]:
-    """integrity_check problems (empty: sound) and the row count of every table of a SQLite file."""
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    except sqlite3.Error as exc:
-        return [f"cannot open: {exc}"], {}
-    try:
-        rows = [r[0] for r in conn.execute("PRAGMA integrity_check(20)")]
-        if rows != ["ok"]:
-            return rows, {}
-        # Litestream's own bookkeeping tables (_litestream_seq, _litestream_lock) are not the store's
-        names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE "
-                                            "'sqlite_%' AND name NOT LIKE '\\_litestream%' ESCAPE '\\' ORDER BY name")]
-        return [], {n: int(conn.execute(f'SELECT count(*) FROM "{n}"').fetchone()[0]) for n in names}
-    except sqlite3.Error as exc:
-        return [str(exc)], {}
-    finally:
-        conn.close()
-
+    """integrity_check problems (empty: sound) and the row count of every table of the store in a SQLite file;
+    Litestream's own bookkeeping tables (_litestream_seq, _litestream_lock) are not the store's."""
+    problems, tables = check_and_count(path, full=True)
+    return problems, {name: n for name, n in tables.items() if not name.startswith("_litestream")}
 
 def discard(restored: Path) -> None:
     """Remove a restored copy and its scratch folder (only what `restore` made)."""

@@ -336,14 +336,12 @@ def restore_from_replica(cfg: Settings, reason: str, hours_ago: float | None,
         started = time.perf_counter()
         with open(got.path, "rb+") as f:
             os.fsync(f.fileno())
-        folder = backup.quarantine(db, cfg.quarantine_dir, reason) if any(
-            Path(f"{db}{suffix}").exists() for suffix in ("", "-wal", "-shm")) else None
-        os.replace(got.path, db)
-        fd = os.open(db.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if any(Path(f"{db}{suffix}").exists() for suffix in ("", "-wal", "-shm")):
+            # as a REINDEXed copy is: the corrupt file quarantined, the checked copy renamed into its place
+            folder: Path | None = recovery.put_repaired_in_place(db, got.path, cfg.quarantine_dir, reason)
+        else:  # no database left to keep: the copy simply takes its place
+            folder = None
+            os.replace(got.path, db)
         installed_s = time.perf_counter() - started
     finally:
         replica.discard(got.path)
