@@ -119,7 +119,8 @@ class ProcessCheck:
 _CHILDREN: dict[int, subprocess.Popen] = {}
 
 
-def _reap_children() -> None:
+def reap_children() -> None:
+    """Reap the children this process started that have exited (a long-running keeper calls it each look)."""
     for pid, popen in list(_CHILDREN.items()):
         if popen.poll() is not None:
             del _CHILDREN[pid]

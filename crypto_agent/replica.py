@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import psutil
 
 from crypto_agent.backup import check_and_count
 from crypto_agent.errors import CryptoAgentError
@@ -37,6 +38,7 @@ from crypto_agent.settings import Settings
 
 CONFIG_NAME = "litestream.yml"
 REPLICATOR = "litestream"  # its part of the stack (deployments/stack/plan.py: LITESTREAM): run/litestream.pid
+PAUSE_MARKER = "litestream.paused"  # run/litestream.paused while a recovery replaces the store (paused)
 RESTORE_TIMEOUT_S = 600.0
 LIST_TIMEOUT_S = 30.0
 # hourly snapshots kept three days: a point-in-time restore reaches the rollback's 48 h with room to spare
@@ -277,17 +279,40 @@ class Pause:
     error: str = ""
 
 
+def pause_marker(settings: Settings) -> Path:
+    """run/litestream.paused: the PID of the process that paused replication, while it is paused."""
+    return Path(settings.run_dir) / PAUSE_MARKER
+
+
+def paused_by(settings: Settings) -> int | None:
+    """The live process that paused replication (`paused`), or None: no marker, or its writer is gone."""
+    try:
+        pid = int(pause_marker(settings).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        alive = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        alive = False
+    return pid if alive else None
+
+
 @contextmanager
 def paused(settings: Settings) -> Iterator[Pause]:
     """Litestream stopped while the store's file is replaced (it holds the old file open, and a restore refuses a
     database another process has open), then started again on the new file.
 
-    A clean stop removes its pidfile, so the stack's keeper leaves it alone meanwhile; it is started again
-    with the same command, even when the body raises. A failed restart is reported in `error`, never raised.
+    run/litestream.paused names this process meanwhile, so the keeper of production's Litestream
+    (`crypto-agent replicate`, keep_decision) waits for it; a clean stop removes the pidfile, so the stack's
+    keeper leaves it alone too. It is started again with the same command, even when the body raises,
+    before the marker goes. A failed restart is reported in `error`, never raised (the keeper then starts it).
     """
     spec = replicator_spec(settings)
     pause = Pause(was_running=inspect(spec).alive)
+    marker = pause_marker(settings)
     if pause.was_running:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(marker, f"{os.getpid()}\n")
         stop(spec)
     try:
         yield pause
@@ -299,3 +324,25 @@ def paused(settings: Settings) -> Iterator[Pause]:
                 pause.restarted_pid = started.pid
             except CryptoAgentError as exc:
                 pause.error = f"Litestream was not started again: {exc.message}"
+            finally:
+                marker.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class KeepDecision:
+    """What the keeper of production's Litestream does now: start it (and why), or wait (and why)."""
+
+    start: bool
+    why: str
+
+
+def keep_decision(running: bool, paused_pid: int | None, store_locked: bool) -> KeepDecision:
+    """Litestream runs whenever the store is not being replaced: started when it is not running, unless a
+    recovery paused it (run/litestream.paused names a live process) or holds the store's lock (db/LOCKED)."""
+    if running:
+        return KeepDecision(False, "Litestream runs")
+    if paused_pid is not None:
+        return KeepDecision(False, f"replication paused by PID {paused_pid} while the store's file is replaced")
+    if store_locked:
+        return KeepDecision(False, "a recovery holds the store's lock")
+    return KeepDecision(True, "Litestream is not running")

@@ -310,6 +310,12 @@ class Settings(BaseSettings):
         "detected again joins it, and it is re-paged at most this often (seconds) until it clears.",
     )
 
+    page_group_window_s: float = Field(
+        600.0, ge=0,
+        description="A fault that comes back on the same resource less than this long (seconds) after its last "
+        "incident was recovered joins it in one page: the new incident's opening page is held and its close says "
+        "'again' (Alertmanager's group interval); 0 pages every incident's opening.",
+    )
     # --- paging as on-call tools do it: acknowledgements, silences, the rollback's gate (issue 11) ---
     ack_timeout_s: float = Field(
         900.0, ge=10,

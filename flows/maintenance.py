@@ -12,7 +12,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from crypto_agent import backup, drill
+from crypto_agent import backup, drill, replica
 from crypto_agent.errors import CryptoAgentError
 from crypto_agent.settings import Settings
 from crypto_agent.store import IntegrityResult, check_integrity
@@ -143,10 +143,12 @@ def copy_offhost(cfg: Settings, info: backup.BackupInfo) -> OffhostResult:
 @task(name="vacuum", retries=2, retry_delay_seconds=[60, 300], retry_condition_fn=retry_if_transient,
       timeout_seconds=3600)
 def vacuum(settings: dict[str, Any] | None, max_gb: float | None) -> backup.CompactResult:
-    """VACUUM under the recovery lock, then the storage check."""
+    """VACUUM under the recovery lock, then the storage check; Litestream paused meanwhile (its read transaction
+    would hold back the checkpoints that fold the rewritten store back into its file, 30 s each, for nothing)."""
     cfg = run_settings(settings)
-    return backup.compact(cfg.db_path, max_gb=max_gb if max_gb is not None else cfg.storage_max_gb,
-                          owner="prefect compact")
+    with replica.paused(cfg):
+        return backup.compact(cfg.db_path, max_gb=max_gb if max_gb is not None else cfg.storage_max_gb,
+                              owner="prefect compact")
 
 
 @flow(

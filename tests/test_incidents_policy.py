@@ -31,6 +31,28 @@ def incident(scenario: str = "daemon-crash", status: str = RESOLVED, summary: st
     )
 
 
+class TestGroupWith:
+    """A fault that comes back soon after it was fixed joins the earlier one in one page (policy.group_with)."""
+
+    def test_the_same_signal_recovered_within_the_window_is_grouped(self) -> None:
+        before = incident()  # resolved at 2_000 ms
+        assert incidents.group_with(before, now_ms=2_000 + 599_000, window_s=600) is before
+
+    def test_after_the_window_it_pages_as_usual(self) -> None:
+        assert incidents.group_with(incident(), now_ms=2_000 + 601_000, window_s=600) is None
+
+    @pytest.mark.parametrize("status", [FAILED, ESCALATED])
+    def test_an_earlier_incident_that_was_not_fixed_groups_nothing(self, status: str) -> None:
+        assert incidents.group_with(incident(status=status), now_ms=3_000, window_s=600) is None
+
+    def test_a_resolved_incident_the_system_did_not_recover_itself_groups_nothing(self) -> None:
+        assert incidents.group_with(replace(incident(), outcome="skipped"), now_ms=3_000, window_s=600) is None
+
+    def test_a_window_of_zero_or_no_earlier_incident_groups_nothing(self) -> None:
+        assert incidents.group_with(incident(), now_ms=3_000, window_s=0) is None
+        assert incidents.group_with(None, now_ms=3_000, window_s=600) is None
+
+
 class TestLevelsToTell:
     def test_a_recovered_incident_tells_nobody_beyond_l1(self) -> None:
         assert levels_to_tell(incident(), 1, 24) == {}

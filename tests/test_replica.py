@@ -10,12 +10,15 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psutil
 import pytest
 
-from crypto_agent import replica
+from crypto_agent import process, replica
+from crypto_agent.cli.replica import POLL_S
 from crypto_agent.settings import Settings
 
 TABLES = ("paper_trades", "signals")
@@ -173,26 +176,90 @@ def cli(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*CLI, *args], env=environ, capture_output=True, text=True, timeout=120, check=False)
 
 
+def replicating(home: Path) -> subprocess.Popen[str]:
+    """`crypto-agent replicate` as production's systemd unit runs it, once its Litestream runs."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("CRYPTO_AGENT_")}
+    environ.update({"CRYPTO_AGENT_HOME": str(home), "CRYPTO_AGENT_REPLICA_SYNC_INTERVAL_S": "1"})
+    proc = subprocess.Popen([*CLI, "replicate"], env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    spec = replica.replicator_spec(Settings(home=home))
+    wait_for(lambda: process.inspect(spec).alive, 20, "the keeper to start Litestream")
+    return proc
+
+
+def wait_for(cond: Callable[[], object], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s:g} s waiting for {what}"
+        time.sleep(0.1)
+
+
+def stopped(proc: subprocess.Popen[str]) -> str:
+    """SIGTERM `crypto-agent replicate`; its output once it ended."""
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    return out
+
+
 def test_crypto_agent_replicate_then_restore_from_replica_puts_the_replicated_rows_back(tmp_path: Path) -> None:
     settings = make(tmp_path)
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("CRYPTO_AGENT_")}
-    environ.update({"CRYPTO_AGENT_HOME": str(tmp_path), "CRYPTO_AGENT_REPLICA_SYNC_INTERVAL_S": "1"})
-    replicating = subprocess.Popen([*CLI, "replicate"], env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    spec = replica.replicator_spec(settings)
+    keeper = replicating(tmp_path)
     try:
-        time.sleep(1.5)
+        before = process.inspect(spec).pid
         written = write_rows(settings.db_path, seconds=1.0)
         time.sleep(2.5)
         # the store's file damaged beyond use: its header overwritten
         with open(settings.db_path, "r+b") as f:
             f.write(b"\0" * 100)
-        done = cli(tmp_path, "restore", "--from-replica", "--force", "--reason", "test")
+        # no --force: the restore pauses production's Litestream as it does the stack's, and starts it again
+        done = cli(tmp_path, "restore", "--from-replica", "--reason", "test")
+        after = process.inspect(spec)
+        assert after.alive and after.pid != before, after
     finally:
-        replicating.send_signal(signal.SIGTERM)
-        replicating.wait(20)
+        out = stopped(keeper)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "from the Litestream replica" in done.stdout and "Traceback" not in done.stderr
     assert times_in(settings.db_path, TABLES[0]) == written[TABLES[0]]
     assert list(settings.quarantine_dir.rglob("crypto_agent.db"))  # the damaged file kept, never overwritten
+    assert not process.inspect(spec).alive and "replication stopped" in out, out
+
+
+def test_the_keeper_of_production_litestream_restarts_it_but_waits_while_a_recovery_has_it_paused(
+    tmp_path: Path,
+) -> None:
+    settings = make(tmp_path)
+    spec = replica.replicator_spec(settings)
+    keeper = replicating(tmp_path)
+    try:
+        first = process.inspect(spec).pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)  # Litestream dies: the keeper starts another one
+        wait_for(lambda: (c := process.inspect(spec)).alive and c.pid != first, 20, "Litestream started again")
+        with replica.paused(settings) as pause:
+            assert pause.was_running and replica.paused_by(settings) == os.getpid()
+            time.sleep(4 * POLL_S)  # four of the keeper's looks: it must not start one under the recovery
+            assert not process.inspect(spec).alive
+        assert not pause.error and process.inspect(spec).pid == pause.restarted_pid
+        assert not replica.pause_marker(settings).exists()
+        time.sleep(2 * POLL_S)
+        assert process.inspect(spec).pid == pause.restarted_pid  # the keeper adopted it: no second Litestream
+        litestreams = [p for p in psutil.process_iter(["exe", "cmdline"])
+                       if p.info["cmdline"] and "replicate" in p.info["cmdline"]
+                       and str(tmp_path) in " ".join(p.info["cmdline"]) and p.pid != keeper.pid]
+        assert [p.pid for p in litestreams] == [pause.restarted_pid], litestreams
+    finally:
+        out = stopped(keeper)
+    assert "replication paused by PID" in out and not process.inspect(spec).alive, out
+
+
+@pytest.mark.parametrize(("running", "paused_pid", "locked", "start"), [
+    (True, None, False, False), (False, 4242, False, False), (False, None, True, False), (False, None, False, True),
+])
+def test_litestream_is_started_only_when_no_recovery_is_replacing_the_store(
+    running: bool, paused_pid: int | None, locked: bool, start: bool,
+) -> None:
+    assert replica.keep_decision(running, paused_pid, locked).start is start
 
 
 @pytest.mark.parametrize(("args", "said"), [
@@ -265,3 +332,22 @@ def test_minutes_lost_per_table_count_only_what_neither_the_resync_nor_the_salva
     assert partial == {"backtest_results": 0.0, "ohlcv_h1": 90.0, "paper_trades": 90.0}
     rollback = minutes_lost(tables, point, now, resync_ok=True, salvage=None, salvaged=False)
     assert rollback == {"backtest_results": 90.0, "ohlcv_h1": 0.0, "paper_trades": 90.0}
+
+
+def test_compact_pauses_litestream_so_the_vacuumed_store_is_folded_back_into_its_file(tmp_path: Path) -> None:
+    settings = make(tmp_path)
+    write_rows(settings.db_path, seconds=0.5, every_s=0.0)
+    spec = replica.replicator_spec(settings, replica.replicate_command(settings))
+    first = process.start_child(spec, env=replica.litestream_env(settings), ready=lambda: True, timeout_s=30.0).pid
+    try:
+        time.sleep(1.5)  # its first snapshot: it holds its read transaction from here on
+        done = cli(tmp_path, "compact")
+        assert done.returncode == 0, done.stdout + done.stderr
+        # Litestream's read transaction would have held the TRUNCATE checkpoint back: the rewritten store left
+        # in a WAL as big as the store
+        wal = settings.db_path.with_name(settings.db_path.name + "-wal")
+        assert not wal.exists() or wal.stat().st_size == 0, wal.stat().st_size
+        again = process.inspect(spec)
+        assert again.alive and again.pid != first  # replicating the compacted store
+    finally:
+        process.stop(spec)

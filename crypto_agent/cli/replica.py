@@ -1,20 +1,28 @@
-"""Commands: replicate (Litestream beside the store, for systemd or a terminal)."""
+"""Commands: replicate (Litestream beside the store, kept running, for systemd or a terminal)."""
 
 from __future__ import annotations
 
-import os
+import time
 
-from crypto_agent import replica
+from crypto_agent import process, replica, storelock
 from crypto_agent.cli.app import app
-from crypto_agent.errors import ConfigError
+from crypto_agent.errors import ConfigError, CryptoAgentError
+from crypto_agent.service import ServiceAlreadyRunning
 from crypto_agent.settings import load_settings
+
+POLL_S = 1.0
+QUICK_EXIT_S = 10.0  # a Litestream that ends this soon after its start is started again after a backoff
+MAX_BACKOFF_S = 60.0  # the longest backoff: one that keeps failing is tried again at least this often
 
 
 @app.command("replicate")
 def replicate_cmd() -> None:
-    """Replicate the store continuously with Litestream (run/litestream.yml from the settings); runs until SIGTERM.
+    """Replicate the store continuously with Litestream (run/litestream.yml from the settings) until SIGTERM.
 
-    The stack runs this as its `litestream` part; production runs it as crypto-agent-litestream.service.
+    Production runs this as crypto-agent-litestream.service (the stack runs Litestream as its own part). It keeps
+    Litestream running as a child with the stack's pidfile (run/litestream.pid), so a recovery that replaces the
+    store's file pauses it as on the stack (crypto_agent.replica.paused); it waits while a recovery has it
+    paused or holds the store's lock, and starts it again when it died or the recovery could not.
     """
     s = load_settings()
     if not s.replica_enabled:
@@ -24,6 +32,39 @@ def replicate_cmd() -> None:
         raise ConfigError(f"no store at {s.db_path} to replicate",
                           hint="create it first (`crypto-agent up`, or `crypto-agent collect`), then replicate")
     command = replica.replicate_command(s)
+    spec = replica.replicator_spec(s, command)
     target = s.replica_url or str(s.replica_dir)
     print(f"replicating {s.db_path} to {target} every {s.replica_sync_interval_s:g} s ({command[-1]})", flush=True)
-    os.execve(command[0], list(command), replica.litestream_env(s))  # Litestream itself, under this PID
+    stopping = process.stop_event_on_signals()
+    said, last_start, backoff = "", None, 0.0
+    while not stopping.is_set():
+        process.reap_children()  # a Litestream a recovery stopped was our child: no zombie left per pause
+        decision = replica.keep_decision(process.inspect(spec).alive, replica.paused_by(s),
+                                         storelock.is_locked(s.db_path))
+        if decision.why != said:
+            print(decision.why, flush=True)
+            said = decision.why
+        if not decision.start:
+            stopping.wait(POLL_S)
+            continue
+        if last_start is not None and time.monotonic() - last_start < QUICK_EXIT_S:
+            backoff = min(MAX_BACKOFF_S, max(2 * POLL_S, 2 * backoff))
+            print(f"Litestream ended {time.monotonic() - last_start:.0f} s after its start (its log: {spec.log}); "
+                  f"starting it again in {backoff:g} s", flush=True)
+            if stopping.wait(backoff):
+                break
+        else:
+            backoff = 0.0
+        last_start = time.monotonic()
+        try:
+            started = process.start_child(spec, env=replica.litestream_env(s), ready=lambda: True, timeout_s=30.0)
+        except ServiceAlreadyRunning:
+            continue
+        except CryptoAgentError as exc:
+            print(f"Litestream did not start: {exc.message}", flush=True)
+            continue
+        print(f"Litestream started (PID {started.pid})", flush=True)
+        said = "Litestream runs"
+        stopping.wait(POLL_S)
+    stopped = process.stop(spec)
+    print("replication stopped" + (f" (Litestream PID {stopped.pid})" if stopped.was_running else ""), flush=True)

@@ -567,6 +567,17 @@ def needs_person_incident(store: Store, scenario_name: str, resource: str) -> In
     return None if row is None else _from_row(row)
 
 
+def previous_closed(store: Store, scenario_name: str, resource: str, before_id: int) -> Incident | None:
+    """The newest closed incident of this scenario and resource older than incident `before_id`, or None."""
+    c = incidents.c
+    q = (select(incidents).where(c.scenario == scenario_name, c.resource == resource, c.id < int(before_id),
+                                 c.status != OPEN)
+         .order_by(c.id.desc()).limit(1))
+    with store.engine.connect() as conn:
+        row = conn.execute(q).first()
+    return None if row is None else _from_row(row)
+
+
 def rejoin(
     store: Store,
     incident_id: int,

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from crypto_agent.incidents.log import Incident, iso
-from crypto_agent.incidents.scenarios import ESCALATED, FAILED, RESOLVED
+from crypto_agent.incidents.scenarios import ESCALATED, FAILED, RECOVERED, RESOLVED
 
 REPEATS_FOR_L2 = 3  # the same scenario this often within the persistent-failures window: L2 looks at it
 ROLLBACK_SCENARIO = "persistent-failures"  # a rollback always goes to L3, done or failed
@@ -104,6 +104,24 @@ def needs_person_action(
         return NeedsPersonAction(True, PAGE_REPEAT, f"still needs a person ({seen})")
     return NeedsPersonAction(True, PAGE_HOLD, f"still needs a person ({seen}); last paged {iso(last)}, "
                              f"re-paged from {iso(last + int(repeat_after_s * 1000))} if it still fails")
+
+
+def group_with(previous: Incident | None, now_ms: int, window_s: float) -> Incident | None:
+    """The incident a new one of the same signal joins in one page (Alertmanager's group interval), or None.
+
+    The same scenario on the same resource, recovered (resolved) less than `window_s` ago: the new
+    incident's opening page is held and its close says "again" in one page, so a fault that comes back
+    and is fixed again costs L1 one page, not two. An earlier incident the system did not recover itself
+    (escalated, failed, skipped, resolved by a person) groups nothing: that is news, paged as usual.
+    `window_s` 0 turns grouping off.
+    """
+    if previous is None or window_s <= 0 or previous.resolved_at is None:
+        return None
+    if previous.status != RESOLVED or previous.outcome != RECOVERED:
+        return None
+    if now_ms - previous.resolved_at > window_s * 1000:
+        return None
+    return previous
 
 
 def budget_left_s(inc: Incident, now_ms: int) -> float:

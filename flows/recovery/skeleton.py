@@ -142,6 +142,7 @@ class Recovery:
     rollback_failed: bool = False
     escalated_in: int | None = None  # another incident (a handover's) that does the paging for this one
     rejoined: bool = False  # works again in an incident that needs a person: its paging held (see finish)
+    grouped_with: Incident | None = None  # the same signal recovered just before: one page for this one (announce)
     extra_levels: dict[str, str] = field(default_factory=dict)
     undelivered: list[str] = field(default_factory=list)
     result: dict[str, Any] | None = None
@@ -317,9 +318,17 @@ class Recovery:
         return subject, body + (f"\n\n{extra}" if extra else "")
 
     def announce(self) -> None:
-        """Tell L1 the incident is open and emit crypto-agent.incident.opened."""
-        subject, body = self.message("opened")
-        self.tell("l1", subject, body)
+        """Tell L1 the incident is open and emit crypto-agent.incident.opened; grouped with the same signal
+        recovered just before (policy.group_with), the opening page is held and the close pages once."""
+        prev = self.grouped_with
+        if prev is not None:
+            ago = (self.incident.opened_at - (prev.resolved_at or self.incident.opened_at)) / 1000
+            self.act("page-grouped", f"the same signal as incident #{prev.id}, recovered {ago:.0f} s before this "
+                     f"one opened (page_group_window_s {self.cfg.page_group_window_s:g}): no opening page, the "
+                     "close pages once")
+        else:
+            subject, body = self.message("opened")
+            self.tell("l1", subject, body)
         emit(INCIDENT_OPENED, incident_resource(self.id), self._event_payload())
 
     def _event_payload(self, **extra: Any) -> dict[str, Any]:
@@ -403,7 +412,14 @@ class Recovery:
             if self.tell(level, subject, body):
                 emit(INCIDENT_ESCALATED, incident_resource(self.id), self._event_payload(level=level, reason=why))
         headline = {RESOLVED: "resolved", FAILED: "closed: recovery FAILED", ESCALATED: "closed: ESCALATED"}[status]
-        self.tell("l1", *self.message(headline))
+        prev = self.grouped_with
+        if prev is None:
+            self.tell("l1", *self.message(headline))
+        else:  # its opening was not paged: this one page says it came back, and when it was fixed before
+            self.tell("l1", *self.message(f"{headline} (again, after incident #{prev.id})",
+                                          extra=f"Again: the same as incident #{prev.id}, recovered at "
+                                          f"{incidents.iso(prev.resolved_at)}; its opening was not paged "
+                                          "(page_group_window_s)."))
         return status != RESOLVED and not levels
 
     def _page_rejoined(self, before: Incident, inc: Incident, status: str, link: str, handed_to: int | None) -> bool:
@@ -547,6 +563,9 @@ def begin(scenario: str, resource: str, event: dict[str, Any] | None, cfg: Setti
         other = incidents.get(log_store, caused)
         run.act("linked", f"incident #{caused} ({other.scenario} of {other.resource}) is caused by this one: "
                 "this incident pages for both")
+    else:
+        run.grouped_with = incidents.group_with(
+            incidents.previous_closed(log_store, scenario, resource, inc.id), inc.opened_at, cfg.page_group_window_s)
     run.announce()
     return run
 

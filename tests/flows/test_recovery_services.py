@@ -112,6 +112,31 @@ class TestDaemonCrash:
         assert resolved.payload["incident_id"] == inc.id and resolved.payload["outcome"] == "recovered"
         assert inc.levels_told == ["l1"]
 
+    def test_a_crash_again_soon_after_its_recovery_pages_l1_once_not_twice(
+        self, env: dict[str, Any], keeper: Keeper, inbox: Receiver
+    ) -> None:
+        cfg = settings_of(env)
+        kill_and_wait(start(keeper, cfg))
+        first = recover_daemon_crash(settings=env, event=event("crypto-agent.service.dead", DAEMON))
+        kill_and_wait(running_pid(cfg, "backtest"))
+        second = recover_daemon_crash(settings=env, event=event("crypto-agent.service.dead", DAEMON))
+        assert first["outcome"] == second["outcome"] == "recovered", (first, second)
+        grouped = incident_of(cfg, second)
+        assert f"the same signal as incident #{first['incident_id']}" in action(grouped, "page-grouped")["detail"]
+        l1 = [m["body"]["subject"].split(":")[0] for m in wait_for_messages(inbox, "/l1", 3)]
+        assert l1 == [f"[crypto-agent] incident #{first['incident_id']} opened",
+                      f"[crypto-agent] incident #{first['incident_id']} resolved",
+                      f"[crypto-agent] incident #{grouped.id} resolved (again, after incident #{first['incident_id']})"]
+        assert grouped.levels_told == ["l1"] and grouped.first_paged_at is not None  # its one page counts for MTTA
+
+        # with no group window every incident's opening pages again
+        kill_and_wait(running_pid(cfg, "backtest"))
+        third = recover_daemon_crash(settings={**env, "page_group_window_s": 0},
+                                     event=event("crypto-agent.service.dead", DAEMON))
+        assert not [a for a in incident_of(cfg, third).actions if a["step"] == "page-grouped"]
+        subjects = [m["body"]["subject"] for m in wait_for_messages(inbox, "/l1", 5)]
+        assert f"[crypto-agent] incident #{third['incident_id']} opened" in subjects[3], subjects
+
     def test_a_late_report_of_a_crash_already_recovered_opens_no_incident_and_pages_nobody(
         self, env: dict[str, Any], keeper: Keeper, inbox: Receiver
     ) -> None:
@@ -249,7 +274,7 @@ class TestDaemonCrash:
         assert str(stranger.pid) in refused["detail"] and "left alone" in refused["detail"]
         assert healthy(cfg).pid != stranger.pid
         [l2] = wait_for_messages(inbox, "/l2", 1)
-        assert "happened 3 times" in l2["body"]["body"] and inc.levels_told == ["l1", "l2"]
+        assert "happened 3 times" in l2["body"]["body"] and sorted(inc.levels_told) == ["l1", "l2"]
 
     def test_a_crashed_trader_is_live_trading_affected_and_l3_is_paged(
         self, env: dict[str, Any], keeper: Keeper, inbox: Receiver
