@@ -230,13 +230,15 @@ def resume_backtest(run: Recovery, cfg: Settings, service: str, report: health.P
       cache_policy=NO_CACHE,
       retry_condition_fn=lambda task, run, state: "still open" in str(failure_of(state) or ""))
 def restore_good_backup(
-    settings: dict[str, Any] | None, owner: str, reason: str, hours_ago: float | None = None
+    settings: dict[str, Any] | None, owner: str, reason: str, hours_ago: float | None = None,
+    prepared: PreparedReplica | None = None,
 ) -> recovery.Restoration:
     """Restore the newest good backup (of `hours_ago` or before, when given); a backup failing its check is
-    marked bad and the next one tried. Its `backup` is None (with the message) when none qualifies."""
+    marked bad and the next one tried. Its `backup` is None (with the message) when none qualifies.
+    The replica comes first (`prepared`: its copy made ahead, see prepare_replica_copy)."""
     cfg = run_settings(settings)
     refused: list[str] = []
-    from_replica = restore_from_replica(cfg, reason, hours_ago, refused)
+    from_replica = restore_from_replica(cfg, reason, hours_ago, refused, prepared)
     if from_replica is not None:
         return recovery.Restoration(from_replica, refused=tuple(refused))
     fetched_offhost = False
@@ -311,22 +313,62 @@ REPLICA_REACH_SLACK_S = 3600.0  # a point-in-time restore may land this far afte
 REPLICA_REFUSAL = "the Litestream replica"  # how a refusal of the replica begins (it is never marked bad)
 
 
+@dataclass(frozen=True)
+class PreparedReplica:
+    """The replica's newest point restored and checked beside the store ahead of its use (prepare_replica_copy):
+    the copy, or why there is none."""
+
+    copy: replica.ReplicaRestore | None
+    refusal: str = ""
+
+
+REPLICA_SCRATCH = ".replica-restore"  # beside the store (same file system): the checked copy is renamed into place
+
+
+@task(name="prepare-replica-copy", timeout_seconds=3600, cache_policy=NO_CACHE)
+def prepare_replica_copy(settings: dict[str, Any] | None) -> PreparedReplica | None:
+    """The replica's newest point restored beside the store and checked fully, while REINDEX is tried on a scratch
+    copy (both only read the corrupt file): when REINDEX cannot repair it, the restore is ready and costs no
+    second wait. None when replication is off; a refusal when the replica cannot be used."""
+    cfg = run_settings(settings)
+    if not replica.available(cfg):
+        return None
+    try:
+        return PreparedReplica(replica.restore(cfg, Path(cfg.db_path).parent / REPLICA_SCRATCH))
+    except CryptoAgentError as exc:
+        return PreparedReplica(None, exc.message)
+
+
+def discard_prepared(prepared: PreparedReplica | None) -> None:
+    """Remove a prepared replica copy that was not used (REINDEX repaired the store)."""
+    if prepared is not None and prepared.copy is not None:
+        replica.discard(prepared.copy.path)
+
+
 def restore_from_replica(cfg: Settings, reason: str, hours_ago: float | None,
-                         refused: list[str]) -> recovery.RestoredBackup | None:
+                         refused: list[str], prepared: PreparedReplica | None = None) -> recovery.RestoredBackup | None:
     """Issue 12: the Litestream replica first: its newest consistent point (a corruption), or the state `hours_ago`
     (a rollback), restored beside the store (same file system), checked fully once (integrity_check and counts),
     then renamed into place with the old file quarantined: no second copy of the whole store. None (why in
     `refused`) when replication is off, the replica is missing, foreign or corrupt, or does not reach back that
-    far: the daily backups are tried next. The caller holds the store's lock; the services are stopped."""
+    far: the daily backups are tried next. The caller holds the store's lock; the services are stopped.
+    `prepared`: the newest point already restored and checked (prepare_replica_copy), used instead."""
     if not replica.available(cfg):
         return None
     asked = None if hours_ago is None else datetime.now(UTC) - timedelta(hours=hours_ago)
     db = Path(cfg.db_path)
-    try:
-        got = replica.restore(cfg, db.parent / ".replica-restore", timestamp=asked)
-    except CryptoAgentError as exc:
-        refused.append(f"{REPLICA_REFUSAL}: {exc.message}")
-        return None
+    # a retry of the task finds the prepared copy used (gone): it restores the replica again
+    if prepared is not None and asked is None and (prepared.copy is None or prepared.copy.path.is_file()):
+        if prepared.copy is None:
+            refused.append(f"{REPLICA_REFUSAL}: {prepared.refusal}")
+            return None
+        got = prepared.copy
+    else:
+        try:
+            got = replica.restore(cfg, db.parent / REPLICA_SCRATCH, timestamp=asked)
+        except CryptoAgentError as exc:
+            refused.append(f"{REPLICA_REFUSAL}: {exc.message}")
+            return None
     try:
         if asked is not None and (got.point_in_time is None
                                   or (got.point_in_time - asked).total_seconds() > REPLICA_REACH_SLACK_S):
@@ -392,11 +434,13 @@ def store_lock(run: Recovery) -> Iterator[None]:
 
 
 def restore_and_resync(
-    run: Recovery, settings: dict[str, Any] | None, reason: str, hours_ago: float | None, salvage: bool
+    run: Recovery, settings: dict[str, Any] | None, reason: str, hours_ago: float | None, salvage: bool,
+    prepared: PreparedReplica | None = None,
 ) -> recovery.Restoration:
     """Restore a good backup, verify it, resync the candles since it, salvage newer rows (or, for a rollback,
-    leave them in quarantine); what happened, its `backup` None when none qualifies. Runs under the store's lock."""
-    restored = restore_good_backup(settings, run.lock_owner, reason, hours_ago)
+    leave them in quarantine); what happened, its `backup` None when none qualifies. Runs under the store's lock.
+    `prepared`: the replica's copy made while REINDEX was tried (the corruption recovery)."""
+    restored = restore_good_backup(settings, run.lock_owner, reason, hours_ago, prepared)
     for refusal in restored.refused:
         if refusal.startswith(REPLICA_REFUSAL):  # the replica is not marked anything: it is tried again next time
             run.act("replica-skipped", f"{refusal}: the daily backups are tried next", ok=False)

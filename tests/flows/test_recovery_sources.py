@@ -17,6 +17,7 @@ from recovery_kit import (
     add_result,
     checkpoint,
     event,
+    execute,
     filled_env,  # noqa: F401 (the `env` fixture: a store of 60 days of candles)
     incident_of,
     leaf_page,
@@ -67,9 +68,36 @@ def test_a_corrupt_store_is_restored_from_the_replica_with_the_rows_written_seco
         assert action(inc, "data-lost")["detail"].endswith("lost per table: nothing"), action(inc, "data-lost")
         assert check_integrity(db, full=True).ok
         assert rows(db, "SELECT run_id FROM backtest_results WHERE run_id = 'seconds-before-the-damage'")
+        # the copy prepared while REINDEX was tried is the one put in place: nothing left in the scratch folder
+        assert not list((db.parent / ".replica-restore").glob("replica-restore-*"))
         # Litestream replicates the new file: a new instance of ours, not the one stopped for the restore
         now = process.inspect(replica.replicator_spec(cfg))
         assert now.alive and now.pid != started.pid, action(inc, "resume-replication")
+    finally:
+        process.stop(replica.replicator_spec(cfg))
+
+
+def test_a_damaged_index_repaired_by_reindex_throws_the_replica_copy_made_meanwhile_away(
+    env: dict[str, Any], inbox: Receiver
+) -> None:
+    cfg = settings_of(env)
+    db = Path(cfg.db_path)
+    execute(db, "CREATE INDEX ix_ohlcv_h1_close ON ohlcv_h1 (close, symbol)")
+    checkpoint(db)  # the index in the file before Litestream's read transaction holds checkpoints back
+    spec = replica.replicator_spec(cfg, replica.replicate_command(cfg))
+    process.start_child(spec, env=replica.litestream_env(cfg), ready=lambda: True, timeout_s=30)
+    try:
+        wait_until(lambda: (cfg.replica_dir / "ltx").exists(), 30, "Litestream's first snapshot")
+        time.sleep(1.5)  # replicated: the replica's copy can be prepared
+        smash_page(db, leaf_page(db, "ix_ohlcv_h1_close"))
+        result = recover_db_corruption(settings=env, event=corrupt_event())
+        assert result["outcome"] == "recovered", result
+        inc = incident_of(cfg, result)
+        assert action(inc, "reindex")["ok"] and "install-repaired" in steps(inc) and "restore" not in steps(inc)
+        assert check_integrity(db, full=True).ok
+        scratch = db.parent / ".replica-restore"
+        assert scratch.is_dir()  # the replica's copy was made beside the store while REINDEX ran
+        assert not list(scratch.glob("replica-restore-*"))  # and thrown away: REINDEX lost nothing
     finally:
         process.stop(replica.replicator_spec(cfg))
 
