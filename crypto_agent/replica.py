@@ -38,6 +38,7 @@ from crypto_agent.settings import Settings
 
 CONFIG_NAME = "litestream.yml"
 REPLICATOR = "litestream"  # its part of the stack (deployments/stack/plan.py: LITESTREAM): run/litestream.pid
+SCRATCH_PREFIX = "replica-restore-"  # <scratch>/replica-restore-<pid>-<ns>/: one restore's folder
 PAUSE_MARKER = "litestream.paused"  # run/litestream.paused while a recovery replaces the store (paused)
 RESTORE_TIMEOUT_S = 600.0
 LIST_TIMEOUT_S = 30.0
@@ -200,8 +201,9 @@ def restore(settings: Settings, scratch_dir: Path, *, timestamp: datetime | None
     if unreachable:  # Litestream's SDK would retry a dead endpoint for minutes: the next source is tried now
         raise ReplicaError(f"the replica's endpoint {settings.replica_endpoint} does not answer: {unreachable}",
                            hint="the next source (the daily backups) is tried; check the bucket's server")
+    sweep(scratch_dir)
     # a folder of its own, the file named as a backup is: backup.restore puts it in place as it does a backup
-    folder = scratch_dir / f"replica-restore-{os.getpid()}-{time.time_ns()}"
+    folder = scratch_dir / f"{SCRATCH_PREFIX}{os.getpid()}-{time.time_ns()}"
     made = [p for p in (scratch_dir, *scratch_dir.parents) if not p.exists()]  # removed again on a failure
     folder.mkdir(parents=True, exist_ok=False)
     out = folder / f"db_backup_{datetime.now(UTC):%Y%m%d}.db"
@@ -258,11 +260,28 @@ def check(path: Path) -> tuple[list[str], dict[str, int]]:
 def discard(restored: Path) -> None:
     """Remove a restored copy and its scratch folder (only what `restore` made)."""
     folder = restored.parent
-    if not folder.name.startswith("replica-restore-") or not folder.is_dir():
+    if not folder.name.startswith(SCRATCH_PREFIX) or not folder.is_dir():
         return
     for leftover in folder.iterdir():
         leftover.unlink(missing_ok=True)
     folder.rmdir()
+
+
+def sweep(scratch_dir: Path) -> list[Path]:
+    """Remove the copies `restore` left in scratch_dir for a process that is gone (a recovery that died between
+    the restore and its use: a whole store each); those of live processes stay. The folders removed."""
+    removed: list[Path] = []
+    if not scratch_dir.is_dir():
+        return removed
+    for folder in scratch_dir.glob(f"{SCRATCH_PREFIX}*"):
+        pid_text = folder.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+        if not folder.is_dir() or not pid_text.isdigit() or psutil.pid_exists(int(pid_text)):
+            continue
+        for leftover in folder.iterdir():
+            leftover.unlink(missing_ok=True)
+        folder.rmdir()
+        removed.append(folder)
+    return removed
 
 
 def replicator_spec(settings: Settings, command: tuple[str, ...] = ()) -> ServiceSpec:

@@ -351,3 +351,16 @@ def test_compact_pauses_litestream_so_the_vacuumed_store_is_folded_back_into_its
         assert again.alive and again.pid != first  # replicating the compacted store
     finally:
         process.stop(spec)
+
+
+def test_a_copy_left_by_a_process_that_died_is_swept_and_one_in_use_is_kept(tmp_path: Path) -> None:
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True, timeout=30)
+    dead = tmp_path / f"{replica.SCRATCH_PREFIX}{int(gone.stdout)}-1"
+    mine = tmp_path / f"{replica.SCRATCH_PREFIX}{os.getpid()}-2"
+    other = tmp_path / "not-a-restore"
+    for folder in (dead, mine, other):
+        folder.mkdir()
+        (folder / "db_backup_20261204.db").write_bytes(b"x" * 4096)
+    assert replica.sweep(tmp_path) == [dead]
+    assert not dead.exists() and (mine / "db_backup_20261204.db").exists() and other.exists()
