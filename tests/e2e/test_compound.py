@@ -100,6 +100,13 @@ def test_a_daemon_killed_again_right_after_its_restart_is_restarted_again(stack:
     assert "2nd crash" in second_crash, second_crash
     pages = every_page(stack, since_iso)
     assert pages["l3"] == [] and not [s for s in pages["l2"] if "daemon" in s.lower()], pages
+    # one page for the crash that came back: its opening grouped with the first incident (page_group_window_s)
+    l1 = [s for s in pages["l1"] if any(f"incident #{i.id} " in s for i in crashes)]
+    if len(crashes) == 2:
+        assert "page-grouped" in [a["step"] for a in crashes[1].actions], crashes[1].actions
+        assert len(l1) == 3 and f"(again, after incident #{crashes[0].id})" in l1[-1], l1
+    else:
+        assert len(l1) == 2, l1
     assert stack.probe("trader").healthy
 
 
