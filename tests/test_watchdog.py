@@ -103,7 +103,7 @@ class TestParts:
         proc = psutil.Process(pid)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-        process._reap_children()
+        process.reap_children()
         check = watchdog.check_part("serve", settings)
         assert check.state is CheckState.DOWN and check.detail.startswith("not running (Process ")
 
