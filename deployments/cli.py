@@ -9,17 +9,19 @@ Prefect is imported inside the commands, so `crypto-agent --help` stays fast.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import typer
 
-from crypto_agent.errors import ConfigError, CryptoAgentError
+from crypto_agent.errors import ConfigError, CryptoAgentError, InputError
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 WORK_POOL = "crypto-agent-pool"
 PROJECT_DIR_ENV = "CRYPTO_AGENT_PROJECT_DIR"
+BLOCK_NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")  # what Prefect accepts as a block document's name
 
 
 class DeployFailed(CryptoAgentError):
@@ -86,7 +88,7 @@ def deploy_all(project_dir: Path = PROJECT_DIR, pool: str = WORK_POOL, timeout_s
 
 
 def register(app: typer.Typer) -> None:
-    """Add blocks-register and deploy to the crypto-agent CLI."""
+    """Add blocks-register, offhost-block, deploy, up, down and chaos to the crypto-agent CLI."""
 
     @app.command("blocks-register")
     def blocks_register() -> None:
@@ -99,6 +101,36 @@ def register(app: typer.Typer) -> None:
             print(f"saved {name}")
         for name in done.skipped:
             print(f"skipped {name}")
+
+    @app.command("offhost-block")
+    def offhost_block(
+        name: str = typer.Argument(..., help="The block's name; then set offhost_block (CRYPTO_AGENT_OFFHOST_BLOCK) "
+                                   "to it."),
+        bucket: str = typer.Option(..., "--bucket", help="The S3 bucket the daily backups are copied to."),
+        endpoint: str = typer.Option("", "--endpoint", help="The endpoint of an S3-compatible store (MinIO, Ceph, "
+                                     "...); empty: AWS itself."),
+        region: str = typer.Option("us-east-1", "--region", help="The bucket's region."),
+    ) -> None:
+        """Save the prefect-aws S3Bucket block the daily verified backup is copied off the host to, and its
+        AwsCredentials block (NAME-credentials, the secret in a Secret field), once the bucket answers to them.
+        The keys come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment, never the command line."""
+        from flows.offhost import bucket_problem, save_offhost_block
+
+        if not BLOCK_NAME_RE.fullmatch(name):
+            raise InputError(f"block name {name!r} is not a Prefect block name",
+                             hint="lower-case letters, digits and dashes, e.g. offhost-backups; nothing was saved")
+        key_id, secret = os.environ.get("AWS_ACCESS_KEY_ID", ""), os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+        if not key_id or not secret:
+            raise ConfigError("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are not both set in the environment",
+                              hint="export both (read from the environment, the secret stays out of the shell's "
+                              "history and the process list), then run this again; nothing was saved")
+        problem = bucket_problem(bucket, endpoint or None, key_id, secret, region)
+        if problem:
+            raise ConfigError(f"bucket {bucket} at {endpoint or 'AWS'} cannot be used with these keys: {problem}",
+                              hint="check --bucket, --endpoint, --region and the keys; nothing was saved")
+        save_offhost_block(name, bucket, endpoint or None, key_id, secret, region)
+        print(f"saved s3-bucket/{name} (bucket {bucket} at {endpoint or 'AWS'}) and aws-credentials/{name}-credentials")
+        print(f"next: set offhost_block={name} (CRYPTO_AGENT_OFFHOST_BLOCK={name}); the daily backup copies to it")
 
     @app.command("deploy")
     def deploy(

@@ -161,18 +161,36 @@ def offhost_key(cfg: Settings, bucket: S3Bucket, file_name: str) -> str:
     return "/".join(p for p in parts if p)
 
 
+def _credentials(endpoint_url: str | None, access_key_id: str, secret_access_key: str,
+                 region: str) -> AwsCredentials:
+    return AwsCredentials(
+        aws_access_key_id=access_key_id,
+        aws_secret_access_key=SecretStr(secret_access_key),
+        region_name=region,
+        aws_client_parameters=AwsClientParameters(endpoint_url=endpoint_url or None, config=BOUNDED),
+    )
+
+
+def bucket_problem(bucket: str, endpoint_url: str | None, access_key_id: str, secret_access_key: str,
+                   region: str = "us-east-1") -> str:
+    """Why these credentials cannot use the bucket (HeadBucket, bounded timeouts), or "" when they can;
+    nothing is saved."""
+    unsaved = S3Bucket(bucket_name=bucket,
+                       credentials=_credentials(endpoint_url, access_key_id, secret_access_key, region))
+    try:
+        s3_client(unsaved).head_bucket(Bucket=bucket)
+    except S3_FAILURES as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return ""
+
+
 def save_offhost_block(name: str, bucket: str, endpoint_url: str | None, access_key_id: str,
                        secret_access_key: str, region: str = "us-east-1", *, overwrite: bool = True) -> S3Bucket:
     """Save the S3Bucket block `name` (and its AwsCredentials `{name}-credentials`, the secret in a SecretStr).
 
     endpoint_url None means AWS itself; a MinIO, Ceph or moto endpoint otherwise. Nothing is logged.
     """
-    credentials = AwsCredentials(
-        aws_access_key_id=access_key_id,
-        aws_secret_access_key=SecretStr(secret_access_key),
-        region_name=region,
-        aws_client_parameters=AwsClientParameters(endpoint_url=endpoint_url or None, config=BOUNDED),
-    )
+    credentials = _credentials(endpoint_url, access_key_id, secret_access_key, region)
     credentials.save(f"{name}-credentials", overwrite=overwrite)
     block = S3Bucket(bucket_name=bucket, credentials=load_block(AwsCredentials, f"{name}-credentials"))
     block.save(name, overwrite=overwrite)

@@ -288,3 +288,56 @@ class TestTheBackupFlow:
         backup_flow(settings=overrides, now=later)  # the bucket still down: no second page
         time.sleep(1.0)
         assert len(inbox.messages("/l2")) == 1
+
+
+class TestOffhostBlockCommand:
+    """`crypto-agent offhost-block NAME --bucket B --endpoint URL`, the keys from the environment."""
+
+    def run(self, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+        from crypto_agent.cli import main
+
+        try:
+            main(["offhost-block", *args])
+            code = 0
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    def test_it_saves_the_block_the_daily_backup_then_copies_to(
+        self, s3: MotoS3, bucket_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY_ID)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY)
+        name = f"offhost-{uuid.uuid4().hex[:10]}"
+        code, out, err = self.run(capsys, name, "--bucket", bucket_name, "--endpoint", s3.url)
+        assert code == 0, out + err
+        assert f"saved s3-bucket/{name}" in out and f"CRYPTO_AGENT_OFFHOST_BLOCK={name}" in out
+        assert SECRET_ACCESS_KEY not in out + err
+        cfg = load_settings(home=str(tmp_path), offhost_block=name)
+        assert load_bucket(cfg) is not None and list_offhost(cfg) == []  # the block reaches the bucket
+
+    @pytest.mark.parametrize("problem", ["no keys", "no such bucket", "bad name"])
+    def test_bad_input_says_what_to_do_and_saves_nothing(
+        self, s3: MotoS3, bucket_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], problem: str,
+    ) -> None:
+        name = f"offhost-{uuid.uuid4().hex[:10]}"
+        bucket = bucket_name
+        if problem == "no keys":
+            monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+            monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+        else:
+            monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY_ID)
+            monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY)
+        if problem == "no such bucket":
+            bucket = f"missing-{uuid.uuid4().hex[:10]}"
+        saved_as = "Offhost_Backups" if problem == "bad name" else name
+        code, out, err = self.run(capsys, saved_as, "--bucket", bucket, "--endpoint", s3.url)
+        said = {"no keys": "AWS_SECRET_ACCESS_KEY are not both set", "no such bucket": "cannot be used with these keys",
+                "bad name": "is not a Prefect block name"}[problem]
+        assert code != 0 and said in err and "nothing was saved" in err, out + err
+        assert "Traceback" not in err and SECRET_ACCESS_KEY not in out + err
+        with pytest.raises(OffhostBlockMissing):
+            load_bucket(load_settings(home=str(tmp_path), offhost_block=saved_as))
