@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from crypto_agent.backup import check_and_count
+from crypto_agent.backup import CompactResult, check_and_count, compact
 from crypto_agent.errors import CryptoAgentError
 from crypto_agent.process import ServiceSpec, child_spec, inspect, start_child, stop
 from crypto_agent.service import write_atomic
@@ -260,8 +260,11 @@ def check(path: Path) -> tuple[list[str], dict[str, int]]:
 def discard(restored: Path) -> None:
     """Remove a restored copy and its scratch folder (only what `restore` made)."""
     folder = restored.parent
-    if not folder.name.startswith(SCRATCH_PREFIX) or not folder.is_dir():
-        return
+    if folder.name.startswith(SCRATCH_PREFIX) and folder.is_dir():
+        _remove_folder(folder)
+
+
+def _remove_folder(folder: Path) -> None:
     for leftover in folder.iterdir():
         leftover.unlink(missing_ok=True)
     folder.rmdir()
@@ -277,9 +280,7 @@ def sweep(scratch_dir: Path) -> list[Path]:
         pid_text = folder.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
         if not folder.is_dir() or not pid_text.isdigit() or psutil.pid_exists(int(pid_text)):
             continue
-        for leftover in folder.iterdir():
-            leftover.unlink(missing_ok=True)
-        folder.rmdir()
+        _remove_folder(folder)
         removed.append(folder)
     return removed
 
@@ -345,6 +346,14 @@ def paused(settings: Settings) -> Iterator[Pause]:
                 pause.error = f"Litestream was not started again: {exc.message}"
             finally:
                 marker.unlink(missing_ok=True)
+
+
+def compact_store(settings: Settings, owner: str, max_gb: float | None = None) -> CompactResult:
+    """backup.compact (VACUUM under the recovery lock, the storage check) with Litestream paused: its read
+    transaction would hold back both checkpoints that fold the rewritten store back into its file (30 s each),
+    leaving a WAL as big as the store."""
+    with paused(settings):
+        return compact(settings.db_path, max_gb=settings.storage_max_gb if max_gb is None else max_gb, owner=owner)
 
 
 @dataclass(frozen=True)

@@ -145,10 +145,7 @@ def copy_offhost(cfg: Settings, info: backup.BackupInfo) -> OffhostResult:
 def vacuum(settings: dict[str, Any] | None, max_gb: float | None) -> backup.CompactResult:
     """VACUUM under the recovery lock, then the storage check; Litestream paused meanwhile (its read transaction
     would hold back the checkpoints that fold the rewritten store back into its file, 30 s each, for nothing)."""
-    cfg = run_settings(settings)
-    with replica.paused(cfg):
-        return backup.compact(cfg.db_path, max_gb=max_gb if max_gb is not None else cfg.storage_max_gb,
-                              owner="prefect compact")
+    return replica.compact_store(run_settings(settings), "prefect compact", max_gb)
 
 
 @flow(

@@ -78,8 +78,7 @@ def compact_cmd() -> None:
     """VACUUM the store under the recovery lock, then check storage; exit 1 when over storage_max_gb."""
     s = load_settings()
     check_store_sound(s)  # VACUUM of a damaged store fails, or rewrites the damage into every page
-    with replica.paused(s):  # Litestream's read transaction would hold the VACUUM's checkpoints back
-        result = backups_mod.compact(s.db_path, max_gb=s.storage_max_gb, owner="crypto-agent compact (cli)")
+    result = replica.compact_store(s, "crypto-agent compact (cli)")
     print(f"compacted {result.db_path}: {_mb(result.size_before)} -> {_mb(result.size_after)} "
           f"in {result.duration_s:.1f} s")
     print(result.storage.message)

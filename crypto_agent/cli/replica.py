@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import time
 
-from crypto_agent import process, replica, storelock
+from crypto_agent import keeper, process, replica, storelock
 from crypto_agent.cli.app import app
 from crypto_agent.errors import ConfigError, CryptoAgentError
 from crypto_agent.service import ServiceAlreadyRunning
 from crypto_agent.settings import load_settings
 
 POLL_S = 1.0
-QUICK_EXIT_S = 10.0  # a Litestream that ends this soon after its start is started again after a backoff
-MAX_BACKOFF_S = 60.0  # the longest backoff: one that keeps failing is tried again at least this often
 
 
 @app.command("replicate")
@@ -36,34 +34,33 @@ def replicate_cmd() -> None:
     target = s.replica_url or str(s.replica_dir)
     print(f"replicating {s.db_path} to {target} every {s.replica_sync_interval_s:g} s ({command[-1]})", flush=True)
     stopping = process.stop_event_on_signals()
-    said, last_start, backoff = "", None, 0.0
+    history, said = keeper.PartHistory(replica.REPLICATOR), ""
     while not stopping.is_set():
         process.reap_children()  # a Litestream a recovery stopped was our child: no zombie left per pause
-        decision = replica.keep_decision(process.inspect(spec).alive, replica.paused_by(s),
-                                         storelock.is_locked(s.db_path))
+        running = process.inspect(spec).alive
+        decision = replica.keep_decision(running, replica.paused_by(s), storelock.is_locked(s.db_path))
         if decision.why != said:
             print(decision.why, flush=True)
             said = decision.why
+        if running:
+            keeper.seen_alive(history, time.monotonic())
         if not decision.start:
             stopping.wait(POLL_S)
             continue
-        if last_start is not None and time.monotonic() - last_start < QUICK_EXIT_S:
-            backoff = min(MAX_BACKOFF_S, max(2 * POLL_S, 2 * backoff))
-            print(f"Litestream ended {time.monotonic() - last_start:.0f} s after its start (its log: {spec.log}); "
-                  f"starting it again in {backoff:g} s", flush=True)
-            if stopping.wait(backoff):
-                break
-        else:
-            backoff = 0.0
-        last_start = time.monotonic()
+        # the stack keeper's backoff: at once on the first death of a streak, then doubling to a minute
+        due = keeper.decide(history, time.monotonic())
+        if not due.restart:
+            stopping.wait(min(due.wait_s, POLL_S))
+            continue
+        keeper.restarted(history, time.monotonic(), told=False)
         try:
             started = process.start_child(spec, env=replica.litestream_env(s), ready=lambda: True, timeout_s=30.0)
         except ServiceAlreadyRunning:
             continue
         except CryptoAgentError as exc:
-            print(f"Litestream did not start: {exc.message}", flush=True)
+            print(f"Litestream did not start ({due.reason}): {exc.message}", flush=True)
             continue
-        print(f"Litestream started (PID {started.pid})", flush=True)
+        print(f"Litestream started (PID {started.pid}; {due.reason})", flush=True)
         said = "Litestream runs"
         stopping.wait(POLL_S)
     stopped = process.stop(spec)
